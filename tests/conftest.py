@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny synthetic CIFAR-10 made by the tests themselves.
+
+Each image encodes its label: the red channel is a flat 20 + 20 * label (plus a little noise), so a
+test can read the label back from the pixels, and a small network learns the task in one epoch."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+TRAIN_PER_CLASS, TEST_PER_CLASS = 24, 10
+
+
+def label_of_red(red: float) -> int:
+    """Inverse of the encoding, from a red value in 0..255."""
+    return int(round((red - 20) / 20))
+
+
+def synthetic_images(n: int, label: int, rng: np.random.Generator) -> np.ndarray:
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = np.clip(20 + 20 * label + rng.integers(-3, 4, size=(n, 32, 32)), 0, 255)
+    return images
+
+
+def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS,
+                       seed: int = 0) -> Path:
+    """train/<class>/*.png and test/<class>/*.png, lossless, as a user's image folder would be."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(synthetic_images(per_class, label, rng)):
+                Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+def run_env() -> dict:
+    """Environment for subprocesses: quiet, no progress bars, threads as the machine gives."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory, image_folder) -> Path:
+    """A converted synthetic data dir (train.beton, test.beton, meta.json), shared by all tests.
+
+    Tests that damage data must copy it first (see fresh_data)."""
+    import data
+    out = tmp_path_factory.mktemp("data")
+    data.prepare(str(image_folder), out)
+    return out
+
+
+@pytest.fixture()
+def fresh_data(tmp_path, synthetic_data) -> Path:
+    """A private copy of the synthetic data dir, for tests that damage or rebuild it."""
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(synthetic_data, copy)
+    return copy
