@@ -1,0 +1,228 @@
+"""data.py: sources, conversion, integrity checks and the loader, on synthetic data."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLASS, label_of_red, run_env
+
+import data
+
+
+def run_data_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], capture_output=True, text=True,
+                          env=run_env(), timeout=600)
+
+
+def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_image_folder_converts_to_betons_with_meta(synthetic_data, image_folder):
+    meta = json.loads((synthetic_data / "meta.json").read_text())
+    assert meta["classes"] == list(CLASSES)
+    assert meta["counts"] == {"train": 10 * TRAIN_PER_CLASS, "test": 10 * TEST_PER_CLASS}
+    assert meta["class_counts"]["train"] == [TRAIN_PER_CLASS] * 10
+    for split in ("train", "test"):
+        beton = synthetic_data / f"{split}.beton"
+        assert meta["betons"][split]["bytes"] == beton.stat().st_size
+        assert meta["betons"][split]["sha256"] == hashlib.sha256(beton.read_bytes()).hexdigest()
+
+
+def test_meta_statistics_equal_numpys_on_the_same_images(synthetic_data, image_folder):
+    from PIL import Image
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(image_folder.glob("train/*/*.png"))]) / 255.0
+    meta = json.loads((synthetic_data / "meta.json").read_text())
+    np.testing.assert_allclose(meta["mean"], pixels.mean(axis=(0, 1, 2)), rtol=1e-9)
+    np.testing.assert_allclose(meta["std"], pixels.std(axis=(0, 1, 2)), rtol=1e-9)
+
+
+def test_second_run_finds_valid_files_and_says_so_in_one_line(synthetic_data, image_folder):
+    result = run_data_py("--source", str(image_folder), "--data-dir", str(synthetic_data))
+    assert result.returncode == 0
+    assert result.stdout.strip().count("\n") == 0 and "nothing to do" in result.stdout
+
+
+def test_truncated_beton_is_detected_and_rebuilt(fresh_data, image_folder):
+    beton = fresh_data / "train.beton"
+    good = beton.read_bytes()
+    beton.write_bytes(good[: len(good) // 2])
+    with pytest.raises(data.DataError, match="rebuild"):
+        data.ensure_valid(fresh_data)
+    result = run_data_py("--data-dir", str(fresh_data))  # no --source: the damage alone triggers a rebuild
+    assert result.returncode != 0 or "rebuilding" in result.stderr
+    result = run_data_py("--source", str(image_folder), "--data-dir", str(fresh_data))
+    assert result.returncode == 0, result.stderr
+    assert "rebuilding" in result.stderr and "train.beton has" in result.stderr
+    assert beton.read_bytes() == good
+
+
+def test_bit_flipped_beton_is_refused_before_training(fresh_data):
+    beton = fresh_data / "test.beton"
+    content = bytearray(beton.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    beton.write_bytes(bytes(content))
+    with pytest.raises(data.DataError, match="sha256"):
+        data.ensure_valid(fresh_data)
+
+
+def test_missing_source_gives_one_line_error_naming_the_fix(tmp_path):
+    result = run_data_py("--source", str(tmp_path / "nowhere.tar.gz"), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "--source" in result.stderr and "not found" in result.stderr
+
+
+def test_missing_data_dir_names_make_data(tmp_path):
+    with pytest.raises(data.DataError, match="make data"):
+        data.make_loader("train", 8, "cpu", data_dir=tmp_path)
+
+
+class RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_source_with_wrong_checksum_is_refused_unpickled(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta"]:
+        (folder / name).write_bytes(pickle.dumps(RunsCode(marker)))
+    result = run_data_py("--source", str(folder), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert "does not match the official CIFAR-10 checksum" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert not marker.exists()
+    assert not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_official_pickle_format_is_read_once_checksums_match(tmp_path, monkeypatch):
+    """The pickle reader on files in the official layout, with their checksums declared official."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    files = {}
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        labels = list(range(10))
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": labels}
+        (folder / name).write_bytes(pickle.dumps(batch))
+        files[name] = batch
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CLASSES)}))
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    fake = SimpleNamespace(train_list=[[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)],
+                           test_list=[["test_batch", md5["test_batch"]]],
+                           meta={"filename": "batches.meta", "md5": md5["batches.meta"]})
+    monkeypatch.setattr(data, "cifar10_release", lambda: fake)
+    splits, classes = data.read_official_batches(folder)
+    assert classes == list(CLASSES)
+    assert splits["train"][0].shape == (50, 32, 32, 3) and splits["test"][0].shape == (10, 32, 32, 3)
+    first = files["data_batch_1"]["data"][3].reshape(3, 32, 32).transpose(1, 2, 0)
+    np.testing.assert_array_equal(splits["train"][0][3], first)
+
+
+def test_loader_yields_normalised_channels_last_float_batches_on_the_device(synthetic_data):
+    loader = data.make_loader("train", 16, torch.device("cpu"), aug="none", data_dir=synthetic_data)
+    images, labels = next(iter(loader))
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and images.device.type == labels.device.type == "cpu"
+    every = data.make_loader("test", 1000, "cpu", data_dir=synthetic_data)
+    images, _ = all_batches(data.make_loader("train", 240, "cpu", aug="none", data_dir=synthetic_data))
+    np.testing.assert_allclose(images.mean((0, 2, 3)).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(images.std((0, 2, 3)).numpy(), 1, atol=1e-2)
+    assert len(all_batches(every)[1]) == 10 * TEST_PER_CLASS
+
+
+@pytest.mark.parametrize("aug", ["none", "flip,translate"])
+def test_every_image_arrives_with_its_own_label(synthetic_data, aug):
+    meta = json.loads((synthetic_data / "meta.json").read_text())
+    loader = data.make_loader("train", 8, "cpu", aug=aug, data_dir=synthetic_data)
+    images, labels = all_batches(loader)
+    red = images[:, 0, 16, 16] * meta["std"][0] * 255 + meta["mean"][0] * 255  # centre: never translated away
+    decoded = torch.tensor([label_of_red(r) for r in red.tolist()])
+    assert torch.equal(decoded, labels)
+    assert len(labels) == (10 * TRAIN_PER_CLASS // 8) * 8  # drop_last
+
+
+def test_test_split_is_sequential_and_complete(synthetic_data):
+    _, labels = all_batches(data.make_loader("test", 7, "cpu", data_dir=synthetic_data))
+    assert labels.tolist() == sorted(labels.tolist())  # the image folder is written class by class
+    assert torch.bincount(labels).tolist() == [TEST_PER_CLASS] * 10
+
+
+def test_fraction_and_val_split_are_class_balanced_disjoint_and_nested():
+    labels = np.repeat(np.arange(10), 100)
+    train, val = data.split_indices(labels, fraction=0.5, val_split=0.2, seed=3)
+    assert len(val) == 200 and len(train) == 400
+    assert np.bincount(labels[val]).tolist() == [20] * 10 and np.bincount(labels[train]).tolist() == [40] * 10
+    assert not set(train) & set(val)
+    full, val_again = data.split_indices(labels, fraction=1.0, val_split=0.2, seed=3)
+    assert np.array_equal(val, val_again) and set(train) <= set(full)
+    other, _ = data.split_indices(labels, fraction=0.5, val_split=0.2, seed=4)
+    assert not np.array_equal(train, other)
+
+
+def test_same_seed_gives_the_same_order_and_another_seed_another(synthetic_data):
+    def order(seed):
+        return all_batches(data.make_loader("train", 8, "cpu", aug="none", seed=seed, data_dir=synthetic_data))[1]
+    assert torch.equal(order(1), order(1))
+    assert not torch.equal(order(1), order(2))
+
+
+def test_device_augmentations_are_seeded_per_epoch(synthetic_data):
+    def first_batch(epoch):
+        loader = data.make_loader("train", 8, "cpu", aug="rotate,cutout,jitter,vflip,affine", data_dir=synthetic_data)
+        loader.epoch = epoch
+        return next(iter(loader))[0]
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))
+
+
+def test_unknown_augmentation_lists_the_choices():
+    with pytest.raises(ValueError, match="choose from none, flip, translate"):
+        data.parse_aug("flip,blur")
+
+
+def test_batch_larger_than_the_data_is_refused(synthetic_data):
+    with pytest.raises(ValueError, match="lower --batch-size"):
+        data.make_loader("train", 10_000, "cpu", data_dir=synthetic_data)
+
+
+def test_loader_keeps_torch_thread_count(synthetic_data):
+    threads = torch.get_num_threads()
+    loader = data.make_loader("train", 8, "cpu", workers=1, data_dir=synthetic_data)
+    for _ in loader:
+        assert torch.get_num_threads() == threads
+
+
+def test_read_images_returns_the_raw_pixels_in_the_order_asked(synthetic_data, image_folder):
+    from PIL import Image
+    images = data.read_images(synthetic_data, "test", [12, 0, 5])
+    expected = [np.asarray(Image.open(image_folder / "test" / CLASSES[i // 10] / f"{i % 10:04d}.png"))
+                for i in (12, 0, 5)]
+    np.testing.assert_array_equal(images, np.stack(expected))
+
+
+@pytest.mark.skipif(not SHARED_JPEG.exists(), reason="../shared/data/cifar10-jpeg.tar.gz not present")
+def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
+    result = run_data_py("--source", str(SHARED_JPEG), "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["counts"] == {"train": 50_000, "test": 10_000}
+    assert meta["class_counts"]["train"] == [5_000] * 10 and meta["class_counts"]["test"] == [1_000] * 10
+    np.testing.assert_allclose(meta["mean"], (0.4914, 0.4822, 0.4465), atol=0.003)
