@@ -22,7 +22,7 @@ def run_data_py(*args: str) -> subprocess.CompletedProcess:
 
 
 def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader], strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
