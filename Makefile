@@ -1,0 +1,69 @@
+# ResNets on CIFAR-10: `make sweep` trains and plots the comparison; `make test` runs the tests.
+# Every target that needs Python depends on `setup`, so a fresh machine needs nothing else typed.
+
+PYTHON   := .venv/bin/python
+DATA_DIR ?= data
+SOURCE   ?=
+GRID     ?=
+EPOCHS   ?=
+SEEDS    ?= 1
+EXTRA    ?=
+GPUS     ?=
+NPROC    ?=
+SHARD    ?=
+QUICK    ?=
+# Results and figures of a named grid go to their own folders, so studies are plotted apart.
+GRID_NAME := $(basename $(notdir $(GRID)))
+OUT      ?= results$(if $(GRID),/$(GRID_NAME))
+FIGURES  ?= figures$(if $(GRID),/$(GRID_NAME))
+# What FFCV's C extension builds against.
+SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
+
+.PHONY: setup system-deps data sweep plot bench test lint clean distclean
+
+setup: system-deps .venv/.installed
+
+# Quick when everything is there; as root installs what is missing, otherwise names the command.
+system-deps:
+	@if ! (command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg); then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing FFCV's system libraries: $(SYSTEM_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "error: FFCV needs system libraries: run 'sudo apt-get install -y $(SYSTEM_PACKAGES)', then make again"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# The stamp is rebuilt only when requirements.txt changes.
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt
+	touch $@
+
+data: setup
+	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))
+
+sweep: data
+	GRID="$(GRID)" EPOCHS="$(EPOCHS)" SEEDS="$(SEEDS)" GPUS="$(GPUS)" NPROC="$(NPROC)" SHARD="$(SHARD)" \
+	OUT="$(OUT)" PYTHON="$(PYTHON)" EXTRA="--data-dir $(DATA_DIR) $(EXTRA)" bash sweep.sh
+	$(MAKE) --no-print-directory plot
+
+plot: setup
+	$(PYTHON) plot.py $(OUT) --out $(FIGURES)
+
+bench: data
+	$(PYTHON) bench.py --data-dir $(DATA_DIR) $(if $(QUICK),--quick)
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+lint: setup
+	$(PYTHON) -m pip install -q ruff && .venv/bin/ruff check .
+
+clean:
+	rm -rf results figures .pytest_cache .ruff_cache __pycache__ tests/__pycache__
+
+distclean: clean
+	rm -rf .venv data
