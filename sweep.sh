@@ -1,0 +1,419 @@
+#!/usr/bin/env bash
+# sweep.sh: run grids of train.py configs. Resumable, one log per run, nothing else.
+#
+#   bash sweep.sh                      # the original 12-config comparison -> results/
+#   GRID=datasize bash sweep.sh        # a named grid -> results/datasize/
+#   GRID=my.grid bash sweep.sh         # a grid file -> results/my/
+#   bash sweep.sh --dry-run            # print the train.py commands that would run; run nothing
+#
+# Settings (environment variables):
+#   GRID=default    default | datasize | cifar-resnets | augment | optim | batch | stem,
+#                   or a grid file: one config per line, "NAME ARGS...", '#' starts a comment
+#   OUT=            results folder, passed as --out
+#                   (default: results, results/<grid>, or results/<grid file name without extension>)
+#   SEEDS=1         run every config with seeds 0..SEEDS-1; run names are <config>-s<seed>
+#   EPOCHS=         if set, passed as --epochs to every run
+#   EXTRA=          flags added to every train.py call, e.g. EXTRA="--data-dir /data --no-compile"
+#                   (split on whitespace, like a grid file's ARGS: no quoting)
+#   PYTHON=python   the interpreter
+#   GPUS=           e.g. 0,1,2,3: run one config per GPU at once (CUDA_VISIBLE_DEVICES per run)
+#   NPROC=          run each config under torchrun with NPROC processes (with GPUS: NPROC GPUs each)
+#   SHARD=          i/n (0-based): run only the runs whose index % n == i, e.g. in a Slurm array:
+#                   SHARD=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+#
+# To resume, run the same command again: runs whose OUT/NAME.json says "finished" or "diverged" are
+# skipped, "running" ones (interrupted) continue with --resume, missing or unreadable ones start over.
+# Output of each run is appended to OUT/logs/NAME.log; the terminal gets one line per run.
+# Exit status: 0 all done; 1 some run failed (listed at the end); 2 bad settings or OUT in use;
+# 130 interrupted (Ctrl-C or SIGTERM: running configs save a checkpoint first).
+set -euo pipefail
+
+GRID=${GRID:-default}
+OUT=${OUT:-}
+SEEDS=${SEEDS:-1}
+EPOCHS=${EPOCHS:-}
+EXTRA=${EXTRA:-}
+PYTHON=${PYTHON:-python}
+GPUS=${GPUS:-}
+NPROC=${NPROC:-}
+SHARD=${SHARD:-}
+DRY_RUN=0
+
+GRIDS=(default datasize cifar-resnets augment optim batch stem)
+TRAIN=$(dirname "$0")/train.py
+TRAIN=${TRAIN#./}
+
+# ---------------------------------------------------------------------------------------------
+# Grids: each prints one config per line, "NAME ARGS...". Seeds are added later.
+
+grid_default() {  # the original comparison: depth x pooling x optimizer
+  local arch pool opt
+  for arch in resnet18 resnet34 resnet50; do
+    for pool in avg max; do
+      for opt in sgd adam; do
+        echo "$arch-$pool-$opt --arch $arch --pool $pool --opt $opt"
+      done
+    done
+  done
+}
+
+grid_datasize() {  # train fraction x (from scratch | ImageNet-pretrained)
+  # Both arms use the ImageNet stem so that only the initial weights differ: pretrained weights
+  # exist only for that stem, and the stem's own effect is what GRID=stem measures.
+  local arch fraction common
+  for arch in resnet18 resnet50; do
+    for fraction in 0.0625 0.5 1; do
+      common="--arch $arch --pool avg --opt sgd --stem imagenet --fraction $fraction"
+      echo "$arch-f$fraction-scratch $common"
+      echo "$arch-f$fraction-pretrained $common --pretrained"
+    done
+  done
+}
+
+grid_cifar_resnets() {  # the CIFAR ResNets of He et al. (2016), 6n+2 layers
+  local arch
+  for arch in resnet20 resnet32 resnet44 resnet56 resnet110; do
+    echo "$arch --arch $arch --pool avg --opt sgd"
+  done
+}
+
+grid_augment() {  # ablation: each config adds one augmentation to the previous one
+  local aug="" added
+  echo "resnet18-aug-none --arch resnet18 --pool avg --opt sgd --aug none"
+  for added in translate flip rotate cutout jitter; do
+    aug=${aug:+$aug,}$added
+    echo "resnet18-aug-${aug//,/+} --arch resnet18 --pool avg --opt sgd --aug $aug"
+  done
+}
+
+grid_optim() {  # optimizer x learning rate x weight decay, on resnet18
+  local lr wd
+  for lr in 0.1 0.4; do for wd in 5e-4 5e-5; do
+    echo "resnet18-sgd-lr$lr-wd$wd --arch resnet18 --pool avg --opt sgd --lr $lr --wd $wd"
+  done; done
+  for lr in 1e-3 3e-4; do for wd in 0 5e-4; do
+    echo "resnet18-adam-lr$lr-wd$wd --arch resnet18 --pool avg --opt adam --lr $lr --wd $wd"
+  done; done
+  for lr in 1e-3 3e-4; do for wd in 0.05 5e-4; do
+    echo "resnet18-adamw-lr$lr-wd$wd --arch resnet18 --pool avg --opt adamw --lr $lr --wd $wd"
+  done; done
+}
+
+grid_batch() {  # batch size under the linear scaling rule
+  # No --lr: train.py's sgd default is already 0.4 at batch 512, scaled linearly with the batch.
+  local batch
+  for batch in 64 128 256 512 1024; do
+    echo "resnet18-bs$batch --arch resnet18 --pool avg --opt sgd --batch-size $batch"
+  done
+}
+
+grid_stem() {  # CIFAR stem (3x3 conv) against ImageNet stem (7x7/2 conv + max pool)
+  local arch stem
+  for arch in resnet18 resnet34 resnet50; do
+    for stem in cifar imagenet; do
+      echo "$arch-stem-$stem --arch $arch --pool avg --opt sgd --stem $stem"
+    done
+  done
+}
+
+grid_file() {  # a grid file: "NAME ARGS..." per line; blank lines and '#' comments ignored
+  local line
+  while IFS= read -r line || [[ -n $line ]]; do
+    line=${line%%#*}
+    if [[ $line =~ [^[:space:]] ]]; then echo "$line"; fi
+  done <"$1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+die() { echo "sweep: $*" >&2; exit 2; }
+note() { echo "$*" >&2; }
+
+fmt_duration() {  # 42 -> 42s, 242 -> 4m02s, 3900 -> 1h05m
+  local s=$1
+  if ((s >= 3600)); then printf '%dh%02dm' $((s / 3600)) $((s % 3600 / 60))
+  elif ((s >= 60)); then printf '%dm%02ds' $((s / 60)) $((s % 60))
+  else printf '%ds' "$s"; fi
+}
+
+quote_command() {  # quote only the words that need it, so printed commands stay readable
+  local word quoted words=()
+  for word; do
+    if [[ $word =~ ^[A-Za-z0-9_./,+=:@%-]+$ ]]; then words+=("$word")
+    else printf -v quoted '%q' "$word"; words+=("$quoted"); fi
+  done
+  echo "${words[*]}"
+}
+
+read_result() {  # read_result JSON -> "<status> <test_acc>"; "missing -" if absent or unreadable
+  if [[ ! -f $1 ]]; then echo "missing -"; return; fi
+  "$PYTHON" -c '
+import json, sys
+try:
+    record = json.load(open(sys.argv[1]))
+    acc = (record.get("final") or {}).get("test_acc")
+    print(record["status"], "-" if acc is None else f"{100 * acc:.2f}%")
+except Exception:
+    print("missing -")
+' "$1" 2>/dev/null || echo "missing -"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Settings -> the list of runs
+
+parse_args() {
+  local arg
+  for arg; do
+    case $arg in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+      *) die "unknown argument '$arg': settings are environment variables, see 'bash $0 --help'" ;;
+    esac
+  done
+}
+
+check_settings() {
+  local positive='^[1-9][0-9]*$'
+  [[ $SEEDS =~ $positive ]] || die "SEEDS=$SEEDS: expected a positive integer"
+  [[ -z $EPOCHS || $EPOCHS =~ $positive ]] || die "EPOCHS=$EPOCHS: expected a positive integer"
+  [[ -z $NPROC || $NPROC =~ $positive ]] || die "NPROC=$NPROC: expected a positive integer"
+  [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "GPUS=$GPUS: expected GPU ids like 0,1,2,3"
+  local bad_shard="SHARD=$SHARD: expected i/n with 0 <= i < n, e.g. SHARD=0/4"
+  SHARD_I=0 SHARD_N=1
+  if [[ -n $SHARD ]]; then
+    [[ $SHARD =~ ^([0-9]+)/([0-9]+)$ ]] || die "$bad_shard"
+    SHARD_I=$((10#${BASH_REMATCH[1]})) SHARD_N=$((10#${BASH_REMATCH[2]}))
+    ((SHARD_I < SHARD_N)) || die "$bad_shard"
+  fi
+  command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found: set PYTHON=path/to/python"
+}
+
+load_grid() {  # GRID -> CONFIG_NAMES, CONFIG_ARGS; default OUT
+  local configs name args
+  local -A seen=()
+  if [[ " ${GRIDS[*]} " == *" $GRID "* ]]; then
+    configs=$("grid_${GRID//-/_}")
+    if [[ $GRID == default ]]; then OUT=${OUT:-results}; else OUT=${OUT:-results/$GRID}; fi
+  elif [[ -f $GRID ]]; then
+    configs=$(grid_file "$GRID")
+    name=$(basename "$GRID")
+    OUT=${OUT:-results/${name%.*}}
+  else
+    die "unknown GRID=$GRID: use one of ${GRIDS[*]}, or the path of a grid file"
+  fi
+  CONFIG_NAMES=() CONFIG_ARGS=()
+  while read -r name args; do
+    [[ -n $name ]] || continue
+    [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._+,=-]*$ ]] ||
+      die "GRID=$GRID: config name '$name' is not filename-safe (use letters, digits, . _ + , = -)"
+    [[ -z ${seen[$name]:-} ]] || die "GRID=$GRID: config name '$name' appears twice"
+    seen[$name]=1
+    CONFIG_NAMES+=("$name") CONFIG_ARGS+=("$args")
+  done <<<"$configs"
+  ((${#CONFIG_NAMES[@]})) || die "GRID=$GRID has no configs"
+}
+
+expand_runs() {  # configs x seeds, seed-major so that seed 0 of every config comes first; then SHARD
+  local seed c index=0
+  RUN_NAMES=() RUN_ARGS=()
+  for ((seed = 0; seed < SEEDS; seed++)); do
+    for c in "${!CONFIG_NAMES[@]}"; do
+      if ((index % SHARD_N == SHARD_I)); then
+        RUN_NAMES+=("${CONFIG_NAMES[c]}-s$seed")
+        RUN_ARGS+=("${CONFIG_ARGS[c]} --seed $seed")
+      fi
+      index=$((index + 1))
+    done
+  done
+}
+
+plan_runs() {  # RUN_STATUS from each run's JSON -> TODO (indices of runs to start); notes the skips
+  local i status acc
+  RUN_STATUS=() TODO=()
+  for i in "${!RUN_NAMES[@]}"; do
+    read -r status acc <<<"$(read_result "$OUT/${RUN_NAMES[i]}.json")"
+    RUN_STATUS[i]=$status
+    case $status in
+      finished | diverged) note "skip  ${RUN_NAMES[i]}  $status  test_acc $acc" ;;
+      *) TODO+=("$i") ;;
+    esac
+  done
+}
+
+build_command() {  # build_command INDEX -> CMD, the train.py call of that run
+  local i=$1 args extra
+  read -ra args <<<"${RUN_ARGS[i]}"
+  read -ra extra <<<"$EXTRA"
+  if [[ -n $NPROC ]]; then
+    # torchrun's own module, so that it uses $PYTHON
+    CMD=("$PYTHON" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC" "$TRAIN")
+  else
+    CMD=("$PYTHON" "$TRAIN")
+  fi
+  CMD+=("${args[@]}" --name "${RUN_NAMES[i]}" --out "$OUT" --quiet)
+  if [[ -n $EPOCHS ]]; then CMD+=(--epochs "$EPOCHS"); fi
+  CMD+=("${extra[@]}")
+  if [[ ${RUN_STATUS[i]} == running ]]; then CMD+=(--resume); fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Running: a pool of SLOTS (one without GPUS), each running one train.py in the background
+
+take_lock() {  # one sweep per OUT; shards of one sweep share OUT, so each locks only its share
+  exec 9>"$OUT/.sweep.lock"
+  if ((SHARD_N == 1)); then
+    flock -n 9 || die "another sweep is running on $OUT ($OUT/.sweep.lock is held)"
+  else
+    exec 8>"$OUT/.sweep.shard-$SHARD_I-of-$SHARD_N.lock"
+    { flock -n -s 9 && flock -n 8; } ||
+      die "another sweep is running on $OUT or on its shard $SHARD ($OUT/.sweep*.lock is held)"
+  fi
+  # train.py inherits the lock: a run orphaned by a killed sweep still keeps other sweeps out
+}
+
+make_slots() {  # SLOTS[k] = the CUDA_VISIBLE_DEVICES of slot k ("" leaves it unset)
+  local gpus per=${NPROC:-1} k
+  SLOTS=("")
+  if [[ -z $GPUS ]]; then return; fi
+  IFS=, read -ra gpus <<<"$GPUS"
+  ((${#gpus[@]} % per == 0)) || die "GPUS=$GPUS has ${#gpus[@]} ids, not a multiple of NPROC=$per"
+  SLOTS=()
+  for ((k = 0; k < ${#gpus[@]}; k += per)); do
+    SLOTS+=("$(IFS=,; echo "${gpus[*]:k:per}")")
+  done
+}
+
+free_slot() {  # print a slot that no running run uses; fail if all are busy
+  local k i
+  for k in "${!SLOTS[@]}"; do
+    for i in "${!RUNNING[@]}"; do
+      if [[ ${RUNNING[i]} == "$k" ]]; then continue 2; fi
+    done
+    echo "$k"
+    return 0
+  done
+  return 1
+}
+
+run_one() {  # run_one INDEX SLOT: start that run in the background; its exit code goes to RC_DIR
+  local i=$1 slot=$2 gpus=()
+  local log="$OUT/logs/${RUN_NAMES[$1]}.log"
+  build_command "$i"
+  if [[ -n ${SLOTS[slot]} ]]; then gpus=("CUDA_VISIBLE_DEVICES=${SLOTS[slot]}"); fi
+  printf '# %(%F %T)T sweep.sh: %s\n' -1 "$(quote_command "${gpus[@]}" "${CMD[@]}")" >>"$log"
+  (
+    rc=0
+    "${LAUNCHER[@]}" "${gpus[@]}" "${CMD[@]}" >>"$log" 2>&1 </dev/null || rc=$?
+    echo "$rc" >"$RC_DIR/$i"
+  ) &
+  RUNNING[i]=$slot
+  PGID[i]=$!
+  STARTED[i]=$EPOCHSECONDS
+}
+
+finish_run() {  # finish_run INDEX EXIT_CODE: print the run's line, count it
+  local i=$1 rc=$2 name=${RUN_NAMES[$1]} acc outcome detail eta=""
+  local log="$OUT/logs/$name.log" elapsed=$((EPOCHSECONDS - STARTED[$1]))
+  unset "RUNNING[i]"
+  N_DONE=$((N_DONE + 1))
+  read -r _ acc <<<"$(read_result "$OUT/$name.json")"
+  detail="test_acc $acc"
+  case $rc in
+    0 | 3)
+      if ((rc == 0)); then outcome=finished; else outcome=diverged; fi
+      TIMED_SECONDS=$((TIMED_SECONDS + elapsed)) TIMED_RUNS=$((TIMED_RUNS + 1)) ;;
+    130) outcome=interrupted detail="log $log" INTERRUPTED=1 ;;
+    *) outcome="failed (exit $rc)" detail="log $log" FAILURES+=("$name  exit $rc  $log") ;;
+  esac
+  if [[ ${RUN_STATUS[i]} == running ]]; then outcome+=" (resumed)"; fi
+  local left=$((${#TODO[@]} - N_DONE))
+  if ((INTERRUPTED || left == 0)); then
+    eta=""
+  elif ((TIMED_RUNS > 0)); then
+    eta="  ETA $(fmt_duration $((TIMED_SECONDS * left / (TIMED_RUNS * ${#SLOTS[@]}))))"
+  else
+    eta="  ETA ?"
+  fi
+  printf '[%*d/%d] %-*s  %s  %s  %s%s\n' "$INDEX_WIDTH" "$N_DONE" "${#TODO[@]}" \
+    "$NAME_WIDTH" "$name" "$outcome" "$detail" "$(fmt_duration "$elapsed")" "$eta"
+}
+
+collect_finished() {  # finish every run that has ended
+  local i
+  for i in "${!RUNNING[@]}"; do
+    if [[ -s $RC_DIR/$i ]]; then
+      finish_run "$i" "$(<"$RC_DIR/$i")"
+    elif ! kill -0 -- "-${PGID[i]}" 2>/dev/null && [[ ! -s $RC_DIR/$i ]]; then
+      finish_run "$i" 137  # gone without an exit code: killed together with its subshell
+    fi
+  done
+}
+
+wait_for_a_run() {  # sleep until a run ends or a signal arrives, then finish the runs that ended
+  wait -n || true
+  collect_finished
+}
+
+on_signal() {  # start no more runs; ask the running ones to save a checkpoint and exit
+  local i
+  INTERRUPTED=1
+  note "sweep: interrupted; waiting for ${#RUNNING[@]} running config(s) to save a checkpoint"
+  for i in "${!RUNNING[@]}"; do kill -INT -- "-${PGID[i]}" 2>/dev/null || true; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+parse_args "$@"
+check_settings
+load_grid
+expand_runs
+make_slots
+if ((!DRY_RUN)); then
+  mkdir -p "$OUT/logs"
+  take_lock
+fi
+plan_runs
+note "GRID=$GRID OUT=$OUT: ${#RUN_NAMES[@]} runs${SHARD:+ in shard $SHARD}, ${#TODO[@]} to run"
+
+if ((DRY_RUN)); then
+  for i in "${TODO[@]}"; do
+    build_command "$i"
+    quote_command "${CMD[@]}"
+  done
+  exit 0
+fi
+if ((${#TODO[@]} == 0)); then exit 0; fi
+[[ -f $TRAIN ]] || die "$TRAIN not found"
+
+RUNNING=() PGID=() STARTED=() FAILURES=()
+N_DONE=0 TIMED_SECONDS=0 TIMED_RUNS=0 INTERRUPTED=0
+TOTAL=${#TODO[@]}
+INDEX_WIDTH=${#TOTAL} NAME_WIDTH=0  # INDEX_WIDTH: digits in the number of runs
+for i in "${TODO[@]}"; do
+  if ((${#RUN_NAMES[i]} > NAME_WIDTH)); then NAME_WIDTH=${#RUN_NAMES[i]}; fi
+done
+RC_DIR=$(mktemp -d)
+trap 'rm -rf "$RC_DIR"' EXIT
+trap on_signal INT TERM
+# Job control puts each run in its own process group: Ctrl-C then reaches only the sweep, which
+# passes one SIGINT to each run (without it, background runs would ignore SIGINT altogether).
+set -m
+# A sweep itself started in the background (`bash sweep.sh &` in a script) ignores SIGINT and its
+# runs would inherit that; env --default-signal (coreutils >= 8.31) gives them SIGINT back.
+LAUNCHER=(env)
+if env --default-signal=INT true 2>/dev/null; then LAUNCHER+=(--default-signal=INT); fi
+
+for i in "${TODO[@]}"; do
+  if ((INTERRUPTED)); then break; fi
+  until slot=$(free_slot); do wait_for_a_run; done
+  if ((INTERRUPTED)); then break; fi
+  run_one "$i" "$slot"
+done
+while ((${#RUNNING[@]})); do wait_for_a_run; done
+
+note "$N_DONE of ${#TODO[@]} runs ended, ${#FAILURES[@]} failed; results in $OUT"
+for failure in "${FAILURES[@]}"; do note "failed  $failure"; done
+if ((INTERRUPTED)); then note "interrupted: run the same command again to resume"; exit 130; fi
+if ((${#FAILURES[@]})); then exit 1; fi

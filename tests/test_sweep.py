@@ -1,0 +1,420 @@
+"""Specification of sweep.sh: its grids and run names, seeds, shards, locking and resuming.
+
+The fast tests need no train.py: they read `--dry-run` output or plant result JSONs. The
+`test_real_*` tests at the end train tiny configs with the real train.py on the synthetic data
+set; to run only the fast ones:  python -m pytest -q tests/test_sweep.py -k "not real"
+"""
+
+import fcntl
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "sweep.sh"
+SETTINGS = ("GRID", "OUT", "SEEDS", "EPOCHS", "EXTRA", "PYTHON", "GPUS", "NPROC", "SHARD")
+GRID_SIZES = {
+    "default": 12,
+    "datasize": 12,
+    "cifar-resnets": 5,
+    "augment": 6,
+    "optim": 12,
+    "batch": 5,
+    "stem": 6,
+}
+FLAGS_WITHOUT_VALUE = {"--pretrained", "--resume", "--quiet", "--no-compile"}
+
+
+def sweep(*args: str, cwd: Path, timeout: float = 60, **settings) -> subprocess.CompletedProcess:
+    """Run `bash sweep.sh ARGS` in cwd with exactly the given settings (GRID=..., SEEDS=...)."""
+    env = {key: value for key, value in os.environ.items() if key not in SETTINGS}
+    env["PYTHON"] = sys.executable
+    env.update({key: str(value) for key, value in settings.items()})
+    return subprocess.run(
+        ["bash", str(SWEEP), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def parse_command(line: str) -> dict:
+    """'python train.py --arch resnet18 --pretrained' -> {'arch': 'resnet18', 'pretrained': True}"""
+    words = shlex.split(line)
+    train = next(i for i, word in enumerate(words) if word.endswith("train.py"))
+    flags, rest = {}, words[train + 1 :]
+    while rest:
+        flag = rest.pop(0)
+        assert flag.startswith("--"), f"not a flag: {flag!r} in {line!r}"
+        flags[flag[2:]] = True if flag in FLAGS_WITHOUT_VALUE else rest.pop(0)
+    return flags
+
+
+def dry_run(cwd: Path, **settings) -> list[dict]:
+    """The runs `sweep.sh --dry-run` would start, parsed; stdout must hold nothing else."""
+    result = sweep("--dry-run", cwd=cwd, **settings)
+    assert result.returncode == 0, result.stderr
+    return [parse_command(line) for line in result.stdout.splitlines()]
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def write_result(out: Path, name: str, status: str, test_acc: float = 0.5) -> Path:
+    """Plant OUT/NAME.json as train.py would leave it."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"status": status}
+    if status == "finished":
+        record["final"] = {"test_acc": test_acc, "mean_epoch_time_s": 1.0}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def hold_lock(path: Path, mode: int):
+    """Take a flock on path (LOCK_EX or LOCK_SH), as a running sweep would; close to release."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")
+    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    return handle
+
+
+# --- Grids and names ---------------------------------------------------------------------------
+
+
+def test_default_grid_is_the_original_12_config_comparison(tmp_path):
+    runs = dry_run(tmp_path)
+
+    expected = itertools.product(["resnet18", "resnet34", "resnet50"], ["avg", "max"], ["sgd", "adam"])
+    assert sorted((r["arch"], r["pool"], r["opt"]) for r in runs) == sorted(expected)
+    for run in runs:
+        assert run["name"] == f"{run['arch']}-{run['pool']}-{run['opt']}-s0"
+        assert (run["seed"], run["out"], run["quiet"]) == ("0", "results", True)
+        assert "resume" not in run
+    assert not (tmp_path / "results").exists(), "a dry run must not touch the disk"
+
+
+@pytest.mark.parametrize("grid", GRID_SIZES)
+def test_each_named_grid_has_its_size_unique_names_and_own_results_folder(tmp_path, grid):
+    runs = dry_run(tmp_path, GRID=grid)
+
+    assert len(runs) == GRID_SIZES[grid]
+    assert len({r["name"] for r in runs}) == len(runs)
+    assert {r["out"] for r in runs} == {"results" if grid == "default" else f"results/{grid}"}
+    for run in runs:
+        assert {"arch", "pool", "opt"} <= run.keys()
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+,=-]*-s0", run["name"]), run["name"]
+
+
+def test_datasize_grid_varies_only_train_fraction_and_pretraining(tmp_path):
+    runs = dry_run(tmp_path, GRID="datasize")
+
+    assert {r["stem"] for r in runs} == {"imagenet"}
+    cells = Counter((r["arch"], r["fraction"], r.get("pretrained", False)) for r in runs)
+    expected = itertools.product(["resnet18", "resnet50"], ["0.0625", "0.5", "1"], [False, True])
+    assert cells == Counter(expected)
+    assert "resnet18-f0.0625-pretrained-s0" in {r["name"] for r in runs}
+
+
+def test_cifar_resnets_grid_covers_the_five_depths(tmp_path):
+    runs = dry_run(tmp_path, GRID="cifar-resnets")
+
+    assert [r["arch"] for r in runs] == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+    assert {(r["pool"], r["opt"]) for r in runs} == {("avg", "sgd")}
+
+
+def test_augment_grid_adds_one_augmentation_at_a_time(tmp_path):
+    runs = dry_run(tmp_path, GRID="augment")
+
+    augs = [r["aug"] for r in runs]
+    assert augs[0] == "none"
+    assert augs[1:] == [
+        "translate",
+        "translate,flip",
+        "translate,flip,rotate",
+        "translate,flip,rotate,cutout",
+        "translate,flip,rotate,cutout,jitter",
+    ]
+    assert runs[2]["name"] == "resnet18-aug-translate+flip-s0"
+
+
+def test_optim_grid_crosses_learning_rates_and_weight_decays_per_optimizer(tmp_path):
+    runs = dry_run(tmp_path, GRID="optim")
+
+    cells = {(r["opt"], r["lr"], r["wd"]) for r in runs}
+    assert cells == {
+        *itertools.product(["sgd"], ["0.1", "0.4"], ["5e-4", "5e-5"]),
+        *itertools.product(["adam"], ["1e-3", "3e-4"], ["0", "5e-4"]),
+        *itertools.product(["adamw"], ["1e-3", "3e-4"], ["0.05", "5e-4"]),
+    }
+
+
+def test_batch_grid_varies_batch_size_and_leaves_lr_to_train_pys_linear_scaling(tmp_path):
+    runs = dry_run(tmp_path, GRID="batch")
+
+    assert [int(r["batch-size"]) for r in runs] == [64, 128, 256, 512, 1024]
+    assert {r["opt"] for r in runs} == {"sgd"}
+    assert not any("lr" in r for r in runs), "train.py scales sgd's lr: 0.4 at batch 512"
+
+
+def test_stem_grid_pairs_cifar_and_imagenet_stems_per_depth(tmp_path):
+    runs = dry_run(tmp_path, GRID="stem")
+
+    expected = itertools.product(["resnet18", "resnet34", "resnet50"], ["cifar", "imagenet"])
+    assert sorted((r["arch"], r["stem"]) for r in runs) == sorted(expected)
+
+
+def test_grid_file_gives_one_run_per_config_line(tmp_path):
+    grid = tmp_path / "grids" / "mine.grid"
+    grid.parent.mkdir()
+    grid.write_text(
+        "# two configs\n"
+        "\n"
+        "small  --arch cnn --pool avg --opt sgd\n"
+        "deep --arch resnet110 --pool max --opt adam --lr 1e-3  # a comment\n"
+    )
+    runs = dry_run(tmp_path, GRID="grids/mine.grid")
+
+    assert [r["name"] for r in runs] == ["small-s0", "deep-s0"]
+    assert (runs[1]["arch"], runs[1]["pool"], runs[1]["opt"], runs[1]["lr"]) == (
+        "resnet110",
+        "max",
+        "adam",
+        "1e-3",
+    )
+    assert {r["out"] for r in runs} == {"results/mine"}
+
+
+def test_grid_file_with_a_repeated_name_is_refused(tmp_path):
+    (tmp_path / "twice.grid").write_text("a --arch cnn\na --arch resnet20\n")
+
+    assert "'a'" in one_line_error(sweep("--dry-run", cwd=tmp_path, GRID="twice.grid"))
+
+
+def test_unknown_grid_fails_with_a_one_line_message_listing_the_grids(tmp_path):
+    message = one_line_error(sweep("--dry-run", cwd=tmp_path, GRID="nope"))
+
+    assert "nope" in message
+    for grid in GRID_SIZES:
+        assert grid in message
+
+
+# --- Seeds, flags for every run, torchrun -------------------------------------------------------
+
+
+def test_seeds_run_every_config_with_seeds_0_to_n_minus_1(tmp_path):
+    runs = dry_run(tmp_path, SEEDS=3)
+
+    assert len(runs) == 36
+    assert Counter(r["seed"] for r in runs) == {"0": 12, "1": 12, "2": 12}
+    assert all(r["name"].endswith(f"-s{r['seed']}") for r in runs)
+    assert len({r["name"] for r in runs}) == 36
+
+
+def test_epochs_and_extra_reach_every_run(tmp_path):
+    runs = dry_run(tmp_path, GRID="stem", EPOCHS=3, EXTRA="--data-dir /data/c10 --no-compile")
+
+    for run in runs:
+        assert (run["epochs"], run["data-dir"], run["no-compile"]) == ("3", "/data/c10", True)
+
+
+def test_nproc_runs_each_config_under_torchrun(tmp_path):
+    result = sweep("--dry-run", cwd=tmp_path, NPROC=2, GPUS="0,1,2,3")
+
+    lines = result.stdout.splitlines()
+    assert len(lines) == 12
+    for line in lines:
+        assert "-m torch.distributed.run --standalone --nproc_per_node=2 " in line
+
+
+def test_gpus_must_split_evenly_into_groups_of_nproc(tmp_path):
+    assert "GPUS" in one_line_error(sweep("--dry-run", cwd=tmp_path, NPROC=2, GPUS="0,1,2"))
+
+
+# --- Shards -------------------------------------------------------------------------------------
+
+
+def test_shards_are_disjoint_and_cover_the_grid(tmp_path):
+    everything = [r["name"] for r in dry_run(tmp_path, SEEDS=2)]
+    shards = [[r["name"] for r in dry_run(tmp_path, SEEDS=2, SHARD=f"{i}/3")] for i in range(3)]
+
+    assert sorted(itertools.chain(*shards)) == sorted(everything)
+    for i, shard in enumerate(shards):
+        assert shard == everything[i::3], "shard i holds the runs whose index % n == i"
+
+
+@pytest.mark.parametrize("shard", ["3/3", "0/0", "1", "a/b", "-1/2", "0/2/4"])
+def test_invalid_shard_fails_with_a_one_line_message(tmp_path, shard):
+    assert "SHARD" in one_line_error(sweep("--dry-run", cwd=tmp_path, SHARD=shard))
+
+
+# --- Resuming -----------------------------------------------------------------------------------
+
+
+def test_dry_run_skips_finished_and_diverged_runs_and_resumes_running_ones(tmp_path):
+    out = tmp_path / "results"
+    write_result(out, "resnet18-avg-sgd-s0", "finished")
+    write_result(out, "resnet18-avg-adam-s0", "diverged")
+    write_result(out, "resnet18-max-sgd-s0", "running")
+    (out / "resnet18-max-adam-s0.json").write_text('{"status": "fini')  # torn: start over
+
+    runs = {r["name"]: r for r in dry_run(tmp_path)}
+
+    assert len(runs) == 10
+    assert "resnet18-avg-sgd-s0" not in runs and "resnet18-avg-adam-s0" not in runs
+    assert runs["resnet18-max-sgd-s0"].get("resume") is True
+    assert [name for name, run in runs.items() if "resume" in run] == ["resnet18-max-sgd-s0"]
+
+
+def test_sweep_whose_runs_all_finished_trains_nothing(tmp_path):
+    for run in dry_run(tmp_path, GRID="stem"):
+        write_result(tmp_path / "results" / "stem", run["name"], "finished")
+
+    result = sweep(cwd=tmp_path, GRID="stem")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("skip") == 6
+    assert list((tmp_path / "results" / "stem" / "logs").iterdir()) == []
+
+
+# --- Locking ------------------------------------------------------------------------------------
+
+
+def test_second_sweep_on_a_locked_out_folder_refuses(tmp_path):
+    with hold_lock(tmp_path / "results" / ".sweep.lock", fcntl.LOCK_EX):
+        assert "another sweep" in one_line_error(sweep(cwd=tmp_path))
+        assert "another sweep" in one_line_error(sweep(cwd=tmp_path, SHARD="1/2"))
+        assert list((tmp_path / "results" / "logs").iterdir()) == []
+
+
+def test_dry_run_takes_no_lock(tmp_path):
+    with hold_lock(tmp_path / "results" / ".sweep.lock", fcntl.LOCK_EX):
+        assert len(dry_run(tmp_path)) == 12
+
+
+def test_shards_of_one_sweep_can_share_an_out_folder(tmp_path):
+    out = tmp_path / "results"
+    for run in dry_run(tmp_path):
+        write_result(out, run["name"], "finished")
+
+    # shard 0/2 running: a shared lock on the folder, an exclusive one on its share
+    with hold_lock(out / ".sweep.lock", fcntl.LOCK_SH), hold_lock(out / ".sweep.shard-0-of-2.lock", fcntl.LOCK_EX):
+        assert sweep(cwd=tmp_path, SHARD="1/2").returncode == 0
+        assert "another sweep" in one_line_error(sweep(cwd=tmp_path, SHARD="0/2"))
+        assert "another sweep" in one_line_error(sweep(cwd=tmp_path))
+
+
+# --- Real sweeps: train tiny configs with train.py (slow; last) ---------------------------------
+
+TINY_GRID = """\
+# three configs that train in seconds on the synthetic data set
+cnn-avg-sgd  --arch cnn --pool avg --opt sgd
+cnn-max-sgd  --arch cnn --pool max --opt sgd
+cnn-avg-adam --arch cnn --pool avg --opt adam
+"""
+TINY_NAMES = ["cnn-avg-sgd-s0", "cnn-max-sgd-s0", "cnn-avg-adam-s0"]
+
+
+def tiny_settings(data_dir: Path) -> dict:
+    return {
+        "GRID": "tiny.grid",
+        "EPOCHS": 1,
+        "EXTRA": f"--data-dir {data_dir} --no-compile --batch-size 32",
+    }
+
+
+def status(out: Path, name: str) -> str:
+    return json.loads((out / f"{name}.json").read_text())["status"]
+
+
+def snapshot(out: Path) -> dict:
+    """What a run changes: each JSON's mtime and each log's size."""
+    files = [*out.glob("*.json"), *(out / "logs").glob("*.log")]
+    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in files}
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(synthetic_data, tmp_path_factory):
+    """A folder with tiny.grid in which a tiny sweep has run to the end once."""
+    folder = tmp_path_factory.mktemp("tiny-sweep")
+    (folder / "tiny.grid").write_text(TINY_GRID)
+    result = sweep(cwd=folder, timeout=900, **tiny_settings(synthetic_data))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder, result
+
+
+def test_real_sweep_writes_one_finished_json_per_config(finished_sweep):
+    folder, result = finished_sweep
+    out = folder / "results" / "tiny"
+
+    for name in TINY_NAMES:
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["status"] == "finished"
+        assert 0 <= record["final"]["test_acc"] <= 1
+        assert (out / "logs" / f"{name}.log").stat().st_size > 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, "one line per run"
+    assert all(re.search(r"finished\s+test_acc \d+\.\d\d%", line) for line in lines)
+
+
+def test_real_second_sweep_trains_nothing(finished_sweep, synthetic_data):
+    folder, _ = finished_sweep
+    out = folder / "results" / "tiny"
+    before = snapshot(out)
+
+    result = sweep(cwd=folder, **tiny_settings(synthetic_data))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("skip") == 3
+    assert snapshot(out) == before
+
+
+def test_real_interrupted_sweep_resumes_without_rerunning_finished_configs(finished_sweep, synthetic_data, tmp_path):
+    folder = shutil.copytree(finished_sweep[0], tmp_path / "copy")
+    out = folder / "results" / "tiny"
+    interrupted, lost, done = TINY_NAMES
+    record = json.loads((out / f"{interrupted}.json").read_text())
+    (out / f"{interrupted}.json").write_text(json.dumps({**record, "status": "running"}))
+    (out / f"{lost}.json").unlink()
+    log_sizes = {name: (out / "logs" / f"{name}.log").stat().st_size for name in TINY_NAMES}
+    untouched = snapshot(out)[f"{done}.json"], snapshot(out)[f"{done}.log"]
+
+    result = sweep(cwd=folder, timeout=600, **tiny_settings(synthetic_data))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [status(out, name) for name in TINY_NAMES] == ["finished"] * 3
+    new_log = (out / "logs" / f"{interrupted}.log").read_text()[log_sizes[interrupted] :]
+    assert "--resume" in new_log
+    assert "--resume" not in (out / "logs" / f"{lost}.log").read_text()[log_sizes[lost] :]
+    assert (out / "logs" / f"{lost}.log").stat().st_size > log_sizes[lost]
+    assert (snapshot(out)[f"{done}.json"], snapshot(out)[f"{done}.log"]) == untouched
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_real_failing_config_does_not_stop_the_sweep(synthetic_data, tmp_path):
+    (tmp_path / "tiny.grid").write_text(
+        "broken --arch nope --pool avg --opt sgd\ncnn-avg-sgd --arch cnn --pool avg --opt sgd\n"
+    )
+
+    result = sweep(cwd=tmp_path, timeout=600, **tiny_settings(synthetic_data))
+
+    assert result.returncode != 0
+    assert re.search(r"broken-s0\s+exit 2\s+results/tiny/logs/broken-s0\.log", result.stderr)
+    assert status(tmp_path / "results" / "tiny", "cnn-avg-sgd-s0") == "finished"
