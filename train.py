@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--channels", type=csv_of(int), default=None, help="resnet_custom: channels per stage")
     m.add_argument("--kernel-size", type=int, default=None, help="resnet_custom: convolution kernel size")
     m.add_argument("--avgpool-size", type=int, default=None, help="resnet_custom: output size of the final pool")
-    m.add_argument("--head", type=csv_of(int), default=None, help="resnet_custom: hidden sizes of the head, e.g. 256,128")
+    m.add_argument("--head", type=csv_of(int), default=None,
+                   help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
     m.add_argument("--dropout", type=float, default=None, help="resnet_custom: dropout in the head")
     o = p.add_argument_group("optimisation (None = the optimiser's default, see OPTIMIZER_DEFAULTS)")
     o.add_argument("--opt", default="sgd", choices=tuple(OPTIMIZER_DEFAULTS), help="optimiser")
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
     r.add_argument("--from", dest="from_json", default=None, metavar="RESULT.json",
                    help="take the config of this result (flags given here still override)")
+    r.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--quiet", action="store_true", help="no progress bars (for sweeps)")
     return p
 
@@ -272,9 +275,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    bar = tqdm(loader, desc=progress_desc, leave=False, disable=args.quiet or not sys.stderr.isatty(),
-               dynamic_ncols=True)
+    seen, first_loss = 0, None
+    bar = tqdm(loader, desc=progress_desc, leave=False, dynamic_ncols=True,
+               disable=args.quiet or world > 1 and torch.distributed.get_rank() > 0 or not sys.stderr.isatty())
     for step, (images, labels) in enumerate(bar):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
@@ -284,16 +287,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if first_loss is None:
+            first_loss = loss.detach().float()
         loss_sum += loss.detach().float() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         if step % LOG_EVERY == LOG_EVERY - 1:
             running = loss_sum.item() / seen
             bar.set_postfix(loss=f"{running:.3f}", acc=f"{correct.item() / seen:.1%}")
-            if not math.isfinite(running):
-                break  # diverged: no point finishing the epoch
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)]), world)
-    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+            if not math.isfinite(running) and world == 1:
+                break  # diverged: no point finishing the epoch (with several ranks, all must agree)
+    totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device),
+                                         first_loss / world]), world)
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), totals[3].item()
 
 
 @torch.no_grad()
@@ -304,7 +310,7 @@ def evaluate(model, loader, device, amp_dtype, num_classes: int, batch_size: int
     model.eval()
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-    preds, targets = [], []
+    preds, targets, kept = [], [], 0
     for images, labels in loader:
         n = len(labels)
         if n < batch_size:
@@ -318,8 +324,10 @@ def evaluate(model, loader, device, amp_dtype, num_classes: int, batch_size: int
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         pred = logits.argmax(1)
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
-        preds.append(pred[:PREDICTIONS_KEPT])
-        targets.append(labels[:PREDICTIONS_KEPT])
+        if kept < PREDICTIONS_KEPT:  # this rank's first images; gather_in_order interleaves the ranks
+            preds.append(pred)
+            targets.append(labels)
+            kept += n
     confusion = all_reduce_sum(confusion, world).view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
     loss = all_reduce_sum(loss_sum, world).item() / total
@@ -473,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     say = print if is_main else (lambda *a, **k: None)
     device = resolve_device(args.device, local_rank)
     amp_dtype, amp_reason = resolve_amp(args.amp, device)
+    if args.sync_bn and (world == 1 or device.type != "cuda"):
+        raise SystemExit("error: --sync-bn needs torchrun with CUDA devices (SyncBatchNorm does not run on CPU)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {world} processes: "
                          f"use a multiple of {world}")
@@ -508,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     raw_model = raw_model.to(device, memory_format=memory)
     model = raw_model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.sync_bn:
+            model = raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         # dynamic=False: shapes never change (drop_last in training, padded eval batches).
         model = torch.compile(model, dynamic=False)
@@ -518,10 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # The record, and the checkpoint to resume from.
+    amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
     record = {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
               "started_at": now(), "ended_at": None,
-              "config": {k: v for k, v in vars(args).items() if k not in ("resume", "from_json", "batch_size_per_rank")},
-              "run": {"device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+              "config": {k: v for k, v in vars(args).items()
+                         if k not in ("resume", "from_json", "batch_size_per_rank")},
+              "run": {"device": str(device), "amp": amp_name,
                       "amp_reason": amp_reason, "compile": args.compile, "channels_last": args.channels_last,
                       "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None,
                       "train_images": train_loader.num_samples,
@@ -564,11 +579,13 @@ def main(argv: list[str] | None = None) -> int:
             lr = optimizer.param_groups[0]["lr"]
             synchronize(device)
             start = time.perf_counter()
-            train_loss, train_acc = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, amp_dtype,
-                                                    device, args, world, f"epoch {epoch}/{args.epochs}")
+            train_loss, train_acc, first_loss = train_one_epoch(
+                model, train_loader, optimizer, scheduler, scaler, amp_dtype, device, args, world,
+                f"epoch {epoch}/{args.epochs}")
             synchronize(device)
             epoch_time = time.perf_counter() - start
-            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "first_step_loss": first_loss,
+                   "lr": lr,
                    "epoch_time_s": epoch_time,
                    "train_img_per_s": steps_per_epoch * args.batch_size / epoch_time}
             if not math.isfinite(train_loss):
@@ -611,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: could not write the record ({error}); the previous JSON and checkpoint are "
                          "intact: free some space and run again with --resume") from None
 
+    if world > 1:
+        torch.distributed.destroy_process_group()
     record.update(status=status, ended_at=now())
     if status == "diverged":
         record["diverged_epoch"] = epoch
@@ -649,7 +668,8 @@ def final_summary(record: dict, test: dict, best: dict, classes: list[str], comp
     later = [h["epoch_time_s"] for h in history[1:]] or [history[0]["epoch_time_s"]]
     return {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
             "best_val_acc": best["acc"], "best_val_epoch": best["epoch"],
-            "predictions": {"indices": list(range(len(test["preds"]))), "labels": test["labels"], "preds": test["preds"]},
+            "predictions": {"indices": list(range(len(test["preds"]))), "labels": test["labels"],
+                            "preds": test["preds"]},
             "compile_time_s": compile_time, "mean_epoch_time_s": sum(later) / len(later),
             "train_time_s": sum(h["epoch_time_s"] for h in history),
             "train_img_per_s": sum(h["train_img_per_s"] for h in history[1:] or history) / len(history[1:] or history),
