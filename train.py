@@ -441,7 +441,10 @@ def write_json_atomic(path: Path, record: dict) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) this way
+            raise OSError(f"writing {tmp}: {error}") from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

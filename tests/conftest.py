@@ -4,7 +4,9 @@ Each image encodes its label: the red channel is a flat 20 + 20 * label (plus a 
 test can read the label back from the pixels, and a small network learns the task in one epoch."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +50,23 @@ def run_env() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+# resnet20 on 240 images: a few seconds per epoch; eager unless a test is about compiling.
+TINY = ["--arch", "resnet20", "--batch-size", "32", "--no-compile", "--quiet"]
+
+
+def train(tmp_path, data_dir, *flags, check=True, timeout=600) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, "--data-dir", str(data_dir),
+               "--out", str(tmp_path / "results"), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env=run_env(), timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def record(tmp_path, name: str) -> dict:
+    return json.loads((tmp_path / "results" / f"{name}.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,119 @@
+"""bench.py end to end on tiny synthetic data, run as `make bench` runs it: a subprocess.
+
+The record must be complete and self-consistent; no test ever asserts a speed."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_env
+
+# One small arch, one repetition, the epoch part on a fifth of the 240 synthetic images (6 batches), and
+# every mode but `compile`: `default` is compiled too, and one compile of resnet20 is ~30 s of the budget.
+MODES = ("eager_fp32", "channels_last", "amp_bf16", "default")
+TINY = ["--quick", "--archs", "resnet20", "--batch-size", "8", "--reps", "1", "--epoch-fraction", "0.2",
+        "--modes", ",".join(MODES), "--device", "cpu"]
+TOP_LEVEL = ("loader_ratio", "loader_overhead", "speedup", "train_step", "compile_time_s", "flops_per_image",
+             "peak_flops", "device", "device_name", "threads", "batch_size", "quick")
+
+
+def bench(*flags) -> subprocess.CompletedProcess:
+    # One torch thread: on a shared machine, a second thread waiting for a busy core makes every step
+    # ten times slower, and this test checks the record, not the speed.
+    env = {**run_env(), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *flags], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synthetic_data):
+    out = tmp_path_factory.mktemp("bench")
+    result = bench(*TINY, "--data-dir", str(synthetic_data), "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, files
+    return files[0], json.loads(files[0].read_text()), result.stdout
+
+
+def numbers_in(value, where="record"):
+    """(where, number) for every number in a JSON value, booleans excepted."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers_in(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from numbers_in(item, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield where, value
+
+
+def test_record_is_named_after_the_host_and_the_date(tiny_run):
+    path, _, _ = tiny_run
+    assert path.name == f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
+    assert not list(path.parent.glob(".*tmp*"))  # the atomic write left no temporary file
+
+
+def test_record_holds_every_top_level_figure(tiny_run):
+    _, record, _ = tiny_run
+    for key in TOP_LEVEL:
+        assert key in record, key
+    assert record["quick"] is True and record["batch_size"] == 8 and record["device"] == "cpu"
+    assert set(record["train_step"]) == {"resnet20"}
+    assert set(record["train_step"]["resnet20"]) == set(MODES)
+    assert set(record["peak_flops"]) == {"fp32", "bf16"}
+    assert set(record["compile_time_s"]) == set(record["flops_per_image"]) == {"resnet20"}
+
+
+def test_every_figure_is_positive_and_finite(tiny_run):
+    _, record, _ = tiny_run
+    found = dict(numbers_in(record))
+    assert "record.loader_ratio" in found and "record.train_step.resnet20.default" in found
+    for where, number in found.items():
+        assert math.isfinite(number) and number >= 0, f"{where} = {number}"
+        assert number > 0 or where.startswith("record.load_average"), f"{where} = {number}"  # an idle machine: 0
+
+
+def test_speedup_is_default_over_eager_fp32(tiny_run):
+    _, record, _ = tiny_run
+    steps = record["train_step"]["resnet20"]
+    assert record["speedup"]["resnet20"] == pytest.approx(steps["default"] / steps["eager_fp32"])
+
+
+def test_loader_figures_are_the_ratios_they_name(tiny_run):
+    _, record, _ = tiny_run
+    loader, epoch = record["loader"], record["epoch"]
+    assert record["loader_ratio"] == pytest.approx(loader["ours_img_per_s"] / loader["torchvision_img_per_s"], abs=0.01)
+    assert record["loader_overhead"] == pytest.approx(epoch["loader_s"] / epoch["in_memory_s"])
+    assert epoch["arch"] == "resnet20" and epoch["batches"] == 6  # 50 images (5 per class) in batches of 8
+
+
+def test_training_flops_are_about_three_forward_passes(tiny_run):
+    import models
+    _, record, _ = tiny_run
+    forward = models.forward_flops(models.build_model("resnet20"))
+    assert 2.5 * forward <= record["flops_per_image"]["resnet20"] <= 3.5 * forward
+
+
+def test_table_is_printed(tiny_run):
+    _, _, stdout = tiny_run
+    for text in ("train step, images/s", "speedup", "loader overhead", "peak", "resnet20"):
+        assert text in stdout, text
+
+
+def test_unknown_arch_label_is_refused_before_any_work(tmp_path, synthetic_data):
+    result = bench("--archs", "resnet20-imagenet", "--data-dir", str(synthetic_data), "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "resnet20-imagenet" in result.stderr and "stem" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_says_what_quick_changes():
+    result = bench("--help")
+    assert result.returncode == 0
+    for text in ("batch 64", "3 reps", "resnet20, resnet18-imagenet", "2% of the train set"):
+        assert text in " ".join(result.stdout.split()), text

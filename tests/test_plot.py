@@ -1,0 +1,249 @@
+"""plot.py on hand-made run records: which figures it writes, the summary table, and what it skips.
+
+plot.py is copied next to a stub data.py in a temp dir and run as a script, so the tests do not
+depend on ffcv, on the CIFAR-10 beton, or on whatever data.py in the repo currently looks like.
+"""
+
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLOT = Path(__file__).resolve().parents[1] / "plot.py"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FINAL_FIGURES = ["accuracy.png", "per_class.png", "confusion.png", "predictions.png", "datasize.png",
+                 "speed.png", "accuracy_vs_params.png", "accuracy_vs_time.png"]
+
+# config -> (config overrides, test accuracy of each seed); the sweep has 3 seeds for some configs,
+# a train-fraction sweep from scratch and pretrained, and a val split on one config
+SWEEP = {
+    "resnet18-avg-sgd": ({"val_split": 0.1}, [0.83, 0.84, 0.80]),
+    "resnet18-max-sgd": ({"pool": "max"}, [0.82, 0.815, 0.83]),
+    "resnet18-avg-sgd-f0.5": ({"fraction": 0.5}, [0.75, 0.76]),
+    "resnet18-avg-sgd-f0.25": ({"fraction": 0.25}, [0.65]),
+    "resnet18-pre-sgd": ({"pretrained": True, "stem": "imagenet"}, [0.90]),
+    "resnet18-pre-sgd-f0.5": ({"pretrained": True, "stem": "imagenet", "fraction": 0.5}, [0.87]),
+    "resnet18-pre-sgd-f0.25": ({"pretrained": True, "stem": "imagenet", "fraction": 0.25}, [0.83]),
+    "resnet50-avg-adamw": ({"arch": "resnet50", "opt": "adamw"}, [0.86]),
+}
+STUB_DATA_PY = '''
+import json
+import numpy as np
+
+def read_images(data_dir, split, indices):
+    with open("read_images_call.json", "w") as f:
+        json.dump({"data_dir": data_dir, "split": split, "indices": indices}, f)
+    return np.random.default_rng(0).integers(0, 256, (len(indices), 32, 32, 3), dtype=np.uint8)
+'''
+
+
+def make_record(name: str, test_acc: float | None, status: str = "finished", epochs: int = 4, **config) -> dict:
+    """A run record shaped like train.py's (schema_version 1); final only when the run finished."""
+    cfg = {"arch": "resnet18", "pool": "avg", "stem": "cifar", "pretrained": False, "opt": "sgd", "lr": 0.4,
+           "wd": 5e-4, "batch_size": 512, "epochs": epochs, "fraction": 1.0, "val_split": 0.0,
+           "aug": "flip,translate", "seed": int(name.rsplit("-s", 1)[1]), "data_dir": "cifar-data"} | config
+    has_val = cfg["val_split"] > 0
+    history = []
+    for e in range(1, epochs + 1):
+        h = {"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.3 + 0.15 * e, "test_loss": 1.8 / e,
+             "test_acc": 0.25 + 0.15 * e, "lr": 0.1, "epoch_time_s": 30.0, "train_img_per_s": 1650.0,
+             "eval_time_s": 3.0}
+        if has_val:
+            h |= {"val_loss": 1.9 / e, "val_acc": 0.2 + 0.15 * e}
+        history.append(h)
+    record = {"schema_version": 1, "name": name, "status": status, "started_at": "2026-11-21T23:00:00Z",
+              "ended_at": None, "config": cfg,
+              "run": {"device": "cpu", "device_name": "Test CPU", "amp": "off", "compile": False,
+                      "channels_last": True, "world_size": 1},
+              "env": {"torch": "2.14.1"},
+              "model": {"params": 23_520_842 if cfg["arch"] == "resnet50" else 11_173_962,
+                        "flops_per_image": 1_111_111_111},
+              "classes": CLASSES, "history": history}
+    if status == "finished":
+        labels = [i % 10 for i in range(64)]
+        record["final"] = {
+            "test_loss": 0.6, "test_acc": test_acc,
+            "per_class_acc": {c: min(1.0, test_acc + 0.01 * (i - 5)) for i, c in enumerate(CLASSES)},
+            "confusion": [[int(1000 * test_acc) if i == j else int(1000 * (1 - test_acc) / 9) for j in range(10)]
+                          for i in range(10)],
+            "best_val_acc": 0.8 if has_val else None, "best_val_epoch": epochs if has_val else None,
+            "predictions": {"indices": list(range(64)), "labels": labels,
+                            "preds": [p if i % 7 else (p + 1) % 10 for i, p in enumerate(labels)]},
+            "compile_time_s": 0.0, "mean_epoch_time_s": 30.0 if cfg["arch"] == "resnet18" else 80.0,
+            "train_time_s": 30.0 * epochs, "train_img_per_s": 1650.0, "peak_memory_mb": 2100.0, "recompiles": 0}
+    return record
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def run_plot(project: Path, *args: str) -> subprocess.CompletedProcess:
+    shutil.copy(PLOT, project / "plot.py")
+    return subprocess.run([sys.executable, "plot.py", *args], cwd=project, capture_output=True, text=True,
+                          timeout=120)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The full sweep plus a malformed, a foreign, a running and a diverged file, and a bench record."""
+    project = tmp_path_factory.mktemp("sweep")
+    results = project / "results"
+    for config, (overrides, accs) in SWEEP.items():
+        for seed, acc in enumerate(accs):
+            write_json(results / f"{config}-s{seed}.json", make_record(f"{config}-s{seed}", acc, **overrides))
+    write_json(results / "resnet50-avg-sgd-s0.json",
+               make_record("resnet50-avg-sgd-s0", None, status="running", arch="resnet50"))
+    diverged = make_record("resnet34-avg-sgd-s0", None, status="diverged", arch="resnet34")
+    diverged["history"][-1]["train_loss"] = float("nan")  # json writes NaN, as train.py's json.dump would
+    write_json(results / "resnet34-avg-sgd-s0.json", diverged)
+    (results / "bad.json").write_text('{"schema_version": 1, "name": ')
+    write_json(results / "foreign.json", {"foo": 1})
+    write_json(results / "bench" / "bench-1.json",
+               {"loader_ratio": 0.9, "loader_overhead": 0.05, "speedup": {"resnet18": 1.8, "resnet50": 1.5},
+                "train_step": {"resnet18": {"eager_fp32": 900.0, "channels_last": 1000.0, "compile": 1600.0},
+                               "resnet50": {"eager_fp32": 300.0, "channels_last": 350.0, "compile": 450.0}}})
+    (project / "data.py").write_text(STUB_DATA_PY)
+    proc = run_plot(project)
+    return project, proc
+
+
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    """One seed per config, full training set, no val split, no bench and no data.py; a stale datasize.png."""
+    project = tmp_path_factory.mktemp("one_seed")
+    for config, acc in [("resnet18-avg-sgd", 0.83), ("resnet18-max-sgd", 0.81)]:
+        write_json(project / "results" / f"{config}-s0.json",
+                   make_record(f"{config}-s0", acc, pool=config.split("-")[1]))
+    (project / "figs").mkdir()
+    (project / "figs" / "datasize.png").write_bytes(b"left from an earlier sweep")
+    proc = run_plot(project, "results", "--out", "figs")
+    return project, proc
+
+
+def test_sweep_exits_0_and_writes_every_figure_that_applies(sweep):
+    project, proc = sweep
+    assert proc.returncode == 0, proc.stderr
+    out = project / "figures"
+    for name in ["loss_curves.png", *FINAL_FIGURES, "bench.png"]:
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+    assert (out / "summary.md").exists() and (out / "summary.csv").exists()
+    assert "skipped figures" not in proc.stdout
+
+
+def test_each_config_gets_its_own_curves_including_unfinished_ones(sweep):
+    project, _ = sweep
+    expected = set(SWEEP) | {"resnet50-avg-sgd", "resnet34-avg-sgd"}
+    assert {p.stem for p in (project / "figures" / "curves").glob("*.png")} == expected
+
+
+def test_summary_csv_has_one_row_per_finished_config_sorted_by_mean_test_acc(sweep):
+    project, _ = sweep
+    rows = read_csv(project / "figures" / "summary.csv")
+    expected = sorted(SWEEP, key=lambda c: -statistics.fmean(SWEEP[c][1]))
+    assert [r["config"] for r in rows] == expected
+    assert [int(r["n_seeds"]) for r in rows] == [len(SWEEP[c][1]) for c in expected]
+
+
+def test_summary_csv_reports_mean_and_sample_std_over_seeds(sweep):
+    """Std is the sample std (ddof=1), as the column name says; blank for a single seed."""
+    project, _ = sweep
+    for row in read_csv(project / "figures" / "summary.csv"):
+        accs = SWEEP[row["config"]][1]
+        assert float(row["test_acc_mean"]) == pytest.approx(statistics.fmean(accs))
+        if len(accs) >= 2:
+            assert float(row["test_acc_std_ddof1"]) == pytest.approx(statistics.stdev(accs))
+        else:
+            assert row["test_acc_std_ddof1"] == ""
+
+
+def test_summary_csv_carries_config_fields_and_best_val_acc(sweep):
+    project, _ = sweep
+    rows = {r["config"]: r for r in read_csv(project / "figures" / "summary.csv")}
+    pre = rows["resnet18-pre-sgd-f0.5"]
+    assert (pre["arch"], pre["pretrained"], pre["stem"], pre["fraction"]) == ("resnet18", "True", "imagenet", "0.5")
+    assert float(rows["resnet18-avg-sgd"]["best_val_acc"]) == pytest.approx(0.8)
+    assert rows["resnet18-max-sgd"]["best_val_acc"] == ""  # no val split
+    assert int(rows["resnet50-avg-adamw"]["params"]) == 23_520_842
+    assert rows["resnet50-avg-adamw"]["device"] == "Test CPU"
+
+
+def test_summary_md_shows_percent_mean_std_and_n_and_is_printed(sweep):
+    project, proc = sweep
+    accs = SWEEP["resnet18-avg-sgd"][1]
+    cell = f"{100 * statistics.fmean(accs):.2f} ± {100 * statistics.stdev(accs):.2f} (n=3)"
+    md = (project / "figures" / "summary.md").read_text()
+    assert cell in md
+    assert "| 90.00 (n=1) |" in md
+    assert md.strip() in proc.stdout
+
+
+def test_malformed_json_is_named_and_skipped(sweep):
+    _, proc = sweep
+    assert proc.returncode == 0
+    [line] = [ln for ln in proc.stdout.splitlines() if "bad.json" in ln]
+    assert "malformed JSON" in line
+
+
+def test_foreign_json_is_named_and_skipped(sweep):
+    _, proc = sweep
+    [line] = [ln for ln in proc.stdout.splitlines() if "foreign.json" in ln]
+    assert "not a train.py run record" in line
+
+
+def test_running_and_diverged_runs_are_reported_and_left_out_of_the_table(sweep):
+    project, proc = sweep
+    for name, status in [("resnet50-avg-sgd-s0.json", "running"), ("resnet34-avg-sgd-s0.json", "diverged")]:
+        [line] = [ln for ln in proc.stdout.splitlines() if name in ln]
+        assert status in line
+    configs = {r["config"] for r in read_csv(project / "figures" / "summary.csv")}
+    assert not configs & {"resnet50-avg-sgd", "resnet34-avg-sgd"}
+
+
+def test_predictions_read_the_best_runs_test_images_through_data_read_images(sweep):
+    project, _ = sweep
+    call = json.loads((project / "read_images_call.json").read_text())
+    assert call == {"data_dir": "cifar-data", "split": "test", "indices": list(range(32))}
+
+
+def test_outputs_are_written_without_leaving_temp_files(sweep):
+    project, _ = sweep
+    assert not [p for p in (project / "figures").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_one_seed_without_fraction_sweep_skips_datasize_and_says_why(one_seed):
+    project, proc = one_seed
+    assert proc.returncode == 0, proc.stderr
+    out = project / "figs"
+    assert not (out / "datasize.png").exists()  # the stale one is removed too
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped figures")]
+    assert "datasize.png (train fraction not varied)" in line
+    assert "bench.png" in line
+    for name in ["loss_curves.png", "accuracy.png", "per_class.png", "confusion.png", "speed.png"]:
+        assert (out / name).exists(), name
+    assert "one seed per config" in proc.stdout
+    assert "no val split" in proc.stdout
+
+
+def test_missing_data_module_skips_predictions_with_one_line(one_seed):
+    project, proc = one_seed
+    assert not (project / "figs" / "predictions.png").exists()
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped figures")]
+    assert "predictions.png (test images unavailable (ModuleNotFoundError" in line
+
+
+def test_missing_results_dir_names_the_fix(tmp_path):
+    proc = run_plot(tmp_path, "nowhere")
+    assert proc.returncode != 0
+    assert "nowhere not found: run train.py" in proc.stderr
