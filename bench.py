@@ -1,0 +1,461 @@
+"""How fast does each config train on this machine, and where does the time go?
+
+    python bench.py                        # everything, batch 512 (meant for a GPU; long on a CPU)
+    python bench.py --quick                # a few minutes on a laptop CPU (see --help)
+    python bench.py --archs resnet18,resnet18-imagenet --device cuda:1
+
+One run measures, on the same machine and data, and writes results/bench/<host>-<date>.json:
+
+1. Loader alone (data.benchmark): our FFCV loader, the usual torchvision DataLoader over PIL
+   images, and an in-memory ceiling, in images/s. `loader_ratio` = ours / torchvision.
+2. Training step per architecture label ("resnet18" is the cifar stem, "resnet18-imagenet" the
+   imagenet stem), in images/s of train.py's own step (train.train_one_epoch: forward, loss,
+   backward, SGD step) on synthetic batches already on the device. The columns are modes:
+     eager_fp32     the usual way: NCHW, fp32, no torch.compile
+     channels_last  eager_fp32 with the model and inputs in channels-last layout
+     amp_bf16       eager_fp32 under bf16 autocast (on a GPU without bf16, also amp_fp16: what
+                    train.py's --amp auto picks there, with loss scaling)
+     compile        eager_fp32 with torch.compile(dynamic=False)
+     default        what train.py runs by default: channels-last, --amp auto (bf16 on a GPU that
+                    has it, off on CPU), compiled
+   Each switch alone against eager_fp32 shows its own gain; `speedup` = default / eager_fp32.
+   Compile time is excluded from every img/s figure: `compile_s` is the first step of the default
+   mode minus a steady step, reported on its own (lower on a second run: Inductor caches on disk).
+3. Whole epoch of resnet20 in default mode, fed by our loader (data.make_loader) and fed the very
+   same batches from memory on the device. `loader_overhead` = loader epoch / in-memory epoch:
+   1.00 means the loader hides completely behind the GPU's work.
+4. Efficiency: `GFLOP/img` is forward+backward FLOPs per image (FlopCounterMode: convs and
+   matmuls, 2 per multiply-add); achieved TFLOP/s = FLOPs/img x img/s; `% peak` divides it by a
+   2048x2048 matmul measured in the same run, in the mode's dtype (fp32 or bf16). On Ampere and
+   later, cuDNN runs fp32 convolutions in TF32 by default while the fp32 matmul peak is plain
+   fp32 (torch's default), so fp32 modes can show more than 100%. Small CIFAR nets reach a small
+   fraction of peak: their layers are too narrow to fill a GPU, which is what compile and larger
+   batches help with.
+
+Every figure is the median of --reps timed repetitions after warm-up steps, with the device
+synchronised before and after each. On CUDA the GPU's name is printed and `peak_memory_mb` holds
+torch.cuda.max_memory_allocated per mode. On a shared machine, figures are as noisy as its load.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import models
+import train
+
+ARCHS = ("resnet18", "resnet18-imagenet", "resnet34", "resnet50", "resnet20", "resnet9")
+BATCH_SIZE = 512
+REPS = 5  # timed repetitions per figure; the median is reported
+STEPS_PER_REP = 10  # steps in one timed repetition, so the sync that ends it is small beside them
+WARMUP_STEPS = 3  # untimed steps after the first (compiling) one
+EPOCH_ARCH, EPOCH_MODE = "resnet20", "default"
+FLOP_COUNT_BATCH = 8  # FLOPs are linear in the batch: a small one counts the same per image
+PEAK_MATMUL_SIZE = 2048
+PEAK_REP_S = 0.1  # enough matmuls per repetition to last this long (a GPU does one in well under 1 ms)
+OUT = Path("results/bench")
+# What --quick changes, each unless its own flag is given.
+QUICK = {"batch_size": 64, "reps": 3, "steps_per_rep": 2, "warmup_steps": 1,
+         "archs": ("resnet20", "resnet18-imagenet"), "epoch_fraction": 0.02}
+DTYPE_NAMES = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    quick = (f"batch {QUICK['batch_size']}, {QUICK['reps']} reps of {QUICK['steps_per_rep']} steps after "
+             f"{QUICK['warmup_steps']} warm-up step, archs {', '.join(QUICK['archs'])}, the epoch part on "
+             f"{QUICK['epoch_fraction'] * 100:g}%% of the train set, each unless its own flag is given; the loader "
+             "comparison is unchanged (data.benchmark reads the whole train set)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=data.DATA_DIR, type=Path,
+                   help=f"folder with train.beton, test.beton, meta.json (default {data.DATA_DIR})")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one; the default), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {BATCH_SIZE})")
+    p.add_argument("--archs", type=train.csv_of(str), default=None,
+                   help=f"comma list of labels: an arch of models.py, plus '-imagenet' for its imagenet stem "
+                        f"(default {', '.join(ARCHS)})")
+    p.add_argument("--reps", type=int, default=None, help=f"timed repetitions per figure (default {REPS})")
+    p.add_argument("--modes", type=train.csv_of(str), default=None,
+                   help="comma list of the modes to time, from eager_fp32, channels_last, amp_bf16, compile, default "
+                        "(and amp_fp16 on a GPU without bf16); default all")
+    p.add_argument("--epoch-fraction", type=float, default=None,
+                   help="class-balanced fraction of the train set in the epoch part (default 1)")
+    p.add_argument("--workers", type=int, default=data.DEFAULT_WORKERS,
+                   help=f"FFCV loader workers (default {data.DEFAULT_WORKERS})")
+    p.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {quick}")
+    p.add_argument("--out", type=Path, default=OUT, help=f"folder for <host>-<YYYY-MM-DD>.json (default {OUT})")
+    return p
+
+
+class Mode(NamedTuple):
+    channels_last: bool
+    amp: torch.dtype | None
+    compile: bool
+
+
+class Setup(NamedTuple):
+    """A model ready to train in one mode, with train.py's optimiser, schedule and loss scaling."""
+    model: torch.nn.Module  # compiled or not
+    mode: Mode
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def modes_for(device: torch.device) -> dict[str, Mode]:
+    """The usual way, each switch alone, and train.py's default, in the order the table shows them."""
+    auto, _ = train.resolve_amp("auto", device)
+    modes = {"eager_fp32": Mode(False, None, False), "channels_last": Mode(True, None, False),
+             "amp_bf16": Mode(False, torch.bfloat16, False)}
+    if auto not in (None, torch.bfloat16):
+        modes[f"amp_{DTYPE_NAMES[auto]}"] = Mode(False, auto, False)
+    modes["compile"] = Mode(False, None, True)
+    modes["default"] = Mode(True, auto, True)
+    return modes
+
+
+def parse_label(label: str) -> tuple[str, str]:
+    """'resnet18-imagenet' -> ('resnet18', 'imagenet'); 'resnet20' -> ('resnet20', 'cifar')."""
+    for stem in models.STEMS:
+        if label.endswith(f"-{stem}"):
+            return label[: -len(stem) - 1], stem
+    return label, "cifar"
+
+
+def build(label: str, device: torch.device) -> torch.nn.Module:
+    arch, stem = parse_label(label)
+    torch.manual_seed(0)
+    return models.build_model(arch, stem=stem).to(device)
+
+
+def make_setup(label: str, mode: Mode, device: torch.device, args: argparse.Namespace,
+               steps_per_epoch: int) -> Setup:
+    raw = build(label, device).to(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
+    model = torch.compile(raw, dynamic=False) if mode.compile else raw
+    optimizer = train.make_optimizer(raw, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(s, steps_per_epoch, args))
+    scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == torch.float16)
+    return Setup(model, mode, optimizer, scheduler, scaler)
+
+
+def synthetic_batch(mode: Mode, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, device=device, generator=g)
+    images = images.contiguous(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
+    return images, torch.randint(0, 10, (batch_size,), device=device, generator=g)
+
+
+def timed_epoch(setup: Setup, batches, device: torch.device, args: argparse.Namespace) -> float:
+    """Seconds for train.py's epoch over `batches`, the device synchronised at both ends."""
+    train.synchronize(device)
+    start = time.perf_counter()
+    loss = train.train_one_epoch(setup.model, batches, setup.optimizer, setup.scheduler, setup.scaler,
+                                 setup.mode.amp, device, args, 1, "bench")[0]  # mean loss first, then others
+    train.synchronize(device)
+    elapsed = time.perf_counter() - start
+    if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
+        raise RuntimeError("the loss diverged while timing: the figure would be of a shortened epoch")
+    return elapsed
+
+
+def time_train_step(setup: Setup, batch_size: int, device: torch.device, args: argparse.Namespace,
+                    plan: dict) -> dict:
+    """img/s of the steady step (median over reps) and the first step's time (compiling, if any)."""
+    batch = synthetic_batch(setup.mode, batch_size, device)
+    first = timed_epoch(setup, [batch], device, args)
+    timed_epoch(setup, [batch] * plan["warmup_steps"], device, args)
+    reps = [timed_epoch(setup, [batch] * plan["steps_per_rep"], device, args) / plan["steps_per_rep"]
+            for _ in range(plan["reps"])]
+    step = statistics.median(reps)
+    return {"img_per_s": round(batch_size / step, 1), "step_s": step, "first_step_s": first, "rep_step_s": reps}
+
+
+def train_flops_per_image(model: torch.nn.Module, device: torch.device) -> float:
+    """Forward+backward FLOPs per image of one training step, as FlopCounterMode counts them."""
+    images = torch.randn(FLOP_COUNT_BATCH, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (FLOP_COUNT_BATCH,), device=device)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / FLOP_COUNT_BATCH
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int) -> float:
+    """FLOP/s of a square matmul: the ceiling this device reaches in this dtype."""
+    n = PEAK_MATMUL_SIZE
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+
+    def run(count: int) -> float:
+        train.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            torch.matmul(a, b, out=out)
+        train.synchronize(device)
+        return time.perf_counter() - start
+
+    run(1)
+    count = max(1, round(PEAK_REP_S / run(1)))
+    return 2 * n**3 * count / statistics.median(run(count) for _ in range(reps))
+
+
+def time_epochs(setup: Setup, loader: data.DeviceLoader, device: torch.device, args: argparse.Namespace,
+                reps: int) -> dict:
+    """Epoch time fed by our loader and fed the same batches from the device's memory, interleaved."""
+    # The loader's first epoch pays numba's JIT compilation; its batches, kept, feed the in-memory epochs.
+    in_memory = [(images.clone(), labels.clone()) for images, labels in loader]
+    timed_epoch(setup, in_memory[:1], device, args)  # compiles, if this model has not run yet
+    loader_s, memory_s = [], []
+    for _ in range(reps):
+        loader_s.append(timed_epoch(setup, loader, device, args))
+        memory_s.append(timed_epoch(setup, in_memory, device, args))
+    return {"arch": EPOCH_ARCH, "mode": EPOCH_MODE, "batches": len(in_memory), "images": loader.num_samples,
+            "loader_s": statistics.median(loader_s), "in_memory_s": statistics.median(memory_s),
+            "loader_rep_s": loader_s, "in_memory_rep_s": memory_s}
+
+
+def measure_label(label: str, modes: dict[str, Mode], device: torch.device, args: argparse.Namespace, plan: dict,
+                  nominal_steps: int, epoch_loader: data.DeviceLoader) -> tuple[dict, dict, dict | None]:
+    """Time every mode of one label, printing a line each: (results by mode, failures by mode, and the
+    epoch part if this label has the epoch's mode, timed while its compiled model is warm)."""
+    results, problems, epoch = {}, {}, None
+    for name, mode in modes.items():
+        if mode.compile:
+            torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
+        release_memory(device)
+        try:
+            setup = make_setup(label, mode, device, args, nominal_steps)
+            result = time_train_step(setup, plan["batch_size"], device, args, plan)
+            if device.type == "cuda":
+                result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if (label, name) == (EPOCH_ARCH, EPOCH_MODE):
+                epoch = time_epochs(setup, epoch_loader, device, args, plan["reps"])
+        except RuntimeError as error:  # out of memory, or a dtype this device lacks
+            problems[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            print(f"{label:<18} {name:<14} failed: {problems[name]}", flush=True)
+            continue
+        finally:
+            setup = None
+        results[name] = result
+        print(f"{label:<18} {name:<14} {result['img_per_s']:>10,.0f} img/s  first step {result['first_step_s']:.1f} s",
+              flush=True)
+    return results, problems, epoch
+
+
+def start_compiler(device: torch.device) -> None:
+    """Pay torch.compile's one-time start-up (imports, worker pool) before the first model, so
+    each model's compile time is its own."""
+    torch.compile(lambda x: torch.relu(x) * 2, dynamic=False)(torch.randn(8, device=device))
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def summarise(record: dict) -> None:
+    """The top-level figures plot.py and readers look for, from the detailed ones."""
+    steps = record["train_step"]
+    record["speedup"] = {label: m["default"] / m["eager_fp32"] for label, m in steps.items()
+                         if "default" in m and "eager_fp32" in m}
+    modes = record["modes"]
+    record["achieved_flops"] = {label: {mode: record["flops_per_image"][label] * rate for mode, rate in m.items()}
+                                for label, m in steps.items()}
+    record["peak_fraction"] = {label: {mode: flops / record["peak_flops"][modes[mode]["dtype"]]
+                                       for mode, flops in m.items()}
+                               for label, m in record["achieved_flops"].items()}
+    record["loader_ratio"] = record["loader"]["ratio"]
+    epoch = record["epoch"]
+    if epoch:  # missing only when the epoch failed (see "failed"); plot.py then draws without it
+        record["loader_overhead"] = epoch["loader_s"] / epoch["in_memory_s"]
+
+
+def print_table(record: dict) -> None:
+    loader, epoch, steps = record["loader"], record["epoch"], record["train_step"]
+    print(f"\n{record['device_name']} ({record['device']}), {record['threads']} threads, batch {record['batch_size']}"
+          + (", quick" if record["quick"] else ""))
+    print(f"loader, {loader['images']:,} images: ours {loader['ours_img_per_s']:,} img/s | torchvision DataLoader "
+          f"{loader['torchvision_img_per_s']:,} img/s | ratio {record['loader_ratio']:.2f}x | in-memory ceiling "
+          f"{loader['ceiling_img_per_s']:,} img/s")
+    modes = list(record["modes"])
+    print(f"\ntrain step, images/s (median of {record['reps']} reps; compile time excluded, shown apart)")
+    header = f"{'arch':<18}" + "".join(f"{m:>14}" for m in modes)
+    header += f"{'speedup':>9}{'compile_s':>10}{'GFLOP/img':>10}{'TFLOP/s':>9}{'% peak':>8}"
+    if record["peak_memory_mb"]:
+        header += f"{'GB':>7}"
+    print(header)
+    for label, m in steps.items():
+        row = f"{label:<18}" + "".join(f"{m[mode]:>14,.0f}" if mode in m else f"{'-':>14}" for mode in modes)
+        row += f"{record['speedup'][label]:>8.2f}x" if label in record["speedup"] else f"{'-':>9}"
+        row += f"{record['compile_time_s'][label]:>10.1f}" if label in record["compile_time_s"] else f"{'-':>10}"
+        row += f"{record['flops_per_image'][label] / 1e9:>10.3f}"
+        if "default" in m:
+            row += f"{record['achieved_flops'][label]['default'] / 1e12:>9.3f}"
+            row += f"{record['peak_fraction'][label]['default']:>8.1%}"
+            if record["peak_memory_mb"]:
+                row += f"{record['peak_memory_mb'][label].get('default', math.nan) / 1024:>7.2f}"
+        print(row)
+    for label, problem in record["failed"].items():
+        print(f"  failed: {label}: {problem}")
+    print("  (TFLOP/s and % peak are of the default mode; every mode is in the JSON)")
+    if epoch:
+        print(f"\nepoch of {epoch['arch']} {epoch['mode']}, {epoch['batches']} batches: fed by our loader "
+              f"{epoch['loader_s']:.2f} s | from memory {epoch['in_memory_s']:.2f} s | loader overhead "
+              f"{record['loader_overhead']:.2f}x")
+    peaks = " | ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in record["peak_flops"].items())
+    print(f"peak, {PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE} matmul: {peaks}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def resolve_plan(args: argparse.Namespace) -> dict:
+    """Flags, then --quick's values, then the full run's defaults."""
+    full = {"batch_size": BATCH_SIZE, "reps": REPS, "steps_per_rep": STEPS_PER_REP, "warmup_steps": WARMUP_STEPS,
+            "archs": ARCHS, "epoch_fraction": 1.0}
+    plan = {**full, **(QUICK if args.quick else {})}
+    for key in ("batch_size", "reps", "archs", "epoch_fraction"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
+    return plan
+
+
+def plan_problem(plan: dict) -> str | None:
+    if plan["batch_size"] < 2:
+        return f"--batch-size must be at least 2 (train-mode BatchNorm), got {plan['batch_size']}"
+    if plan["reps"] < 1:
+        return f"--reps must be at least 1, got {plan['reps']}"
+    if not 0 < plan["epoch_fraction"] <= 1:
+        return f"--epoch-fraction must be in (0, 1], got {plan['epoch_fraction']}"
+    for label in plan["archs"]:
+        arch, stem = parse_label(label)
+        try:
+            models.build_model(arch, stem=stem)
+        except ValueError as error:
+            return f"--archs {label}: {error}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    plan = resolve_plan(args)
+    problem = plan_problem(plan)
+    if problem:
+        parser.error(problem)
+    device = train.resolve_device(args.device, None)
+    all_modes = modes_for(device)
+    unknown = [m for m in args.modes or () if m not in all_modes]
+    if unknown:
+        parser.error(f"--modes {unknown[0]}: choose from {', '.join(all_modes)}")
+    modes = {name: mode for name, mode in all_modes.items() if args.modes is None or name in args.modes}
+    bs = plan["batch_size"]
+    # train.py's own defaults: optimiser, lr for this batch size, warm-up, label smoothing.
+    train_args = train.parse_config(["--batch-size", str(bs), "--quiet"])
+    env = train.environment(device)
+    threads = torch.get_num_threads()
+    _, amp_reason = train.resolve_amp("auto", device)
+    load = os.getloadavg()[0]
+    print(f"bench: {env['device_name']} ({device}), {threads} threads, batch {bs}, modes {', '.join(modes)}; "
+          f"default amp {amp_reason}; load average {load:.2f}", flush=True)
+    if device.type == "cpu" and load > 0.5:
+        print(f"bench: warning: load average {load:.1f} over the last minute: CPU figures will be noisy, and far "
+              "too slow whenever another process holds a core that one of torch's threads waits for", flush=True)
+
+    # 1. Loader alone. The epoch's loader is made first: a bad data dir or fraction fails at once.
+    try:
+        epoch_loader = data.make_loader("train", bs, device, fraction=plan["epoch_fraction"], workers=args.workers,
+                                        data_dir=args.data_dir)
+    except ValueError as error:
+        raise SystemExit(f"error: epoch part: {error} (bench.py's flag is --epoch-fraction)") from None
+    except data.DataError as error:
+        raise SystemExit(f"error: {error}") from None
+    loader_result = data.benchmark(args.data_dir, device, batch_size=bs, workers=args.workers)
+    torch.set_num_threads(threads)
+    print(f"loader: ours {loader_result['ours_img_per_s']:,} img/s, torchvision "
+          f"{loader_result['torchvision_img_per_s']:,} img/s, ceiling {loader_result['ceiling_img_per_s']:,} img/s",
+          flush=True)
+
+    # 2. Training step per label and mode; 3. the epoch, as soon as its model is compiled and warm.
+    if any(mode.compile for mode in modes.values()):
+        try:
+            start_compiler(device)
+        except RuntimeError:
+            pass  # no working compiler here: each compiled mode reports it as its failure
+    nominal_steps = loader_result["images"] // bs or 1  # one epoch, for the lr schedule's warm-up
+    train_step, details, compile_time, flops, memory, failed = {}, {}, {}, {}, {}, {}
+    epoch = None
+    for label in plan["archs"]:
+        model = build(label, device)
+        flops[label] = train_flops_per_image(model, device)
+        details[label] = {"params": models.count_parameters(model), "forward_flops": models.forward_flops(model)}
+        del model
+        results, problems, label_epoch = measure_label(label, modes, device, train_args, plan, nominal_steps,
+                                                       epoch_loader)
+        epoch = epoch or label_epoch
+        details[label]["modes"] = results
+        train_step[label] = {name: result["img_per_s"] for name, result in results.items()}
+        failed.update({f"{label} {name}": problem for name, problem in problems.items()})
+        if device.type == "cuda":
+            memory[label] = {name: result["peak_memory_mb"] for name, result in results.items()}
+        if "default" in results:
+            compile_time[label] = max(0.0, results["default"]["first_step_s"] - results["default"]["step_s"])
+    if epoch is None and f"{EPOCH_ARCH} {EPOCH_MODE}" not in failed:  # its arch or mode was left out
+        torch._dynamo.reset()
+        try:
+            setup = make_setup(EPOCH_ARCH, all_modes[EPOCH_MODE], device, train_args, nominal_steps)
+            epoch = time_epochs(setup, epoch_loader, device, train_args, plan["reps"])
+        except RuntimeError as error:
+            failed["epoch"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        setup = None
+    if epoch is not None:
+        epoch.update(batch_size=bs, fraction=plan["epoch_fraction"])
+        print(f"epoch: loader {epoch['loader_s']:.2f} s, in memory {epoch['in_memory_s']:.2f} s", flush=True)
+
+    # 4. The device's peak, for the efficiency figures.
+    release_memory(device)
+    dtypes = {DTYPE_NAMES[m.amp]: m.amp or torch.float32 for m in modes.values()}
+    peak = {name: matmul_peak(device, dtype, plan["reps"]) for name, dtype in dtypes.items()}
+
+    record = {"created_at": train.now(), "host": platform.node(), "device": str(device),
+              "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
+              "reps": plan["reps"], "steps_per_rep": plan["steps_per_rep"], "warmup_steps": plan["warmup_steps"],
+              "amp_auto": amp_reason, "load_average": {"start": load, "end": os.getloadavg()[0]},
+              "env": env, "command": sys.argv[1:] if argv is None else argv,
+              "modes": {name: {"channels_last": m.channels_last, "dtype": DTYPE_NAMES[m.amp], "compile": m.compile}
+                        for name, m in modes.items()},
+              "loader": loader_result, "train_step": train_step, "compile_time_s": compile_time,
+              "flops_per_image": flops, "peak_flops": peak, "epoch": epoch,
+              "peak_memory_mb": memory, "archs": details, "failed": failed}
+    summarise(record)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
+    train.write_json_atomic(path, record)
+    print_table(record)
+    print(f"\n-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
