@@ -11,7 +11,7 @@ from conftest import ROOT, TEST_PER_CLASS, record, run_env, train
 def finished_run(tmp_path_factory, synthetic_data):
     tmp_path = tmp_path_factory.mktemp("run")
     train(tmp_path, synthetic_data, "--epochs", "4", "--batch-size", "16", "--lr", "0.1", "--val-split", "0.2",
-          "--name", "full")
+          "--amp", "auto", "--name", "full")
     return tmp_path, record(tmp_path, "full")
 
 
@@ -66,3 +66,10 @@ def test_compiled_run_does_not_recompile_after_warm_up(tmp_path, synthetic_data)
     assert run["status"] == "finished", result.stdout
     assert run["final"]["recompiles"] == 0
     assert run["run"]["compile_time_s"] > 0 and run["run"]["compile"] is True
+
+
+def test_amp_auto_on_cpu_measures_both_dtypes_and_records_its_choice(finished_run):
+    _, run = finished_run
+    assert run["config"]["amp"] == "auto"
+    assert run["run"]["amp"] in ("bfloat16", "off")
+    assert "img/s in bf16 against" in run["run"]["amp_reason"]
