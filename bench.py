@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(and amp_fp16 on a GPU without bf16); default all")
     p.add_argument("--epoch-fraction", type=float, default=None,
                    help="class-balanced fraction of the train set in the epoch part (default 1)")
+    p.add_argument("--aug", default=data.DEFAULT_AUG,
+                   help="augmentation of the loader and epoch parts (as train.py's --aug)")
     p.add_argument("--workers", type=int, default=data.DEFAULT_WORKERS,
                    help=f"FFCV loader workers (default {data.DEFAULT_WORKERS})")
     p.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {quick}")
@@ -391,13 +393,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Loader alone. The epoch's loader is made first: a bad data dir or fraction fails at once.
     try:
-        epoch_loader = data.make_loader("train", bs, device, fraction=plan["epoch_fraction"], workers=args.workers,
+        epoch_loader = data.make_loader("train", bs, device, args.aug, fraction=plan["epoch_fraction"],
+                                        workers=args.workers,
                                         data_dir=args.data_dir)
     except ValueError as error:
         raise SystemExit(f"error: epoch part: {error} (bench.py's flag is --epoch-fraction)") from None
     except data.DataError as error:
         raise SystemExit(f"error: {error}") from None
-    loader_result = data.benchmark(args.data_dir, device, batch_size=bs, workers=args.workers)
+    loader_result = data.benchmark(args.data_dir, device, batch_size=bs, workers=args.workers, aug=args.aug)
     torch.set_num_threads(threads)
     print(f"loader: ours {loader_result['ours_img_per_s']:,} img/s, torchvision "
           f"{loader_result['torchvision_img_per_s']:,} img/s, ceiling {loader_result['ceiling_img_per_s']:,} img/s",

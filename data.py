@@ -80,20 +80,17 @@ def cifar10_release():
 # Sources: each reader returns {split: (images uint8 N×32×32×3, labels int64 N)} and class names.
 # ---------------------------------------------------------------------------------------------
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str) -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def md5_of(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def download_official(raw_dir: Path) -> Path:
@@ -241,27 +238,28 @@ class ArrayDataset:
         return self.images[i], int(self.labels[i])
 
 
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename: a reader sees the old file or the
+    new one, never half of one, and a failed write (a kill, a full disk) leaves the old one whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int) -> None:
-    """Write to a temporary name and rename, so no reader ever sees a half-written beton."""
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
-    try:
-        DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(ArrayDataset(images, labels))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers)
+                     .from_indexed_dataset(ArrayDataset(images, labels)))
 
 
 def save_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
 def load_meta(data_dir: Path) -> dict:
@@ -633,10 +631,11 @@ def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
         yield device_transform(x, mean, std, (), None), None
 
 
-def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int = DEFAULT_WORKERS) -> dict:
+def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int = DEFAULT_WORKERS,
+              aug: str = DEFAULT_AUG) -> dict:
     import torch
     meta = ensure_valid(data_dir)
-    ours = make_loader("train", batch_size, device, DEFAULT_AUG, workers=workers, data_dir=data_dir)
+    ours = make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
     time_epoch(ours)  # the first epoch pays numba's JIT compilation
     ours_rate = max(time_epoch(ours) for _ in range(2))
     n = meta["counts"]["train"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 # Figure objects rather than pyplot: no GUI backend to pick, no global figures to close
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullLocator
+from matplotlib.ticker import FormatStrFormatter, LogFormatter, MaxNLocator, NullLocator
 
 SCHEMA_VERSION = 1  # the train.py record format this script reads
 DPI = 150
@@ -105,6 +105,12 @@ def mean_of(values: list) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def device_name(run: dict) -> str:
+    """train.py records the device's model in env.device_name ("NVIDIA A100", the CPU model), its type in run.device."""
+    return str(run.get("env", {}).get("device_name") or run.get("run", {}).get("device_name")
+               or run.get("run", {}).get("device", "?"))
+
+
 def summarize(configs: dict[str, list[dict]]) -> list[dict]:
     """One row per config that has finished runs, best mean test accuracy first."""
     rows = []
@@ -124,8 +130,7 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
             "mean_epoch_time_s": mean_of([r["final"].get("mean_epoch_time_s") for r in done]),
             "img_per_s": mean_of([r["final"].get("train_img_per_s") for r in done]),
             "train_time_s": mean_of([r["final"].get("train_time_s") for r in done]),
-            "device": " / ".join(sorted({str(r.get("run", {}).get("device_name") or r.get("run", {}).get("device"))
-                                         for r in done})),
+            "device": " / ".join(sorted({device_name(r) for r in done})),
             "runs": done,
         })
     return sorted(rows, key=lambda row: (-row["test_acc_mean"], row["config"]))
@@ -173,6 +178,8 @@ def plot_loss_curves(configs: dict[str, list[dict]], path: Path) -> str | None:
         ax.plot(x, y, color=COLORS[i % 10], linestyle=LINE_STYLES[i % 4], marker=".", label=name)
     ax.set(yscale="log", xlabel="epoch", ylabel="training loss (cross-entropy, log scale)",
            title="Training loss per epoch (mean over seeds)")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # "0.1" rather than "10⁻¹"
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize="small", ncols=1 + len(configs) // 25)
@@ -216,9 +223,10 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
 
 def annotated_heatmap(ax, values: np.ndarray, text: list[list[str]], cmap: str):
     im = ax.imshow(values, cmap=cmap, aspect="auto")
-    mid = (np.nanmin(values) + np.nanmax(values)) / 2
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="white" if v < mid else "black")
+        r, g, b, _ = im.cmap(im.norm(v))  # text colour from the cell's brightness: legible on any colormap
+        ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7,
+                color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     return im
 
 
@@ -299,7 +307,7 @@ def plot_datasize(rows: list[dict], path: Path) -> str | None:
         x = sorted(by_frac)
         y = [statistics.fmean(by_frac[f]) for f in x]
         err = [statistics.stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x]
-        label = " ".join([key[0], "pretrained" if key[1] else "scratch"] + [str(key[i]) for i in varying])
+        label = " ".join([key[0], "pretrained" if key[1] else "scratch"] + [f"{keys[i]}={key[i]}" for i in varying])
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
     fractions = sorted({r["fraction"] for g in lines.values() for r in g})
     ax.set_xscale("log", base=2)
@@ -330,19 +338,24 @@ def plot_speed(rows: list[dict], path: Path) -> str | None:
     save_figure(fig, path)
 
 
-def plot_accuracy_vs(rows: list[dict], key: str, xlabel: str, log: bool, path: Path) -> str | None:
+def plot_accuracy_vs(rows: list[dict], key: str, xlabel: str, path: Path, unit: float = 1, log: bool = False
+                     ) -> str | None:
     rows = [r for r in rows if r[key] is not None]
     if len(rows) < 2:
         return f"fewer than 2 configs have {key}"
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.subplots()
     for i, r in enumerate(rows):
-        ax.errorbar(r[key], 100 * r["test_acc_mean"], yerr=100 * (r["test_acc_std_ddof1"] or 0),
-                    marker="o", capsize=3, color=COLORS[i % 10])
-        ax.annotate(r["config"], (r[key], 100 * r["test_acc_mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
+        x, y = r[key] / unit, 100 * r["test_acc_mean"]
+        ax.errorbar(x, y, yerr=100 * (r["test_acc_std_ddof1"] or 0), marker="o", capsize=3, color=COLORS[i % 10])
+        # rows are sorted by accuracy, so neighbours in y alternate sides and their labels do not collide
+        ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(7 if i % 2 else -7, 0), va="center",
+                    ha="left" if i % 2 else "right", fontsize=7)
+    ax.margins(x=0.25)  # room for the labels beside the outermost points
     if log:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"Test accuracy vs {xlabel.split(' (')[0]}")
     ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -369,7 +382,7 @@ def plot_bench(dirs: list[Path], path: Path) -> str | None:
     top = max(v for a in archs for v in steps[a].values())
     for i, a in enumerate(archs):
         if a in speedup:
-            ax.text(i, top * 1.03, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
+            ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
     ax.set_ylim(0, top * 1.15)
     ax.set_xticks(range(len(archs)), archs)
     ax.set(xlabel="architecture", ylabel="training throughput (images/s)",
@@ -390,7 +403,8 @@ def summary_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    # 8 significant digits: exact enough, without float noise like 0.8000000000000002
+    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in r.items()} for r in rows)
     return buf.getvalue()
 
 
@@ -440,9 +454,9 @@ def main(argv: list[str] | None = None) -> None:
             "predictions.png": plot_predictions(best, classes, out / "predictions.png"),
             "datasize.png": plot_datasize(rows, out / "datasize.png"),
             "speed.png": plot_speed(rows, out / "speed.png"),
-            "accuracy_vs_params.png": plot_accuracy_vs(rows, "params", "parameters (count, log scale)", True,
-                                                       out / "accuracy_vs_params.png"),
-            "accuracy_vs_time.png": plot_accuracy_vs(rows, "train_time_s", "total training time (s)", False,
+            "accuracy_vs_params.png": plot_accuracy_vs(rows, "params", "parameters (millions, log scale)",
+                                                       out / "accuracy_vs_params.png", unit=1e6, log=True),
+            "accuracy_vs_time.png": plot_accuracy_vs(rows, "train_time_s", "total training time (s)",
                                                      out / "accuracy_vs_time.png"),
         }
     else:

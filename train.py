@@ -458,26 +458,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    """A temporary file renamed over the old one: a crash or a full disk leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+write_json_atomic = data.save_json_atomic  # a crash or a full disk leaves the previous record whole
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         try:
             torch.save(state, tmp)
         except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) this way
             raise OSError(f"writing {tmp}: {error}") from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data.write_atomically(path, write)
 
 
 def fingerprint(args: argparse.Namespace) -> dict:
@@ -632,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
                    "train_img_per_s": steps_per_epoch * args.batch_size / epoch_time}
             if not math.isfinite(train_loss):
                 status = "diverged"
+                # Strict JSON has no NaN or Infinity.
+                row.update(train_loss=None, first_step_loss=first_loss if math.isfinite(first_loss) else None)
                 record["history"].append(row)
                 break
             start = time.perf_counter()
@@ -666,7 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
             "run the same command with --resume to continue")
-        return EXIT_INTERRUPTED
+        # Leave at once: interpreter teardown while FFCV's loader thread is mid-batch can abort
+        # (SIGABRT). Every file is already complete: JSON and checkpoint are written atomically.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except OSError as error:
         raise SystemExit(f"error: could not write the record ({error}); the previous JSON and checkpoint are "
                          "intact: free some space and run again with --resume") from None

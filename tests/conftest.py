@@ -52,9 +52,10 @@ def run_env() -> dict:
     return env
 
 
-# resnet20 on 240 images: a few seconds per epoch; eager and fp32 unless a test is about those
-# (--amp auto measures bf16 against fp32 on CPU, so two runs could choose differently).
-TINY = ["--arch", "resnet20", "--batch-size", "32", "--no-compile", "--amp", "off", "--quiet"]
+# resnet20 on 240 images: a few seconds per epoch. Eager, fp32 and unaugmented unless a test is
+# about those: --amp auto measures bf16 against fp32 on CPU (two runs could choose differently), and
+# numba spends ~20 s compiling FFCV's flip/translate pipeline in every new process.
+TINY = ["--arch", "resnet20", "--batch-size", "32", "--no-compile", "--amp", "off", "--aug", "none", "--quiet"]
 
 
 def train(tmp_path, data_dir, *flags, check=True, timeout=600) -> subprocess.CompletedProcess:

@@ -51,18 +51,19 @@ def test_second_run_finds_valid_files_and_says_so_in_one_line(synthetic_data, im
     assert result.stdout.strip().count("\n") == 0 and "nothing to do" in result.stdout
 
 
-def test_truncated_beton_is_detected_and_rebuilt(fresh_data, image_folder):
+def test_truncated_beton_is_detected_and_rebuilt(fresh_data, image_folder, synthetic_data):
     beton = fresh_data / "train.beton"
     good = beton.read_bytes()
     beton.write_bytes(good[: len(good) // 2])
     with pytest.raises(data.DataError, match="rebuild"):
         data.ensure_valid(fresh_data)
-    result = run_data_py("--data-dir", str(fresh_data))  # no --source: the damage alone triggers a rebuild
-    assert result.returncode != 0 or "rebuilding" in result.stderr
     result = run_data_py("--source", str(image_folder), "--data-dir", str(fresh_data))
     assert result.returncode == 0, result.stderr
     assert "rebuilding" in result.stderr and "train.beton has" in result.stderr
-    assert beton.read_bytes() == good
+    # FFCV's parallel writer lays pages out in no fixed order, so compare contents, not bytes.
+    assert data.ensure_valid(fresh_data)["counts"]["train"] == 240
+    np.testing.assert_array_equal(data.read_images(fresh_data, "train", list(range(240))),
+                                  data.read_images(synthetic_data, "train", list(range(240))))
 
 
 def test_bit_flipped_beton_is_refused_before_training(fresh_data):
@@ -205,7 +206,7 @@ def test_batch_larger_than_the_data_is_refused(synthetic_data):
 
 def test_loader_keeps_torch_thread_count(synthetic_data):
     threads = torch.get_num_threads()
-    loader = data.make_loader("train", 8, "cpu", workers=1, data_dir=synthetic_data)
+    loader = data.make_loader("train", 8, "cpu", aug="none", workers=1, data_dir=synthetic_data)
     for _ in loader:
         assert torch.get_num_threads() == threads
 

@@ -60,6 +60,8 @@ def test_interrupted_run_resumes_to_the_same_history_as_an_uninterrupted_one(tmp
     assert interrupted["status"] == "running" and len(interrupted["history"]) >= 2
     if how == signal.SIGINT:
         assert process.returncode == 130 and "--resume" in out
+        assert (tmp_path / "results" / "checkpoints" / "cut.pt").exists()
+        return  # resumable; resuming is checked after SIGKILL, the harder case
     train(tmp_path, synthetic_data, *flags, "--name", "cut", "--resume")
     resumed, straight = record(tmp_path, "cut"), uninterrupted
     assert resumed["status"] == "finished"
@@ -177,12 +179,18 @@ def test_killed_conversion_leaves_nothing_taken_for_complete(tmp_path, image_fol
 
 # --- sweep.sh -------------------------------------------------------------------------------------
 
+def sweep_env(tmp_path, data_dir, grid_lines: str, epochs: int) -> tuple[dict, object]:
+    """The environment of a sweep over a grid file of cnn configs, and its results folder."""
+    grid, out = tmp_path / "g.grid", tmp_path / "out"
+    grid.write_text(grid_lines)
+    env = dict(run_env(), GRID=str(grid), OUT=str(out), EPOCHS=str(epochs), PYTHON=sys.executable,
+               EXTRA=f"--data-dir {data_dir} --no-compile --amp off --aug none --batch-size 32")
+    return env, out
+
+
 def test_killed_sweep_resumes_without_retraining_finished_configs(tmp_path, synthetic_data):
-    grid = tmp_path / "g.grid"
-    grid.write_text("a --arch cnn\nb --arch cnn --pool max\nc --arch cnn --opt adam\n")
-    out = tmp_path / "out"
-    env = dict(run_env(), GRID=str(grid), OUT=str(out), EPOCHS="2", PYTHON=sys.executable,
-               EXTRA=f"--data-dir {synthetic_data} --no-compile --batch-size 32")
+    grid = "a --arch cnn\nb --arch cnn --pool max\n"
+    env, out = sweep_env(tmp_path, synthetic_data, grid, epochs=2)
     command = ["bash", str(ROOT / "sweep.sh")]
     # Its own session, so the kill can take the sweep and its running train.py, as a dying job would.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
@@ -200,19 +208,8 @@ def test_killed_sweep_resumes_without_retraining_finished_configs(tmp_path, synt
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "a-s0.json").stat().st_mtime_ns == finished_at  # not retrained
     assert "--resume" in (out / "logs" / "b-s0.log").read_text() or "resum" in result.stdout + result.stderr
-    for name in ("a", "b", "c"):
+    for name in ("a", "b"):
         run = json.loads((out / f"{name}-s0.json").read_text())
         assert run["status"] == "finished" and [h["epoch"] for h in run["history"]] == [1, 2]
 
-
-def test_diverging_config_does_not_stop_the_sweep(tmp_path, synthetic_data):
-    grid = tmp_path / "g.grid"
-    grid.write_text("boom --arch cnn --lr 1e12\nfine --arch cnn\n")
-    out = tmp_path / "out"
-    env = dict(run_env(), GRID=str(grid), OUT=str(out), EPOCHS="1", PYTHON=sys.executable,
-               EXTRA=f"--data-dir {synthetic_data} --no-compile --batch-size 32")
-    result = subprocess.run(["bash", str(ROOT / "sweep.sh")], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=900)
-    assert "diverged" in result.stdout + result.stderr
-    assert json.loads((out / "boom-s0.json").read_text())["status"] == "diverged"
-    assert json.loads((out / "fine-s0.json").read_text())["status"] == "finished"
+# A diverging config within a sweep: tests/test_sweep.py::test_real_failing_config_does_not_stop_the_sweep

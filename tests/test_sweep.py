@@ -335,7 +335,7 @@ def tiny_settings(data_dir: Path) -> dict:
     return {
         "GRID": "tiny.grid",
         "EPOCHS": 1,
-        "EXTRA": f"--data-dir {data_dir} --no-compile --batch-size 32",
+        "EXTRA": f"--data-dir {data_dir} --no-compile --amp off --aug none --batch-size 32",
     }
 
 
@@ -410,7 +410,8 @@ def test_real_interrupted_sweep_resumes_without_rerunning_finished_configs(finis
 
 def test_real_failing_config_does_not_stop_the_sweep(synthetic_data, tmp_path):
     (tmp_path / "tiny.grid").write_text(
-        "broken --arch nope --pool avg --opt sgd\ncnn-avg-sgd --arch cnn --pool avg --opt sgd\n"
+        "broken --arch nope --pool avg --opt sgd\nboom --arch cnn --lr 1e12\n"
+        "cnn-avg-sgd --arch cnn --pool avg --opt sgd\n"
     )
 
     result = sweep(cwd=tmp_path, timeout=600, **tiny_settings(synthetic_data))
@@ -418,3 +419,4 @@ def test_real_failing_config_does_not_stop_the_sweep(synthetic_data, tmp_path):
     assert result.returncode != 0
     assert re.search(r"broken-s0\s+exit 2\s+results/tiny/logs/broken-s0\.log", result.stderr)
     assert status(tmp_path / "results" / "tiny", "cnn-avg-sgd-s0") == "finished"
+    assert status(tmp_path / "results" / "tiny", "boom-s0") == "diverged"  # a diverging config: the sweep goes on
