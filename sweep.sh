@@ -228,15 +228,15 @@ expand_runs() {  # configs x seeds, seed-major so that seed 0 of every config co
   done
 }
 
-plan_runs() {  # RUN_STATUS from each run's JSON -> TODO (indices of runs to start); notes the skips
+plan_runs() {  # RUN_STATUS from each run's JSON -> PENDING (indices of runs to start); notes the skips
   local i status acc
-  RUN_STATUS=() TODO=()
+  RUN_STATUS=() PENDING=()
   for i in "${!RUN_NAMES[@]}"; do
     read -r status acc <<<"$(read_result "$OUT/${RUN_NAMES[i]}.json")"
     RUN_STATUS[i]=$status
     case $status in
       finished | diverged) note "skip  ${RUN_NAMES[i]}  $status  test_acc $acc" ;;
-      *) TODO+=("$i") ;;
+      *) PENDING+=("$i") ;;
     esac
   done
 }
@@ -327,7 +327,7 @@ finish_run() {  # finish_run INDEX EXIT_CODE: print the run's line, count it
     *) outcome="failed (exit $rc)" detail="log $log" FAILURES+=("$name  exit $rc  $log") ;;
   esac
   if [[ ${RUN_STATUS[i]} == running ]]; then outcome+=" (resumed)"; fi
-  local left=$((${#TODO[@]} - N_DONE))
+  local left=$((${#PENDING[@]} - N_DONE))
   if ((INTERRUPTED || left == 0)); then
     eta=""
   elif ((TIMED_RUNS > 0)); then
@@ -335,7 +335,7 @@ finish_run() {  # finish_run INDEX EXIT_CODE: print the run's line, count it
   else
     eta="  ETA ?"
   fi
-  printf '[%*d/%d] %-*s  %s  %s  %s%s\n' "$INDEX_WIDTH" "$N_DONE" "${#TODO[@]}" \
+  printf '[%*d/%d] %-*s  %s  %s  %s%s\n' "$INDEX_WIDTH" "$N_DONE" "${#PENDING[@]}" \
     "$NAME_WIDTH" "$name" "$outcome" "$detail" "$(fmt_duration "$elapsed")" "$eta"
 }
 
@@ -375,23 +375,23 @@ if ((!DRY_RUN)); then
   take_lock
 fi
 plan_runs
-note "GRID=$GRID OUT=$OUT: ${#RUN_NAMES[@]} runs${SHARD:+ in shard $SHARD}, ${#TODO[@]} to run"
+note "GRID=$GRID OUT=$OUT: ${#RUN_NAMES[@]} runs${SHARD:+ in shard $SHARD}, ${#PENDING[@]} to run"
 
 if ((DRY_RUN)); then
-  for i in "${TODO[@]}"; do
+  for i in "${PENDING[@]}"; do
     build_command "$i"
     quote_command "${CMD[@]}"
   done
   exit 0
 fi
-if ((${#TODO[@]} == 0)); then exit 0; fi
+if ((${#PENDING[@]} == 0)); then exit 0; fi
 [[ -f $TRAIN ]] || die "$TRAIN not found"
 
 RUNNING=() PGID=() STARTED=() FAILURES=()
 N_DONE=0 TIMED_SECONDS=0 TIMED_RUNS=0 INTERRUPTED=0
-TOTAL=${#TODO[@]}
+TOTAL=${#PENDING[@]}
 INDEX_WIDTH=${#TOTAL} NAME_WIDTH=0  # INDEX_WIDTH: digits in the number of runs
-for i in "${TODO[@]}"; do
+for i in "${PENDING[@]}"; do
   if ((${#RUN_NAMES[i]} > NAME_WIDTH)); then NAME_WIDTH=${#RUN_NAMES[i]}; fi
 done
 RC_DIR=$(mktemp -d)
@@ -405,7 +405,7 @@ set -m
 LAUNCHER=(env)
 if env --default-signal=INT true 2>/dev/null; then LAUNCHER+=(--default-signal=INT); fi
 
-for i in "${TODO[@]}"; do
+for i in "${PENDING[@]}"; do
   if ((INTERRUPTED)); then break; fi
   until slot=$(free_slot); do wait_for_a_run; done
   if ((INTERRUPTED)); then break; fi
@@ -413,7 +413,7 @@ for i in "${TODO[@]}"; do
 done
 while ((${#RUNNING[@]})); do wait_for_a_run; done
 
-note "$N_DONE of ${#TODO[@]} runs ended, ${#FAILURES[@]} failed; results in $OUT"
+note "$N_DONE of ${#PENDING[@]} runs ended, ${#FAILURES[@]} failed; results in $OUT"
 for failure in "${FAILURES[@]}"; do note "failed  $failure"; done
 if ((INTERRUPTED)); then note "interrupted: run the same command again to resume"; exit 130; fi
 if ((${#FAILURES[@]})); then exit 1; fi
