@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     summarise(record)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
-    train.write_json_atomic(path, record)
+    data.save_json_atomic(path, record)
     print_table(record)
     print(f"\n-> {path}")
     return 0

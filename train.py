@@ -458,9 +458,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-write_json_atomic = data.save_json_atomic  # a crash or a full disk leaves the previous record whole
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     def write(tmp: Path) -> None:
         try:
@@ -599,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     graphs_after_warm_up = compiled_graphs()
     record["run"]["compile_time_s"] = compile_time
     if is_main:
-        write_json_atomic(json_path, record)
+        data.save_json_atomic(json_path, record)
     say(f"{args.name}: {args.arch} ({params / 1e6:.2f} M params) on {device} "
         f"[{record['run']['amp']}, {'compiled' if args.compile else 'eager'}, world {world}], "
         f"{train_loader.num_samples:,} train images, {args.epochs} epochs"
@@ -654,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                     "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
                     "amp": amp_name, "amp_reason": amp_reason,
                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
-                write_json_atomic(json_path, record)
+                data.save_json_atomic(json_path, record)
     except KeyboardInterrupt:
         say(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
             "run the same command with --resume to continue")
@@ -673,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     if status == "diverged":
         record["diverged_epoch"] = epoch
     if is_main:
-        write_json_atomic(json_path, record)
+        data.save_json_atomic(json_path, record)
         if status == "finished":
             ckpt_path.unlink(missing_ok=True)  # the JSON holds the result; keep results/ small
     if status == "diverged":
