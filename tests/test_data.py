@@ -149,6 +149,16 @@ def test_loader_yields_normalised_channels_last_float_batches_on_the_device(synt
     assert len(all_batches(every)[1]) == 10 * TEST_PER_CLASS
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_normalise_is_the_per_channel_formula_whatever_the_input_layout(layout):
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=layout)
+    mean, std = data.channel_tensor([0.49, 0.48, 0.45], "cpu"), data.channel_tensor([0.25, 0.24, 0.26], "cpu")
+    out = data.normalise(images, mean, std)
+    torch.testing.assert_close(out, (images.float() / 255 - mean) / std)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert images.dtype == torch.uint8  # the input is left alone (it may be FFCV's reused buffer)
+
+
 @pytest.mark.parametrize("aug", ["none", "flip,translate"])
 def test_every_image_arrives_with_its_own_label(synthetic_data, aug):
     meta = json.loads((synthetic_data / "meta.json").read_text())
