@@ -16,11 +16,14 @@ One run measures, on the same machine and data, and writes results/bench/<host>-
      amp_bf16       eager_fp32 under bf16 autocast (on a GPU without bf16, also amp_fp16: what
                     train.py's --amp auto picks there, with loss scaling)
      compile        eager_fp32 with torch.compile(dynamic=False)
-     default        what train.py runs by default: channels-last, --amp auto (bf16 on a GPU that
-                    has it; on CPU bf16 where amp_bf16 beat eager_fp32, as train.py measures), compiled
+     default        what train.py runs by default, decided by train.py's own auto functions: on
+                    CUDA channels-last, bf16 (fp16 without bf16) and compiled; on CPU, per arch,
+                    the fastest dtype x layout of its eager probes, compiled only if its compiled
+                    steps beat eager ones (archs.<label>.default_switches holds the probes)
    Each switch alone against eager_fp32 shows its own gain; `speedup` = default / eager_fp32.
-   Compile time is excluded from every img/s figure: `compile_s` is the first step of the default
-   mode minus a steady step, reported on its own (lower on a second run: Inductor caches on disk).
+   Compile time is excluded from every img/s figure: `compile_s` is the first step of the first
+   compiled mode minus a steady step, reported on its own (lower on a second run: Inductor caches
+   on disk).
 3. Whole epoch of resnet20 in default mode, fed by our loader (data.make_loader) and fed the very
    same batches from memory on the device. `loader_overhead` = loader epoch / in-memory epoch:
    1.00 means the loader hides completely behind the GPU's work.
@@ -70,7 +73,7 @@ PEAK_REP_S = 0.1  # enough matmuls per repetition to last this long (a GPU does 
 OUT = Path("results/bench")
 # What --quick changes, each unless its own flag is given.
 QUICK = {"batch_size": 64, "reps": 3, "steps_per_rep": 2, "warmup_steps": 1,
-         "archs": ("resnet20", "resnet18-imagenet"), "epoch_fraction": 0.02}
+         "archs": ("resnet20", "resnet18-imagenet"), "epoch_fraction": 0.1}
 DTYPE_NAMES = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = (f"batch {QUICK['batch_size']}, {QUICK['reps']} reps of {QUICK['steps_per_rep']} steps after "
              f"{QUICK['warmup_steps']} warm-up step, archs {', '.join(QUICK['archs'])}, the epoch part on "
              f"{QUICK['epoch_fraction'] * 100:g}%% of the train set, each unless its own flag is given; the loader "
-             "comparison is unchanged (data.benchmark reads the whole train set)")
+             f"comparison is unchanged (the whole train set, batch {BATCH_SIZE} unless --batch-size is given)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=data.DATA_DIR, type=Path,
                    help=f"folder with train.beton, test.beton, meta.json (default {data.DATA_DIR})")
@@ -117,16 +120,30 @@ class Setup(NamedTuple):
     scaler: torch.amp.GradScaler
 
 
+AUTO = Mode(None, None, None)  # the default mode before train.py's auto has decided it for an arch
+
+
 def modes_for(device: torch.device) -> dict[str, Mode]:
     """The usual way, each switch alone, and train.py's default, in the order the table shows them."""
-    auto, _ = train.resolve_amp("auto", device)
     modes = {"eager_fp32": Mode(False, None, False), "channels_last": Mode(True, None, False),
              "amp_bf16": Mode(False, torch.bfloat16, False)}
-    if auto not in (None, torch.bfloat16):
-        modes[f"amp_{DTYPE_NAMES[auto]}"] = Mode(False, auto, False)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        modes["amp_fp16"] = Mode(False, torch.float16, False)
     modes["compile"] = Mode(False, None, True)
-    modes["default"] = Mode(True, auto, True)
+    modes["default"] = AUTO
     return modes
+
+
+def default_mode(label: str, device: torch.device, args: argparse.Namespace, batch_size: int) -> tuple[Mode, dict]:
+    """What train.py runs by default for this arch here, decided by train.py's own functions: fixed on
+    CUDA; on CPU its eager probes of dtype x layout, then its compiled-vs-eager probe at this batch."""
+    model = build(label, device)
+    switches = train.choose_switches(args, model, device)
+    if switches["compile"] is None:
+        memory = train.memory_format(switches)
+        model = model.to(memory_format=memory)
+        train.compile_pays(switches, torch.compile(model, dynamic=False), model, model, device, batch_size)
+    return Mode(switches["channels_last"], train.autocast_dtype(switches), switches["compile"]), switches
 
 
 def parse_label(label: str) -> tuple[str, str]:
@@ -145,7 +162,7 @@ def build(label: str, device: torch.device) -> torch.nn.Module:
 
 def make_setup(label: str, mode: Mode, device: torch.device, args: argparse.Namespace,
                steps_per_epoch: int) -> Setup:
-    raw = build(label, device).to(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
+    raw = build(label, device).to(memory_format=memory_of(mode))
     model = torch.compile(raw, dynamic=False) if mode.compile else raw
     optimizer = train.make_optimizer(raw, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(s, steps_per_epoch, args))
@@ -153,10 +170,13 @@ def make_setup(label: str, mode: Mode, device: torch.device, args: argparse.Name
     return Setup(model, mode, optimizer, scheduler, scaler)
 
 
+def memory_of(mode: Mode) -> torch.memory_format:
+    return torch.channels_last if mode.channels_last else torch.contiguous_format
+
+
 def synthetic_batch(mode: Mode, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, device=device, generator=g)
-    images = images.contiguous(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
+    images = torch.randn(batch_size, 3, 32, 32, device=device, generator=g).contiguous(memory_format=memory_of(mode))
     return images, torch.randint(0, 10, (batch_size,), device=device, generator=g)
 
 
@@ -165,7 +185,7 @@ def timed_epoch(setup: Setup, batches, device: torch.device, args: argparse.Name
     train.synchronize(device)
     start = time.perf_counter()
     loss = train.train_one_epoch(setup.model, batches, setup.optimizer, setup.scheduler, setup.scaler,
-                                 setup.mode.amp, device, args, 1, "bench")[0]  # mean loss first, then others
+                                 setup.mode.amp, memory_of(setup.mode), device, args, 1, "bench")[0]  # the mean loss
     train.synchronize(device)
     elapsed = time.perf_counter() - start
     if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
@@ -231,19 +251,18 @@ def time_epochs(setup: Setup, loader: data.DeviceLoader, device: torch.device, a
 
 
 def measure_label(label: str, modes: dict[str, Mode], device: torch.device, args: argparse.Namespace, plan: dict,
-                  nominal_steps: int, epoch_loader: data.DeviceLoader) -> tuple[dict, dict, dict | None]:
-    """Time every mode of one label, printing a line each: (results by mode, failures by mode, and the
-    epoch part if this label has the epoch's mode, timed while its compiled model is warm)."""
-    results, problems, epoch = {}, {}, None
+                  nominal_steps: int, epoch_loader: data.DeviceLoader) -> tuple[dict, dict, dict | None, dict | None]:
+    """Time every mode of one label, printing a line each: (results by mode, failures by mode, the
+    epoch part if this label has the epoch's mode, timed while its model is warm, and the switches
+    train.py's auto chose for the default mode)."""
+    results, problems, epoch, switches = {}, {}, None, None
     for name, mode in modes.items():
-        if name == "default" and device.type == "cpu" and {"eager_fp32", "amp_bf16"} <= set(results):
-            # train.py's --amp auto on CPU times fp32 and bf16 steps and takes the faster: do the same
-            faster = results["amp_bf16"]["img_per_s"] > results["eager_fp32"]["img_per_s"]
-            mode = mode._replace(amp=torch.bfloat16 if faster else None)
-        if mode.compile:
-            torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
+        torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
         release_memory(device)
         try:
+            if mode == AUTO:
+                mode, switches = default_mode(label, device, args, plan["batch_size"])
+                torch._dynamo.reset()
             setup = make_setup(label, mode, device, args, nominal_steps)
             result = time_train_step(setup, plan["batch_size"], device, args, plan)
             if device.type == "cuda":
@@ -256,10 +275,11 @@ def measure_label(label: str, modes: dict[str, Mode], device: torch.device, args
             continue
         finally:
             setup = None
-        results[name] = {**result, "dtype": DTYPE_NAMES[mode.amp]}
+        results[name] = {**result, "dtype": DTYPE_NAMES[mode.amp], "channels_last": mode.channels_last,
+                         "compile": mode.compile}
         print(f"{label:<18} {name:<14} {result['img_per_s']:>10,.0f} img/s  first step {result['first_step_s']:.1f} s",
               flush=True)
-    return results, problems, epoch
+    return results, problems, epoch, switches
 
 
 def start_compiler(device: torch.device) -> None:
@@ -298,6 +318,14 @@ def summarise(record: dict) -> None:
         record["loader_overhead"] = epoch["loader_s"] / epoch["in_memory_s"]
 
 
+def default_name(result: dict | None) -> str:
+    """'bf16 channels-last compiled': the mode train.py's auto chose, to read the speedup by."""
+    if result is None:
+        return "-"
+    return (f"{result['dtype']} {'channels-last' if result['channels_last'] else 'NCHW'} "
+            f"{'compiled' if result['compile'] else 'eager'}")
+
+
 def print_table(record: dict) -> None:
     loader, epoch, steps = record["loader"], record["epoch"], record["train_step"]
     print(f"\n{record['device_name']} ({record['device']}), {record['threads']} threads, batch {record['batch_size']}"
@@ -308,13 +336,14 @@ def print_table(record: dict) -> None:
     modes = list(record["modes"])
     print(f"\ntrain step, images/s (median of {record['reps']} reps; compile time excluded, shown apart)")
     header = f"{'arch':<18}" + "".join(f"{m:>14}" for m in modes)
-    header += f"{'speedup':>9}{'compile_s':>10}{'GFLOP/img':>10}{'TFLOP/s':>9}{'% peak':>8}"
+    header += f"{'speedup':>9}  {'default is':<24}{'compile_s':>10}{'GFLOP/img':>10}{'TFLOP/s':>9}{'% peak':>8}"
     if record["peak_memory_mb"]:
         header += f"{'GB':>7}"
     print(header)
     for label, m in steps.items():
         row = f"{label:<18}" + "".join(f"{m[mode]:>14,.0f}" if mode in m else f"{'-':>14}" for mode in modes)
         row += f"{record['speedup'][label]:>8.2f}x" if label in record["speedup"] else f"{'-':>9}"
+        row += f"  {default_name(record['archs'][label]['modes'].get('default')):<24}"
         row += f"{record['compile_time_s'][label]:>10.1f}" if label in record["compile_time_s"] else f"{'-':>10}"
         row += f"{record['flops_per_image'][label] / 1e9:>10.3f}"
         if "default" in m:
@@ -325,7 +354,8 @@ def print_table(record: dict) -> None:
         print(row)
     for label, problem in record["failed"].items():
         print(f"  failed: {label}: {problem}")
-    print("  (TFLOP/s and % peak are of the default mode; every mode is in the JSON)")
+    print("  (TFLOP/s and % peak are of the default mode; every mode is in the JSON. Where the default is\n"
+          "   fp32 NCHW eager, it is eager_fp32 timed again: its speedup is 1 within the noise of the machine)")
     if epoch:
         print(f"\nepoch of {epoch['arch']} {epoch['mode']}, {epoch['batches']} batches: fed by our loader "
               f"{epoch['loader_s']:.2f} s | from memory {epoch['in_memory_s']:.2f} s | loader overhead "
@@ -381,12 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     bs = plan["batch_size"]
     # train.py's own defaults: optimiser, lr for this batch size, warm-up, label smoothing.
     train_args = train.parse_config(["--batch-size", str(bs), "--quiet"])
+    train_args.batch_size_per_rank = bs
     env = train.environment(device)
     threads = torch.get_num_threads()
-    _, amp_reason = train.resolve_amp("auto", device)
+    default = "all on (auto on CUDA)" if device.type == "cuda" else "train.py's auto, probed per arch"
     load = os.getloadavg()[0]
     print(f"bench: {env['device_name']} ({device}), {threads} threads, batch {bs}, modes {', '.join(modes)}; "
-          f"default amp {amp_reason}; load average {load:.2f}", flush=True)
+          f"default mode {default}; load average {load:.2f}", flush=True)
     if device.type == "cpu" and load > 0.5:
         print(f"bench: warning: load average {load:.1f} over the last minute: CPU figures will be noisy, and far "
               "too slow whenever another process holds a core that one of torch's threads waits for", flush=True)
@@ -400,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: epoch part: {error} (bench.py's flag is --epoch-fraction)") from None
     except data.DataError as error:
         raise SystemExit(f"error: {error}") from None
-    loader_result = data.benchmark(args.data_dir, device, batch_size=bs, workers=args.workers, aug=args.aug)
+    # At the full run's batch even under --quick: the loader part is quick anyway, and a small batch
+    # would time FFCV's per-batch overhead rather than the loader a training run gets.
+    loader_result = data.benchmark(args.data_dir, device, batch_size=args.batch_size or BATCH_SIZE,
+                                   workers=args.workers, aug=args.aug)
     torch.set_num_threads(threads)
     print(f"loader: ours {loader_result['ours_img_per_s']:,} img/s, torchvision "
           f"{loader_result['torchvision_img_per_s']:,} img/s, ceiling {loader_result['ceiling_img_per_s']:,} img/s",
@@ -420,20 +454,28 @@ def main(argv: list[str] | None = None) -> int:
         flops[label] = train_flops_per_image(model, device)
         details[label] = {"params": models.count_parameters(model), "forward_flops": models.forward_flops(model)}
         del model
-        results, problems, label_epoch = measure_label(label, modes, device, train_args, plan, nominal_steps,
+        results, problems, label_epoch, switches = measure_label(label, modes, device, train_args, plan, nominal_steps,
                                                        epoch_loader)
         epoch = epoch or label_epoch
         details[label]["modes"] = results
+        details[label]["default_switches"] = switches
         train_step[label] = {name: result["img_per_s"] for name, result in results.items()}
         failed.update({f"{label} {name}": problem for name, problem in problems.items()})
         if device.type == "cuda":
             memory[label] = {name: result["peak_memory_mb"] for name, result in results.items()}
-        if "default" in results:
-            compile_time[label] = max(0.0, results["default"]["first_step_s"] - results["default"]["step_s"])
+        # A compiled mode's first step minus a steady one; the first such mode, as the default's
+        # graphs may already sit in Inductor's cache from its compile probe.
+        compiled = [r for r in results.values() if r["compile"]]
+        if compiled:
+            compile_time[label] = max(0.0, compiled[0]["first_step_s"] - compiled[0]["step_s"])
     if epoch is None and f"{EPOCH_ARCH} {EPOCH_MODE}" not in failed:  # its arch or mode was left out
         torch._dynamo.reset()
         try:
-            setup = make_setup(EPOCH_ARCH, all_modes[EPOCH_MODE], device, train_args, nominal_steps)
+            mode = all_modes[EPOCH_MODE]
+            if mode == AUTO:
+                mode, _ = default_mode(EPOCH_ARCH, device, train_args, bs)
+                torch._dynamo.reset()
+            setup = make_setup(EPOCH_ARCH, mode, device, train_args, nominal_steps)
             epoch = time_epochs(setup, epoch_loader, device, train_args, plan["reps"])
         except RuntimeError as error:
             failed["epoch"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
@@ -444,15 +486,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. The device's peak, for the efficiency figures.
     release_memory(device)
-    dtypes = {DTYPE_NAMES[m.amp]: m.amp or torch.float32 for m in modes.values()}
-    peak = {name: matmul_peak(device, dtype, plan["reps"]) for name, dtype in dtypes.items()}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    used = {result["dtype"] for label in details.values() for result in label["modes"].values()} | {"fp32"}
+    peak = {name: matmul_peak(device, dtypes[name], plan["reps"]) for name in sorted(used)}
 
     record = {"created_at": train.now(), "host": platform.node(), "device": str(device),
               "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
               "reps": plan["reps"], "steps_per_rep": plan["steps_per_rep"], "warmup_steps": plan["warmup_steps"],
-              "amp_auto": amp_reason, "load_average": {"start": load, "end": os.getloadavg()[0]},
+              "load_average": {"start": load, "end": os.getloadavg()[0]},
               "env": env, "command": sys.argv[1:] if argv is None else argv,
-              "modes": {name: {"channels_last": m.channels_last, "dtype": DTYPE_NAMES[m.amp], "compile": m.compile}
+              "modes": {name: {"channels_last": "auto", "dtype": "auto", "compile": "auto"} if m == AUTO else
+                        {"channels_last": m.channels_last, "dtype": DTYPE_NAMES[m.amp], "compile": m.compile}
                         for name, m in modes.items()},
               "loader": loader_result, "train_step": train_step, "compile_time_s": compile_time,
               "flops_per_image": flops, "peak_flops": peak, "epoch": epoch,

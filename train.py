@@ -11,6 +11,7 @@ from. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 diverged, 130 interrup
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib.metadata
 import json
@@ -49,6 +50,7 @@ RUN_CONTROL = ("resume", "quiet", "out", "name", "workers", "from_json", "device
 LOG_EVERY = 25  # steps between progress-bar updates: each reads the loss back, a host sync
 PREDICTIONS_KEPT = 64
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
+INTERRUPTED = False  # set by stop_on_signals' handler
 
 
 def csv_of(kind):
@@ -98,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of weights, data order, subsets and splits")
     r.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
     r.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="autocast dtype; auto: bf16 on CUDA that supports it, else fp16; off on CPU (measured slower)")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format for model and inputs")
+                   help="autocast dtype; auto: bf16 on CUDA (fp16 on GPUs without bf16), on CPU the faster of fp32 "
+                        "and bf16 in a few timed steps")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model; unset: on for CUDA, on CPU only if compiled steps time faster")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for model and inputs; unset: on for CUDA, on CPU only if "
+                        "it times faster")
     r.add_argument("--out", default="results", help="results folder")
     r.add_argument("--name", default=None, help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
     r.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
@@ -200,48 +205,119 @@ def resolve_device(name: str, local_rank: int | None) -> torch.device:
     return device
 
 
-def resolve_amp(amp: str, device: torch.device, measure=None) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype and why.
+AMP_FLAGS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROBE_BATCH = 128  # eager probes of dtype x layout: the modes ranked the same at batch 64 and 512 here
+PROBE_STEPS = 2  # timed steps per probe, after an untimed one; the fastest step counts
+# A switch is turned on by auto only if it is this much faster than without: below that, the probes
+# are within this machine's step-to-step noise, and the plain fp32 NCHW eager step is the safer bet
+# (no compile time, no recompiles, fp32 numerics).
+PROBE_MARGIN = 1.05
 
-    On CPU, bf16 autocast pays on some processors and networks and costs on others (on this
-    project's AMX machine: 2x faster for resnet20, slower for resnet18 with the imagenet stem), so
-    auto times a few eager steps of each with `measure(dtype) -> images/s` and takes the faster."""
-    if amp == "off":
-        return None, "off: asked"
-    if amp in ("bf16", "fp16"):
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp], f"{amp}: asked"
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """The record's name of an autocast dtype: "bfloat16", "float16", or "off"."""
+    return str(dtype).replace("torch.", "") if dtype else "off"
+
+
+def autocast_dtype(switches: dict) -> torch.dtype | None:
+    return None if switches["amp"] == "off" else getattr(torch, switches["amp"])
+
+
+def memory_format(switches: dict) -> torch.memory_format:
+    return torch.channels_last if switches["channels_last"] else torch.contiguous_format
+
+
+def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> dict:
+    """Autocast dtype, channels-last and torch.compile for this run, each with its reason.
+
+    Switches given on the command line are taken as given. On CUDA, auto turns all three on: tensor
+    cores want half precision in NHWC, and compile fuses BatchNorm and ReLU into fewer kernels.
+    On CPU each may pay or cost, by processor and network: on this project's 2-core AMX Xeon at
+    batch 512, bf16 autocast trains resnet18 (cifar stem) 1.8x faster and resnet18 with the
+    imagenet stem 2x slower; compile gains 1.3x for resnet20 and loses 0.8x for resnet18-imagenet.
+    So auto on CPU times eager steps of every dtype x layout left open and takes the fastest if it
+    beats plain fp32 NCHW by PROBE_MARGIN, and leaves "compile" None for compile_pays to decide after
+    the compiled warm-up, at the run's batch."""
+    amps = [AMP_FLAGS[args.amp]] if args.amp != "auto" else None
+    layouts = [args.channels_last] if args.channels_last is not None else None
+    probes = {}
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "bf16: auto, the GPU supports bf16"
-        return torch.float16, "fp16: auto, the GPU lacks bf16; loss scaling on"
-    if measure is None:
-        return None, "off: auto on CPU, not measured"
-    fp32, bf16 = measure(None), measure(torch.bfloat16)
-    rates = f"{bf16:,.0f} img/s in bf16 against {fp32:,.0f} in fp32, eager steps measured at start"
-    return (torch.bfloat16, f"bf16: auto on CPU, {rates}") if bf16 > fp32 else (None, f"off: auto on CPU, {rates}")
+        amps = amps or [torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16]
+        layouts = layouts or [True]
+        compiled, auto = (True if args.compile is None else args.compile), "auto on CUDA"
+    else:
+        amps, layouts = amps or [None, torch.bfloat16], layouts or [False, True]
+        compiled, auto = args.compile, f"auto on CPU: the fastest eager probe, if {PROBE_MARGIN}x fp32 NCHW or faster"
+        if len(amps) * len(layouts) > 1:
+            batch = min(args.batch_size_per_rank, PROBE_BATCH)
+            for amp in amps:
+                for channels_last in layouts:
+                    memory = torch.channels_last if channels_last else torch.contiguous_format
+                    probe = copy.deepcopy(model).to(memory_format=memory)
+                    probes[probe_name(amp, channels_last)] = round(step_rate(probe, probe, amp, batch, device, memory))
+    amp, channels_last = max(((a, c) for a in amps for c in layouts), key=lambda ac: probes.get(probe_name(*ac), 0))
+    plain = probes.get(probe_name(None, False))
+    if plain and probes[probe_name(amp, channels_last)] < PROBE_MARGIN * plain:
+        amp, channels_last = None, False
+    return {"amp": dtype_name(amp), "amp_reason": "asked" if args.amp != "auto" else auto,
+            "channels_last": channels_last, "channels_last_reason": "asked" if args.channels_last is not None else auto,
+            "compile": compiled, "compile_reason": "asked" if args.compile is not None else auto,
+            "probe_img_per_s": probes}
 
 
-def eager_step_rate(model: torch.nn.Module, dtype: torch.dtype | None, batch_size: int, device: torch.device,
-                    memory: torch.memory_format, steps: int = 2) -> float:
-    """Images/s of plain training steps of a copy of the model: the weights and RNG stay untouched."""
-    import copy
-    probe = copy.deepcopy(model).train()
-    optimizer = torch.optim.SGD(probe.parameters(), lr=1e-3)
+def probe_name(amp: torch.dtype | None, channels_last: bool) -> str:
+    return f"{dtype_name(amp)} {'channels-last' if channels_last else 'NCHW'}"
+
+
+def compile_pays(switches: dict, compiled, model, raw_model: torch.nn.Module, device: torch.device,
+                 batch_size: int) -> None:
+    """Auto on CPU: keep torch.compile only if compiled steps beat eager ones by PROBE_MARGIN at the
+    run's batch."""
+    amp, memory = autocast_dtype(switches), memory_format(switches)
+    rates = {"compiled": round(step_rate(compiled, raw_model, amp, batch_size, device, memory)),
+             "eager": round(step_rate(model, raw_model, amp, batch_size, device, memory))}
+    switches.update(compile=rates["compiled"] > PROBE_MARGIN * rates["eager"], compile_probe_img_per_s=rates,
+                    compile_reason=f"auto on CPU: compiled steps at the run's batch, after the compiled warm-up, "
+                                   f"kept if {PROBE_MARGIN}x the eager ones or faster")
+
+
+def step_rate(model, raw_model: torch.nn.Module, dtype: torch.dtype | None, batch_size: int, device: torch.device,
+              memory: torch.memory_format, steps: int = PROBE_STEPS) -> float:
+    """Images/s of plain SGD training steps of `model`, which trains raw_model's weights (raw_model
+    itself, or a compiled or DDP wrapper of it). Weights, buffers and the RNG are restored after:
+    the run then starts as if it had never been probed."""
+    saved = {k: v.clone() for k, v in raw_model.state_dict().items()}
+    rng = torch.get_rng_state()
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=1e-3)
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randn((batch_size, 3, 32, 32), device=device, generator=generator).contiguous(memory_format=memory)
     labels = torch.randint(0, 10, (batch_size,), device=device, generator=generator)
+    model.train()
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and kernels
         synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(probe(images), labels)
+            loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    raw_model.load_state_dict(saved)
+    raw_model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
     return batch_size / min(times[1:])
+
+
+def agree(switches: dict, keys: tuple[str, ...], world: int, device: torch.device) -> None:
+    """Under torchrun, every rank takes rank 0's measured choices (each rank's timings differ)."""
+    if world == 1:
+        return
+    for key in keys:
+        box = [switches[key]]
+        torch.distributed.broadcast_object_list(box, 0, device=device)
+        switches[key] = box[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +376,12 @@ def lr_factor(step: int, steps_per_epoch: int, args: argparse.Namespace) -> floa
 # Training and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, device, args, world, progress_desc):
-    """One pass; loss and correct counts stay on the device and are read once, at the end."""
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memory, device, args, world,
+                    progress_desc):
+    """One pass; loss and correct counts stay on the device and are read once, at the end.
+
+    `memory` is the model's layout: the loader's channels-last batches are copied to NCHW for an
+    NCHW model, since a channels-last input would make its convolutions run channels-last."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -309,6 +389,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
     bar = tqdm(loader, desc=progress_desc, leave=False, dynamic_ncols=True,
                disable=args.quiet or world > 1 and torch.distributed.get_rank() > 0 or not sys.stderr.isatty())
     for step, (images, labels) in enumerate(bar):
+        stop_if_interrupted()
+        images = images.contiguous(memory_format=memory)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
@@ -333,7 +415,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, devi
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype, num_classes: int, batch_size: int, tta: bool, world: int) -> dict:
+def evaluate(model, loader, device, amp_dtype, memory, num_classes: int, batch_size: int, tta: bool,
+             world: int) -> dict:
     """Loss (without label smoothing), accuracy, confusion matrix and predictions over a split.
 
     The last batch is padded to the full batch size so the compiled model sees one shape only."""
@@ -345,7 +428,7 @@ def evaluate(model, loader, device, amp_dtype, num_classes: int, batch_size: int
         n = len(labels)
         if n < batch_size:
             images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=memory)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             if tta:
@@ -381,17 +464,16 @@ def gather_in_order(local: torch.Tensor, world: int) -> list[int]:
     return [p for p in interleaved if p >= 0]
 
 
-def warm_up(model, raw_model, optimizer, scaler, amp_dtype, device, args, image_shape, eval_batch) -> float:
+def warm_up(model, raw_model, optimizer, scaler, amp_dtype, memory, device, args, eval_batch) -> float:
     """Compile the train and eval graphs on a dummy batch, then restore every state it touched.
 
     The compile time is reported on its own and kept out of the epoch times."""
     saved = {"model": {k: v.clone() for k, v in raw_model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
     generator = torch.Generator(device=device).manual_seed(0)
-    memory = torch.channels_last if args.channels_last else torch.contiguous_format
     start = time.perf_counter()
     for training, size in ((True, args.batch_size_per_rank), (False, eval_batch)):
-        images = torch.randn((size, *image_shape), device=device, generator=generator).contiguous(memory_format=memory)
+        images = torch.randn((size, 3, 32, 32), device=device, generator=generator).contiguous(memory_format=memory)
         model.train(training)
         with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                              enabled=amp_dtype is not None):
@@ -533,42 +615,37 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     params, flops = models.count_parameters(raw_model), models.forward_flops(raw_model)
-    memory = torch.channels_last if args.channels_last else torch.contiguous_format
-    raw_model = raw_model.to(device, memory_format=memory)
+    raw_model = raw_model.to(device)
     state = load_checkpoint(ckpt_path, args) if args.resume else None
-    if state is not None and state.get("amp"):  # a resumed run keeps the dtype it chose at its start
-        amp_dtype, amp_reason = getattr(torch, state["amp"]) if state["amp"] != "off" else None, state["amp_reason"]
+    if state is not None and "switches" in state:  # a resumed run keeps what it chose at its start
+        switches = state["switches"]
+        if args.compile is not None:
+            switches.update(compile=args.compile, compile_reason="asked")
     else:
-        probe_batch = min(args.batch_size_per_rank, 128)
-        amp_dtype, amp_reason = resolve_amp(
-            args.amp, device, lambda dtype: eager_step_rate(raw_model, dtype, probe_batch, device, memory))
-        if world > 1 and device.type == "cpu" and args.amp == "auto":  # all ranks take rank 0's measured choice
-            use_bf16 = torch.tensor([amp_dtype is not None], device=device)
-            torch.distributed.broadcast(use_bf16, 0)
-            amp_dtype = torch.bfloat16 if use_bf16.item() else None
+        probe_start = time.perf_counter()
+        switches = choose_switches(args, raw_model, device)
+        agree(switches, ("amp", "channels_last"), world, device)
+        switches["probe_time_s"] = time.perf_counter() - probe_start
+    amp, memory = autocast_dtype(switches), memory_format(switches)
+    raw_model = raw_model.to(memory_format=memory)
     model = raw_model
     if world > 1:
         if args.sync_bn:
             model = raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
-        model = torch.compile(model, dynamic=False)
     optimizer = make_optimizer(raw_model, args)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     # The record, and the checkpoint to resume from.
-    amp_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
     record = {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
               "started_at": now(), "ended_at": None,
               "config": {k: v for k, v in vars(args).items()
                          if k not in ("resume", "from_json", "batch_size_per_rank")},
-              "run": {"device": str(device), "amp": amp_name,
-                      "amp_reason": amp_reason, "compile": args.compile, "channels_last": args.channels_last,
-                      "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None,
+              "run": {"device": str(device), "world_size": world,
+                      "backend": torch.distributed.get_backend() if world > 1 else None,
                       "train_images": train_loader.num_samples,
                       "steps_per_epoch": steps_per_epoch},
               "env": environment(device), "model": {"params": params, "flops_per_image": flops},
@@ -590,26 +667,43 @@ def main(argv: list[str] | None = None) -> int:
     train_loader.epoch = start_epoch  # the data order of the next epoch, as in an uninterrupted run
 
     # Compile before the clock starts; a second build of the same graphs would show as recompiles.
-    image_shape = (3, 32, 32)
-    compile_time = warm_up(model, raw_model, optimizer, scaler, amp_dtype, device, args, image_shape, eval_batch) \
-        if args.compile else 0.0
+    compile_time = 0.0
+    if switches["compile"] is not False:
+        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
+        compiled = torch.compile(model, dynamic=False)
+        compile_time = warm_up(compiled, raw_model, optimizer, scaler, amp, memory, device, args, eval_batch)
+        if switches["compile"] is None:
+            probe_start = time.perf_counter()
+            compile_pays(switches, compiled, model, raw_model, device, args.batch_size_per_rank)
+            agree(switches, ("compile",), world, device)
+            switches["probe_time_s"] += time.perf_counter() - probe_start
+            if not switches["compile"]:  # compiled for nothing: the time was spent probing
+                switches["probe_time_s"] += compile_time
+                compile_time = 0.0
+        if switches["compile"]:
+            model = compiled
     graphs_after_warm_up = compiled_graphs()
-    record["run"]["compile_time_s"] = compile_time
+    record["run"].update(switches, compile_time_s=compile_time)
     if is_main:
         data.save_json_atomic(json_path, record)
     say(f"{args.name}: {args.arch} ({params / 1e6:.2f} M params) on {device} "
-        f"[{record['run']['amp']}, {'compiled' if args.compile else 'eager'}, world {world}], "
+        f"[amp {switches['amp']}, {'channels-last' if switches['channels_last'] else 'NCHW'}, "
+        f"{'compiled' if switches['compile'] else 'eager'}, world {world}], "
         f"{train_loader.num_samples:,} train images, {args.epochs} epochs"
-        + (f"; compiled in {compile_time:.1f} s" if args.compile else ""))
+        + (f"; compiled in {compile_time:.1f} s" if compile_time else "")
+        + (f"; auto probes {switches['probe_time_s']:.1f} s: eager {switches['probe_img_per_s']} img/s"
+           if switches["probe_img_per_s"] else "")
+        + (f", {switches['compile_probe_img_per_s']} img/s" if "compile_probe_img_per_s" in switches else ""))
 
     status, epoch = "finished", start_epoch
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
+            stop_if_interrupted()
             lr = optimizer.param_groups[0]["lr"]
             synchronize(device)
             start = time.perf_counter()
             train_loss, train_acc, first_loss = train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, amp_dtype, device, args, world,
+                model, train_loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                 f"epoch {epoch}/{args.epochs}")
             synchronize(device)
             epoch_time = time.perf_counter() - start
@@ -627,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is not None:
-                    results[split] = evaluate(model, loader, device, amp_dtype, len(classes), eval_batch, args.tta,
+                    results[split] = evaluate(model, loader, device, amp, memory, len(classes), eval_batch, args.tta,
                                               world)
                     row.update({f"{split}_loss": results[split]["loss"], f"{split}_acc": results[split]["acc"]})
             synchronize(device)
@@ -649,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                     "started_at": record["started_at"], "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                    "amp": amp_name, "amp_reason": amp_reason,
+                    "switches": switches,
                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
                 data.save_json_atomic(json_path, record)
     except KeyboardInterrupt:
@@ -713,13 +807,24 @@ def final_summary(record: dict, test: dict, best: dict, classes: list[str], comp
             "recompiles": recompiles}
 
 
-def interrupt_on_sigterm() -> None:
-    """Schedulers (Slurm, Kubernetes) stop jobs with SIGTERM: treat it like Ctrl-C."""
+def stop_on_signals() -> None:
+    """Ctrl-C, and SIGTERM (how Slurm and Kubernetes stop jobs), stop the run with its checkpoint.
+
+    The handler raises KeyboardInterrupt and also sets INTERRUPTED: Python drops an exception raised
+    while a __del__ runs (FFCV's epoch iterator has one), so the loops check the flag as well."""
     def handler(signum, frame):
+        global INTERRUPTED
+        INTERRUPTED = True
         raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
+def stop_if_interrupted() -> None:
+    if INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    interrupt_on_sigterm()
+    stop_on_signals()
     sys.exit(main())

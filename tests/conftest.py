@@ -52,14 +52,18 @@ def run_env() -> dict:
     return env
 
 
-# resnet20 on 240 images: a few seconds per epoch. Eager, fp32 and unaugmented unless a test is
-# about those: --amp auto measures bf16 against fp32 on CPU (two runs could choose differently), and
-# numba spends ~20 s compiling FFCV's flip/translate pipeline in every new process.
-TINY = ["--arch", "resnet20", "--batch-size", "32", "--no-compile", "--amp", "off", "--aug", "none", "--quiet"]
+# resnet20 on 240 images: a few seconds per epoch. Eager, fp32, channels-last and unaugmented unless
+# a test is about those: left to auto, the speed switches are decided by timing steps on CPU (two runs
+# could choose differently), and numba spends ~20 s compiling FFCV's flip/translate pipeline in every
+# new process.
+FIXED_SWITCHES = ("--no-compile", "--amp", "off", "--channels-last")
+TINY_CONFIG = ["--arch", "resnet20", "--batch-size", "32", "--aug", "none", "--quiet"]
+TINY = [*TINY_CONFIG, *FIXED_SWITCHES]
 
 
-def train(tmp_path, data_dir, *flags, check=True, timeout=600) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train.py"), *TINY, "--data-dir", str(data_dir),
+def train(tmp_path, data_dir, *flags, switches=FIXED_SWITCHES, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """train.py on the tiny config; `switches` replaces FIXED_SWITCHES (() leaves all three on auto)."""
+    command = [sys.executable, str(ROOT / "train.py"), *TINY_CONFIG, *switches, "--data-dir", str(data_dir),
                "--out", str(tmp_path / "results"), *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=run_env(), timeout=timeout)
     if check:

@@ -85,6 +85,17 @@ def test_speedup_is_default_over_eager_fp32(tiny_run):
     assert record["speedup"]["resnet20"] == pytest.approx(steps["default"] / steps["eager_fp32"])
 
 
+def test_default_mode_is_what_train_py_auto_chose_for_the_arch_here(tiny_run):
+    _, record, _ = tiny_run
+    details = record["archs"]["resnet20"]
+    switches, default = details["default_switches"], details["modes"]["default"]
+    probes = switches["probe_img_per_s"]
+    assert len(probes) == 4 and set(switches["compile_probe_img_per_s"]) == {"compiled", "eager"}
+    assert (default["channels_last"], default["compile"]) == (switches["channels_last"], switches["compile"])
+    assert default["dtype"] == {"off": "fp32", "bfloat16": "bf16"}[switches["amp"]]
+    assert record["modes"]["default"] == {"channels_last": "auto", "dtype": "auto", "compile": "auto"}
+
+
 def test_loader_figures_are_the_ratios_they_name(tiny_run):
     _, record, _ = tiny_run
     loader, epoch = record["loader"], record["epoch"]
@@ -119,5 +130,6 @@ def test_unknown_arch_label_is_refused_before_any_work(tmp_path, synthetic_data,
 def test_help_says_what_quick_changes():
     import bench
     help_text = " ".join(bench.build_parser().format_help().split())
-    for text in ("batch 64", "3 reps", "resnet20, resnet18-imagenet", "2% of the train set"):
+    for text in ("batch 64", "3 reps", "resnet20, resnet18-imagenet", "10% of the train set",
+                 "batch 512 unless --batch-size"):
         assert text in help_text, text

@@ -335,7 +335,7 @@ def tiny_settings(data_dir: Path) -> dict:
     return {
         "GRID": "tiny.grid",
         "EPOCHS": 1,
-        "EXTRA": f"--data-dir {data_dir} --no-compile --amp off --aug none --batch-size 32",
+        "EXTRA": f"--data-dir {data_dir} --no-compile --amp off --channels-last --aug none --batch-size 32",
     }
 
 

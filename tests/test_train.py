@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+import train as train_module
 from conftest import ROOT, TEST_PER_CLASS, record, run_env, train
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, synthetic_data):
     tmp_path = tmp_path_factory.mktemp("run")
     train(tmp_path, synthetic_data, "--epochs", "4", "--batch-size", "16", "--lr", "0.1", "--val-split", "0.2",
-          "--amp", "auto", "--name", "full")
+          "--name", "full", switches=("--no-compile",))  # amp and layout on auto
     return tmp_path, record(tmp_path, "full")
 
 
@@ -68,8 +71,84 @@ def test_compiled_run_does_not_recompile_after_warm_up(tmp_path, synthetic_data)
     assert run["run"]["compile_time_s"] > 0 and run["run"]["compile"] is True
 
 
-def test_amp_auto_on_cpu_measures_both_dtypes_and_records_its_choice(finished_run):
+def test_auto_switches_on_cpu_take_the_fastest_probe_and_record_it(finished_run):
     _, run = finished_run
-    assert run["config"]["amp"] == "auto"
-    assert run["run"]["amp"] in ("bfloat16", "off")
-    assert "img/s in bf16 against" in run["run"]["amp_reason"]
+    assert (run["config"]["amp"], run["config"]["channels_last"], run["config"]["compile"]) == ("auto", None, False)
+    probes = run["run"]["probe_img_per_s"]
+    assert set(probes) == {"off NCHW", "off channels-last", "bfloat16 NCHW", "bfloat16 channels-last"}
+    assert all(rate > 0 for rate in probes.values())
+    chosen = f"{run['run']['amp']} {'channels-last' if run['run']['channels_last'] else 'NCHW'}"
+    fastest = max(probes.values())
+    assert probes[chosen] == fastest if fastest >= 1.05 * probes["off NCHW"] else chosen == "off NCHW"
+    assert run["run"]["amp_reason"].startswith("auto on CPU") and run["run"]["compile_reason"] == "asked"
+    assert run["run"]["compile"] is False
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize("rates, chosen", [
+    ({(None, False): 100, (None, True): 104, (torch.bfloat16, False): 90, (torch.bfloat16, True): 103},
+     ("off", False)),  # nothing beats fp32 NCHW by 5%: within the noise, keep the plain step
+    ({(None, False): 100, (None, True): 120, (torch.bfloat16, False): 90, (torch.bfloat16, True): 150},
+     ("bfloat16", True)),
+    ({(None, False): 100, (None, True): 110, (torch.bfloat16, False): 50, (torch.bfloat16, True): 60},
+     ("off", True)),
+])
+def test_auto_on_cpu_takes_a_switch_only_if_it_pays_by_the_margin(monkeypatch, rates, chosen):
+    def fake_rate(model, raw_model, dtype, batch_size, device, memory):
+        return rates[(dtype, memory == torch.channels_last)]
+    monkeypatch.setattr(train_module, "step_rate", fake_rate)
+    args = train_module.parse_config([])
+    args.batch_size_per_rank = 512
+    switches = train_module.choose_switches(args, tiny_model(), torch.device("cpu"))
+    assert (switches["amp"], switches["channels_last"]) == chosen and switches["compile"] is None
+    assert len(switches["probe_img_per_s"]) == 4
+    for compiled, kept in ((104, False), (120, True)):
+        monkeypatch.setattr(train_module, "step_rate",
+                            lambda model, *rest, rate=compiled: rate if model == "compiled" else 100)
+        train_module.compile_pays(switches, "compiled", "eager", tiny_model(), torch.device("cpu"), 512)
+        assert switches["compile"] is kept and switches["compile_probe_img_per_s"] == {"compiled": compiled,
+                                                                                       "eager": 100}
+
+
+class Slow(torch.nn.Module):
+    """Stands in for a compiled model that loses to eager: the same weights, a slower forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        time.sleep(0.05)
+        return self.model(x)
+
+
+def test_compile_auto_on_cpu_keeps_eager_when_compiled_steps_are_slower_and_leaves_the_model_as_it_was():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    switches = {"amp": "off", "channels_last": True, "compile": None}
+    train_module.compile_pays(switches, Slow(model), model, model, torch.device("cpu"), batch_size=8)
+    assert switches["compile"] is False
+    rates = switches["compile_probe_img_per_s"]
+    assert rates["compiled"] < rates["eager"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_asked_switches_are_not_probed_and_cuda_auto_turns_all_on(monkeypatch):
+    args = train_module.parse_config(["--amp", "bf16", "--no-channels-last", "--compile"])
+    args.batch_size_per_rank = 8
+    switches = train_module.choose_switches(args, tiny_model(), torch.device("cpu"))
+    assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("bfloat16", False, True)
+    assert switches["probe_img_per_s"] == {} and switches["amp_reason"] == "asked"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    auto = train_module.parse_config([])
+    auto.batch_size_per_rank = 8
+    switches = train_module.choose_switches(auto, tiny_model(), torch.device("cuda"))  # nothing runs on it
+    assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("float16", True, True)
