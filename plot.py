@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -28,6 +27,9 @@ import numpy as np
 # Figure objects rather than pyplot: no GUI backend to pick, no global figures to close
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogFormatter, MaxNLocator, NullLocator
+
+# data.py imports only numpy at the top (torch and FFCV inside the functions that need them)
+import data
 
 SCHEMA_VERSION = 1  # the train.py record format this script reads
 DPI = 150
@@ -152,18 +154,14 @@ def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 # ---- writing ----
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Write atomically so a reader never sees half a PNG."""
+    """Write atomically (data.py's one atomic writer) so a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    data.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    data.write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 # ---- figures: each returns None when drawn, else why it was not ----
@@ -269,9 +267,7 @@ def plot_predictions(run: dict, classes: list[str], path: Path) -> str | None:
         return f"best run {run['name']} has no final.predictions"
     n = min(N_PREDICTIONS, len(pred["indices"]))
     try:
-        # imported here, not at the top: data.py imports ffcv, which is slow to import
-        from data import read_images
-        images = read_images(run["config"].get("data_dir", "data"), "test", list(pred["indices"][:n]))
+        images = data.read_images(run["config"].get("data_dir", "data"), "test", list(pred["indices"][:n]))
     except (ImportError, OSError) as e:
         return f"test images unavailable ({type(e).__name__}: {e})"
     cols = 8

@@ -1,10 +1,12 @@
 """plot.py on hand-made run records: which figures it writes, the summary table, and what it skips.
 
 plot.py is copied next to a stub data.py in a temp dir and run as a script, so the tests do not
-depend on ffcv, on the CIFAR-10 beton, or on whatever data.py in the repo currently looks like.
+depend on ffcv or on the CIFAR-10 beton. The stub's write_atomically is data.py's own (its source,
+copied), so the figures and tables are written by the one atomic writer the project has.
 """
 
 import csv
+import inspect
 import json
 import shutil
 import statistics
@@ -13,6 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
+
+import data
+import plot
 
 PLOT = Path(__file__).resolve().parents[1] / "plot.py"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -33,13 +39,21 @@ SWEEP = {
 }
 STUB_DATA_PY = '''
 import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 def read_images(data_dir, split, indices):
     with open("read_images_call.json", "w") as f:
         json.dump({"data_dir": data_dir, "split": split, "indices": indices}, f)
     return np.random.default_rng(0).integers(0, 256, (len(indices), 32, 32, 3), dtype=np.uint8)
-'''
+
+''' + inspect.getsource(data.write_atomically)
+# a machine without FFCV: data.read_images raises from its `import ffcv`
+NO_FFCV_DATA_PY = STUB_DATA_PY.replace('    with open("read_images_call.json"',
+                                       '    raise ModuleNotFoundError("No module named \'ffcv\'")\n'
+                                       '    with open("read_images_call.json"')
 
 
 def make_record(name: str, test_acc: float | None, status: str = "finished", epochs: int = 4, **config) -> dict:
@@ -86,6 +100,8 @@ def write_json(path: Path, obj) -> None:
 
 def run_plot(project: Path, *args: str) -> subprocess.CompletedProcess:
     shutil.copy(PLOT, project / "plot.py")
+    if not (project / "data.py").exists():
+        (project / "data.py").write_text(STUB_DATA_PY)
     return subprocess.run([sys.executable, "plot.py", *args], cwd=project, capture_output=True, text=True,
                           timeout=120)
 
@@ -121,13 +137,14 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_seed(tmp_path_factory):
-    """One seed per config, full training set, no val split, no bench and no data.py; a stale datasize.png."""
+    """One seed per config, full training set, no val split, no bench and no FFCV; a stale datasize.png."""
     project = tmp_path_factory.mktemp("one_seed")
     for config, acc in [("resnet18-avg-sgd", 0.83), ("resnet18-max-sgd", 0.81)]:
         write_json(project / "results" / f"{config}-s0.json",
                    make_record(f"{config}-s0", acc, pool=config.split("-")[1]))
     (project / "figs").mkdir()
     (project / "figs" / "datasize.png").write_bytes(b"left from an earlier sweep")
+    (project / "data.py").write_text(NO_FFCV_DATA_PY)
     proc = run_plot(project, "results", "--out", "figs")
     return project, proc
 
@@ -219,7 +236,7 @@ def test_predictions_read_the_best_runs_test_images_through_data_read_images(swe
 
 def test_outputs_are_written_without_leaving_temp_files(sweep):
     project, _ = sweep
-    assert not [p for p in (project / "figures").rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in (project / "figures").rglob("*") if ".tmp" in p.name]
 
 
 def test_one_seed_without_fraction_sweep_skips_datasize_and_says_why(one_seed):
@@ -236,14 +253,38 @@ def test_one_seed_without_fraction_sweep_skips_datasize_and_says_why(one_seed):
     assert "no val split" in proc.stdout
 
 
-def test_missing_data_module_skips_predictions_with_one_line(one_seed):
+def test_missing_ffcv_skips_predictions_with_one_line(one_seed):
     project, proc = one_seed
     assert not (project / "figs" / "predictions.png").exists()
     [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped figures")]
-    assert "predictions.png (test images unavailable (ModuleNotFoundError" in line
+    assert "predictions.png (test images unavailable (ModuleNotFoundError: No module named 'ffcv')" in line
 
 
 def test_missing_results_dir_names_the_fix(tmp_path):
     proc = run_plot(tmp_path, "nowhere")
     assert proc.returncode != 0
     assert "nowhere not found: run train.py" in proc.stderr
+
+
+class FigureThatFailsMidWrite(Figure):
+    """Writes half a file, then fails, as a full disk or a kill would."""
+
+    def savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+
+def test_a_failed_figure_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    (tmp_path / "accuracy.png").write_bytes(b"old figure")
+    with pytest.raises(OSError, match="No space left"):
+        plot.save_figure(FigureThatFailsMidWrite(), tmp_path / "accuracy.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
+    assert (tmp_path / "accuracy.png").read_bytes() == b"old figure"
+
+
+def test_a_failed_table_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    (tmp_path / "summary.md").write_text("old table")
+    with pytest.raises(UnicodeEncodeError):
+        plot.write_text_atomic(tmp_path / "summary.md", "new table \ud800")  # a lone surrogate cannot be encoded
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+    assert (tmp_path / "summary.md").read_text() == "old table"
