@@ -541,11 +541,12 @@ def plot_accuracy(rows: list[dict], by: str, path: Path) -> None:
     lo = min(100 * (r["test_acc_mean"] - (r["test_acc_ci95"] or 0)) for r in rows)
     hi = max(100 * (r["test_acc_mean"] + (r["test_acc_ci95"] or 0)) for r in rows)
     span = max(hi - lo, 1.0)
-    ax.set_xlim(lo - 0.05 * span, hi + 0.25 * span)  # room for the value labels right of the intervals
-    order = "ordered by val accuracy (the choice); " if by == "val" else ""
-    ax.set(xlabel="test accuracy (%)", title=f"Final test accuracy, mean ± 95 % CI ({order}filled: t over seeds; "
-                                             "open: one seed, test-set sampling only)")
-    ax.title.set_fontsize(9)
+    # room for the value labels right of the intervals; no accuracy is below 0, whatever a t interval says
+    ax.set_xlim(max(lo - 0.05 * span, 0), hi + 0.25 * span)
+    order = ", ordered by val accuracy (the choice)" if by == "val" else ""
+    ax.set(xlabel="test accuracy (%)", title=f"Final test accuracy, mean ± 95 % CI{order}\n"
+                                             "filled: t over seeds; open: one seed, test-set sampling only")
+    ax.title.set_fontsize(10)
     ax.grid(axis="x", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: list(VERDICT_LABELS.values()).index(labels[i]))
