@@ -1,11 +1,16 @@
 """plot.py on hand-made run records: which figures it writes, the summary table, and what it skips.
 
 plot.py is copied next to a stub data.py in a temp dir and run as a script, so the tests do not
-depend on ffcv, on the CIFAR-10 beton, or on whatever data.py in the repo currently looks like.
+depend on ffcv or on the CIFAR-10 beton. The stub's write_atomically is data.py's own (its source,
+copied), so the figures and tables are written by the one atomic writer the project has.
 """
 
+import base64
 import csv
+import inspect
 import json
+import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -13,6 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
+
+import data
+import plot
 
 PLOT = Path(__file__).resolve().parents[1] / "plot.py"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -33,13 +42,21 @@ SWEEP = {
 }
 STUB_DATA_PY = '''
 import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 def read_images(data_dir, split, indices):
     with open("read_images_call.json", "w") as f:
         json.dump({"data_dir": data_dir, "split": split, "indices": indices}, f)
     return np.random.default_rng(0).integers(0, 256, (len(indices), 32, 32, 3), dtype=np.uint8)
-'''
+
+''' + inspect.getsource(data.write_atomically)
+# a machine without FFCV: data.read_images raises from its `import ffcv`
+NO_FFCV_DATA_PY = STUB_DATA_PY.replace('    with open("read_images_call.json"',
+                                       '    raise ModuleNotFoundError("No module named \'ffcv\'")\n'
+                                       '    with open("read_images_call.json"')
 
 
 def make_record(name: str, test_acc: float | None, status: str = "finished", epochs: int = 4, **config) -> dict:
@@ -86,6 +103,8 @@ def write_json(path: Path, obj) -> None:
 
 def run_plot(project: Path, *args: str) -> subprocess.CompletedProcess:
     shutil.copy(PLOT, project / "plot.py")
+    if not (project / "data.py").exists():
+        (project / "data.py").write_text(STUB_DATA_PY)
     return subprocess.run([sys.executable, "plot.py", *args], cwd=project, capture_output=True, text=True,
                           timeout=120)
 
@@ -121,13 +140,14 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_seed(tmp_path_factory):
-    """One seed per config, full training set, no val split, no bench and no data.py; a stale datasize.png."""
+    """One seed per config, full training set, no val split, no bench and no FFCV; a stale datasize.png."""
     project = tmp_path_factory.mktemp("one_seed")
     for config, acc in [("resnet18-avg-sgd", 0.83), ("resnet18-max-sgd", 0.81)]:
         write_json(project / "results" / f"{config}-s0.json",
                    make_record(f"{config}-s0", acc, pool=config.split("-")[1]))
     (project / "figs").mkdir()
     (project / "figs" / "datasize.png").write_bytes(b"left from an earlier sweep")
+    (project / "data.py").write_text(NO_FFCV_DATA_PY)
     proc = run_plot(project, "results", "--out", "figs")
     return project, proc
 
@@ -179,14 +199,45 @@ def test_summary_csv_carries_config_fields_and_best_val_acc(sweep):
     assert rows["resnet50-avg-adamw"]["device"] == "Test CPU"
 
 
-def test_summary_md_shows_percent_mean_std_and_n_and_is_printed(sweep):
+def test_summary_md_shows_percent_mean_interval_std_and_n_and_is_printed(sweep):
     project, proc = sweep
-    accs = SWEEP["resnet18-avg-sgd"][1]
-    cell = f"{100 * statistics.fmean(accs):.2f} ± {100 * statistics.stdev(accs):.2f} (n=3)"
+    # resnet18-avg-sgd: 83, 84, 80 -> mean 82.333, sd = sqrt((0.667² + 1.667² + 2.333²) / 2) = sqrt(4.3333) = 2.0817;
+    # 95 % CI: t(0.975, 2 df) = 4.3027 (printed t table) × 2.0817 / sqrt(3) = 5.171
     md = (project / "figures" / "summary.md").read_text()
-    assert cell in md
-    assert "| 90.00 (n=1) |" in md
+    assert "| 82.33 | ± 5.17 | 2.08 | 3 |" in md
+    # resnet18-pre-sgd, one seed at 90 %: the fixture's confusion rows hold 900 + 9 × 11 = 999 images, so N = 9,990;
+    # SE = sqrt(0.9 × 0.1 / 9990) = 0.0030015, × 1.96 = 0.59 points, marked † (test-set sampling only)
+    assert "| 90.00 | ± 0.59 † |  | 1 |" in md
+    assert "seed-to-seed spread is not measured" in md
     assert md.strip() in proc.stdout
+
+
+def test_summary_md_first_line_names_the_best_and_the_configs_tied_with_it(sweep):
+    project, proc = sweep
+    md = (project / "figures" / "summary.md").read_text()
+    # best: resnet18-pre-sgd, one run at 90 %. resnet18-avg-sgd (3 seeds, 82.33 ± sd 2.08) against it:
+    # t = (90 - 82.333) / (2.0817 × sqrt(1 + 1/3)) = 3.190 on 2 df -> p = 1 - t / sqrt(2 + t²) = 0.086 >= 0.05: tied.
+    # resnet18-max-sgd (81.5, 83, 82 -> 82.17, sd 0.764): t = 7.833 / (0.764 × 1.1547) = 8.88 -> p = 0.012: worse.
+    first = "best: resnet18-pre-sgd (90.00 ± 0.59); statistically tied with: resnet18-avg-sgd\n"
+    assert md.startswith(first)
+    assert "| tied (1 run vs seeds t, p = 0.086) |" in md
+    assert "| worse (1 run vs seeds t, p = 0.012) |" in md
+    assert first in proc.stdout
+    rows = {r["config"]: r for r in read_csv(project / "figures" / "summary.csv")}
+    assert rows["resnet18-avg-sgd"]["vs_best"] == "tied" and rows["resnet18-max-sgd"]["vs_best"] == "worse"
+    assert float(rows["resnet18-avg-sgd"]["test_acc_ci95"]) == pytest.approx(0.05171, abs=1e-5)
+    assert {r["ranked_by"] for r in rows.values()} == {"test"}  # val split in only one config
+
+
+def test_summary_md_has_a_factor_table_that_says_what_it_averaged_over(sweep):
+    project, _ = sweep
+    md = (project / "figures" / "summary.md").read_text()
+    # fraction 0.5 vs 0.25, in the two designs that have both: scratch (75.5 - 65 = +10.5) and pretrained
+    # (87 - 83 = +4): mean +7.25; 95 % CI: t(0.975, 1 df) = 12.706 × sd 4.596 / sqrt(2) = 41.30
+    assert "| fraction | 0.5 vs 0.25 | +7.25 | ± 41.30 | 2 | stem, pretrained |" in md
+    # pool, arch, ... never change alone in this sweep (resnet18-max-sgd has no val split, resnet18-avg-sgd has one)
+    [line] = [ln for ln in md.splitlines() if ln.startswith("Not separable")]
+    assert "pool" in line and "arch" in line and "fraction" not in line
 
 
 def test_malformed_json_is_named_and_skipped(sweep):
@@ -219,7 +270,7 @@ def test_predictions_read_the_best_runs_test_images_through_data_read_images(swe
 
 def test_outputs_are_written_without_leaving_temp_files(sweep):
     project, _ = sweep
-    assert not [p for p in (project / "figures").rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in (project / "figures").rglob("*") if ".tmp" in p.name]
 
 
 def test_one_seed_without_fraction_sweep_skips_datasize_and_says_why(one_seed):
@@ -234,16 +285,111 @@ def test_one_seed_without_fraction_sweep_skips_datasize_and_says_why(one_seed):
         assert (out / name).exists(), name
     assert "one seed per config" in proc.stdout
     assert "no val split" in proc.stdout
+    assert "run SEEDS=3" in (out / "summary.md").read_text()
 
 
-def test_missing_data_module_skips_predictions_with_one_line(one_seed):
+def test_missing_ffcv_skips_predictions_with_one_line(one_seed):
     project, proc = one_seed
     assert not (project / "figs" / "predictions.png").exists()
     [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped figures")]
-    assert "predictions.png (test images unavailable (ModuleNotFoundError" in line
+    assert "predictions.png (test images unavailable (ModuleNotFoundError: No module named 'ffcv')" in line
+
+
+def test_report_html_embeds_every_figure_written_and_every_table_row(sweep):
+    project, _ = sweep
+    out = project / "figures"
+    page = (out / "report.html").read_text()
+    written = sorted(p for p in out.rglob("*.png"))
+    assert len(written) == len(FINAL_FIGURES) + 2 + len(SWEEP) + 2  # + loss curves, bench, one curve per config
+    for png in written:
+        name = png.relative_to(out).as_posix()
+        assert f'alt="{name}"' in page, name
+        assert base64.b64encode(png.read_bytes()).decode() in page, name
+    for row in read_csv(out / "summary.csv"):
+        assert f">{row['config']}</td>" in page
+    assert "best: resnet18-pre-sgd (90.00 ± 0.59); statistically tied with: resnet18-avg-sgd" in page
+    assert ">fraction</td>" in page and ">0.5 vs 0.25</td>" in page
+    assert ">Test CPU</td>" in page and ">2.14.1</td>" in page  # env.device_name and env.torch
+
+
+def test_report_html_is_self_contained(sweep):
+    project, _ = sweep
+    page = (project / "figures" / "report.html").read_text()
+    links = re.findall(r"""(?:src|href)=["']([^"']*)""", page)
+    assert links and all(link.startswith("data:image/png;base64,") for link in links)
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)  # base64 could spell anything
+    assert "http" not in text and "url(" not in text and "<link" not in text and "<script" not in text
+
+
+VAL_SWEEP = {  # config -> (val accs, test accs) per seed: val ranks resnet18-avg-sgd first, test would not
+    "resnet18-avg-sgd": ([0.88, 0.89], [0.85, 0.84]),
+    "resnet18-max-sgd": ([0.86, 0.87], [0.86, 0.87]),
+    "resnet34-avg-sgd": ([0.80, 0.81], [0.80, 0.81]),
+}
+
+
+@pytest.fixture(scope="module")
+def val_sweep(tmp_path_factory):
+    project = tmp_path_factory.mktemp("val_sweep")
+    for config, (vals, tests) in VAL_SWEEP.items():
+        arch, pool, _ = config.split("-")
+        for seed, (val, test) in enumerate(zip(vals, tests, strict=True)):
+            record = make_record(f"{config}-s{seed}", test, arch=arch, pool=pool, val_split=0.1)
+            record["final"]["val_acc"] = val  # the reported model's val accuracy, as train.py now writes it
+            write_json(project / "results" / f"{config}-s{seed}.json", record)
+    return project, run_plot(project)
+
+
+def test_with_a_val_split_configs_are_ranked_and_chosen_by_val_and_test_is_reported(val_sweep):
+    project, proc = val_sweep
+    assert proc.returncode == 0, proc.stderr
+    rows = read_csv(project / "figures" / "summary.csv")
+    assert [r["config"] for r in rows] == list(VAL_SWEEP)  # by val; by test resnet18-max-sgd would lead
+    assert {r["ranked_by"] for r in rows} == {"val"}
+    # ties on val, Welch: avg 88.5 vs max 86.5, each sd 0.707 (2 seeds): se = sqrt(0.00005/2 × 2) = 0.00707,
+    # t = 0.02 / 0.00707 = 2.828, df = 2 -> p = 1 - t / sqrt(2 + t²) = 1 - 2.828 / 3.162 = 0.106: tied.
+    # resnet34: t = 0.08 / 0.00707 = 11.31 -> p = 1 - 11.31 / sqrt(130) = 0.0077: worse.
+    assert [r["vs_best"] for r in rows] == ["best", "tied", "worse"]
+    assert float(rows[1]["vs_best_p"]) == pytest.approx(1 - 2 * math.sqrt(2) / math.sqrt(10), abs=1e-6)
+    # every interval: t(0.975, 1 df) = 12.706 × sd 0.00707 / sqrt(2) = 6.35 points
+    md = (project / "figures" / "summary.md").read_text()
+    assert md.startswith("Ranked and chosen by val accuracy; test accuracy is reported")
+    assert ("best: resnet18-avg-sgd (val 88.50 ± 6.35, test 84.50 ± 6.35); statistically tied with: "
+            "resnet18-max-sgd (val 86.50 ± 6.35, test 86.50 ± 6.35)") in md
+    assert "Sorted by mean val accuracy (the val split chooses, the test set reports)" in md
+
+
+def test_figures_show_the_seed_with_the_best_val_acc_when_there_is_a_val_split(val_sweep):
+    _, proc = val_sweep
+    # resnet18-avg-sgd: s1 has the better val acc (89 vs 88) and the worse test acc (84 vs 85)
+    assert "confusion.png and predictions.png show resnet18-avg-sgd-s1 (its best val acc)" in proc.stdout
 
 
 def test_missing_results_dir_names_the_fix(tmp_path):
     proc = run_plot(tmp_path, "nowhere")
     assert proc.returncode != 0
     assert "nowhere not found: run train.py" in proc.stderr
+
+
+class FigureThatFailsMidWrite(Figure):
+    """Writes half a file, then fails, as a full disk or a kill would."""
+
+    def savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+
+def test_a_failed_figure_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    (tmp_path / "accuracy.png").write_bytes(b"old figure")
+    with pytest.raises(OSError, match="No space left"):
+        plot.save_figure(FigureThatFailsMidWrite(), tmp_path / "accuracy.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
+    assert (tmp_path / "accuracy.png").read_bytes() == b"old figure"
+
+
+def test_a_failed_table_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    (tmp_path / "summary.md").write_text("old table")
+    with pytest.raises(UnicodeEncodeError):
+        plot.write_text_atomic(tmp_path / "summary.md", "new table \ud800")  # a lone surrogate cannot be encoded
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+    assert (tmp_path / "summary.md").read_text() == "old table"
