@@ -127,7 +127,7 @@ def modes_for(device: torch.device) -> dict[str, Mode]:
     """The usual way, each switch alone, and train.py's default, in the order the table shows them."""
     modes = {"eager_fp32": Mode(False, None, False), "channels_last": Mode(True, None, False),
              "amp_bf16": Mode(False, torch.bfloat16, False)}
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not train.has_real_bf16():
         modes["amp_fp16"] = Mode(False, torch.float16, False)
     modes["compile"] = Mode(False, None, True)
     modes["default"] = AUTO
@@ -165,7 +165,7 @@ def make_setup(label: str, mode: Mode, device: torch.device, args: argparse.Name
     raw = build(label, device).to(memory_format=memory_of(mode))
     model = torch.compile(raw, dynamic=False) if mode.compile else raw
     optimizer = train.make_optimizer(raw, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_factor(s, steps_per_epoch, args))
+    scheduler = train.make_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == torch.float16)
     return Setup(model, mode, optimizer, scheduler, scaler)
 

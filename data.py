@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -44,7 +45,29 @@ META_VERSION = 1
 # batched tensor ops on the training device.
 AUGMENTATIONS = ("flip", "translate", "cutout", "rotate", "affine", "jitter", "vflip")
 DEFAULT_AUG = "flip,translate"
-DEFAULT_WORKERS = min(os.cpu_count() or 1, 8)
+MAX_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_workers(local_ranks: int = 1) -> int:
+    return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks)))
+
+
+def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str | None]:
+    if requested is None:
+        return default_workers(local_ranks), None
+    if requested > usable_cpus():
+        return usable_cpus(), f"--workers {requested} is more than the {usable_cpus()} CPU(s) this process may use: using {usable_cpus()}"
+    return requested, None
+
+
+DEFAULT_WORKERS = default_workers()
 TRANSLATE_PX = 4
 CUTOUT_PX = 8
 ROTATE_DEG = 15.0
@@ -70,6 +93,31 @@ def import_ffcv() -> None:
         TORCH_THREADS = torch.get_num_threads()
     import ffcv.loader  # noqa: F401
     torch.set_num_threads(TORCH_THREADS)
+    run_loader_thread_on_its_device()
+
+
+def run_loader_thread_on_its_device() -> None:
+    """Make FFCV's loader thread work on the run's GPU, not GPU 0.
+
+    FFCV 1.0.2 makes its CUDA streams on the current device (the rank's, cuda:N) in the main thread,
+    then enters them in a new thread, which starts on device 0: leaving torch.cuda.stream() there
+    restores cuda:0's stream, i.e. calls cudaSetDevice(0), and every rank but 0 makes a CUDA context
+    on GPU 0 (memory on GPU 0 per rank; a hang under exclusive-process mode). So the thread first
+    sets the device its streams were made on."""
+    import torch
+    from ffcv.loader.epoch_iterator import EpochIterator
+    if getattr(EpochIterator.run, "sets_stream_device", False):
+        return
+    ffcv_run = EpochIterator.run
+
+    def run(self):
+        streams = [s for s in getattr(self, "cuda_streams", None) or [] if s is not None]
+        if streams:
+            torch.cuda.set_device(streams[0].device)
+        return ffcv_run(self)
+
+    run.sets_stream_device, run.ffcv_run = True, ffcv_run
+    EpochIterator.run = run
 
 
 def cifar10_release():
@@ -261,7 +309,19 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int
 
 
 def save_json_atomic(path: Path, payload: dict) -> None:
-    write_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    """Strict JSON (no NaN or Infinity, which json.dumps writes by default): a non-finite number is null."""
+    text = json.dumps(finite_or_null(payload), indent=1, allow_nan=False)
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def load_meta(data_dir: Path) -> dict:

@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
+import fcntl
+import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -45,8 +52,22 @@ SGD_REFERENCE_BATCH = 512
 SCHEDULES = ("onecycle", "cosine", "step", "multistep", "constant")
 CUSTOM_OPTIONS = ("blocks", "channels", "kernel_size", "avgpool_size", "head", "dropout")
 # Flags that change how a run is carried out but not what it computes: a checkpoint written under
-# other values of these may still be resumed.
-RUN_CONTROL = ("resume", "quiet", "out", "name", "workers", "from_json", "device", "early_stop", "compile")
+# other values of these may still be resumed (--tta changes only the evaluation; the data is checked
+# by its checksum, not by the spelling of --data-dir).
+RUN_CONTROL = ("resume", "quiet", "out", "name", "workers", "from_json", "device", "early_stop", "compile",
+               "overwrite", "preflight", "tta", "data_dir")
+# Resolved from --opt, --batch-size and --epochs when not given; a --from replay derives them again.
+DERIVED = ("lr", "momentum", "nesterov", "wd", "betas", "schedule", "warmup_epochs", "milestones")
+# The default name spells these out; any other flag that changes the run adds a short hash of them.
+NAMED = ("arch", "pool", "opt", "stem", "pretrained", "fraction", "epochs", "batch_size", "val_split", "aug",
+         "tta", "seed")
+# A warm-up of a handful of steps lets a short run (2 epochs on 10% of the data is 18 steps at batch
+# 512) reach SGD's peak lr 0.4 in under 4 steps, and the net blows up. So by default the lr rises by at
+# most 1/WARMUP_MIN_STEPS of its peak per step (see lr_factor).
+WARMUP_MIN_STEPS = 50
+# Below this many training steps BatchNorm's running statistics lag behind the weights, and the
+# evaluation says little about the config: the run warns.
+FEW_STEPS = 100
 LOG_EVERY = 25  # steps between progress-bar updates: each reads the loss back, a host sync
 PREDICTIONS_KEPT = 64
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
@@ -61,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default="resnet18", choices=models.ARCHS, help="architecture")
+    m.add_argument("--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture")
     m.add_argument("--pool", default="avg", choices=models.POOLS, help="global pooling before the classifier")
     m.add_argument("--stem", default="cifar", choices=models.STEMS,
                    help="cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7 stride-2 conv + max-pool")
@@ -78,13 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
     o.add_argument("--momentum", type=float, default=None, help="sgd momentum (0.9)")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd Nesterov momentum")
-    o.add_argument("--wd", type=float, default=None, help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
+    o.add_argument("--wd", "--weight-decay", type=float, default=None,
+                   help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
     o.add_argument("--betas", type=csv_of(float), default=None, help="adam/adamw betas (0.9,0.999)")
-    o.add_argument("--batch-size", type=int, default=512, help="global batch size")
+    o.add_argument("-b", "--batch-size", type=int, default=512, help="global batch size")
     o.add_argument("--epochs", type=int, default=10, help="training epochs")
     o.add_argument("--schedule", default=None, choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
     o.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up (onecycle: the peak); default min(2, epochs/5)")
+                   help=f"linear warm-up (onecycle: the peak); default min(2, epochs/5), and the lr rises by at "
+                        f"most 1/{WARMUP_MIN_STEPS} of its peak per step")
     o.add_argument("--milestones", type=csv_of(float), default=None,
                    help="multistep: epochs where the lr is multiplied by --gamma (step: at 50%% and 75%%)")
     o.add_argument("--gamma", type=float, default=0.1, help="step/multistep decay factor")
@@ -95,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list from {', '.join(data.AUGMENTATIONS)}, or none")
     d.add_argument("--fraction", type=float, default=1.0, help="class-balanced fraction of the train set to use")
     d.add_argument("--val-split", type=float, default=0.0, help="fraction of the train set held out for validation")
-    d.add_argument("--workers", type=int, default=data.DEFAULT_WORKERS, help="FFCV loader workers")
+    d.add_argument("-j", "--workers", type=int, default=None,
+                   help="FFCV loader workers (default: the CPUs this process may use, shared among local "
+                        "ranks, at most 8)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="seed of weights, data order, subsets and splits")
     r.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
@@ -107,9 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format for model and inputs; unset: on for CUDA, on CPU only if "
                         "it times faster")
-    r.add_argument("--out", default="results", help="results folder")
+    r.add_argument("--out", "--output-dir", default="results",
+                   help="results folder (with --from: the source record's folder)")
     r.add_argument("--name", default=None, help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
     r.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over even if a finished record or a checkpoint of this name exists")
+    r.add_argument("--preflight", action="store_true",
+                   help="check that this config runs: data, model, switches, compile, two training steps, one "
+                        "eval batch and a checkpoint round trip, in a temporary folder; exits 0 or with the error")
     r.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better val accuracy (needs --val-split)")
     r.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
@@ -126,17 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; --from RESULT.json supplies defaults; resolve optimiser defaults; validate."""
+    """Parse flags; --from RESULT.json supplies the flags its run was given; derive the optimiser's
+    defaults; validate. `args.given` holds the flags given (here or by --from's record), which is
+    what a later --from replays: derived values (the lr scaled to the batch, the warm-up) are derived
+    again for the new config, never frozen."""
     parser = build_parser()
+    given = given_flags(argv)
     args = parser.parse_args(argv)
     if args.from_json:
-        try:
-            config = json.loads(Path(args.from_json).read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            parser.error(f"--from {args.from_json}: not a readable result JSON ({error})")
-        known = {a.dest for a in parser._actions}
-        parser.set_defaults(**{k: v for k, v in config.items() if k in known and k not in ("from_json", "resume")})
+        inherited = flags_of_record(args.from_json, parser)
+        parser.set_defaults(**inherited)
         args = parser.parse_args(argv)
+        given = {**inherited, **given}
+        if "out" not in given:  # a replay lands beside its source
+            args.out = str(Path(args.from_json).parent)
+    args.given = {k: v for k, v in given.items() if k not in ("from_json", "resume", "overwrite", "preflight")}
     for key, value in OPTIMIZER_DEFAULTS[args.opt].items():
         if getattr(args, key, None) is None:
             if key == "lr" and args.opt == "sgd":
@@ -153,6 +188,30 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_UNSET = object()
+
+
+def given_flags(argv: list[str] | None) -> dict:
+    """The flags given on the command line, with their parsed values (defaults left out)."""
+    probe = build_parser()
+    probe.set_defaults(**{a.dest: _UNSET for a in probe._actions if a.dest != "help"})
+    return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
+
+
+def flags_of_record(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The flags a recorded run was given. Records before `given` existed hold only the resolved
+    config: take it without the derived values and the run's own name and folder."""
+    try:
+        record = json.loads(Path(path).read_text())
+        flags = record["given"] if "given" in record else {
+            k: v for k, v in record["config"].items() if k not in DERIVED + ("name", "out")}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--from {path}: not a readable result JSON ({type(error).__name__}: {error})")
+    known = {a.dest for a in parser._actions}
+    return {k: v for k, v in flags.items()
+            if k in known and k not in ("from_json", "resume", "name", "out", "overwrite", "preflight")}
+
+
 def config_problem(args: argparse.Namespace) -> str | None:
     """The first thing wrong with the config, checked before any work is done."""
     checks = [
@@ -163,7 +222,8 @@ def config_problem(args: argparse.Namespace) -> str | None:
         (0 <= args.val_split < 1, f"--val-split must be in [0, 1), got {args.val_split}"),
         (args.wd >= 0, f"--wd must be non-negative, got {args.wd}"),
         (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {args.label_smoothing}"),
-        (args.warmup_epochs <= args.epochs, f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}"),
+        (0 <= args.warmup_epochs <= args.epochs,
+         f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}"),
         (args.schedule != "multistep" or bool(args.milestones), "--schedule multistep needs --milestones, e.g. 5,8"),
         (args.early_stop is None or args.val_split > 0,
          "--early-stop watches the val accuracy: add --val-split, e.g. 0.1 (never the test set)"),
@@ -178,6 +238,8 @@ def config_problem(args: argparse.Namespace) -> str | None:
 
 
 def default_name(args: argparse.Namespace) -> str:
+    """resnet34-avg-sgd-s0: the config in words, plus a short hash of any other flag that changes the
+    run, so that two different configs never share a name (and a record)."""
     parts = [args.arch, args.pool, args.opt]
     if args.stem != "cifar":
         parts.append(args.stem)
@@ -185,6 +247,20 @@ def default_name(args: argparse.Namespace) -> str:
         parts.append("pretrained")
     if args.fraction < 1:
         parts.append(f"f{args.fraction:g}")
+    if args.epochs != 10:
+        parts.append(f"e{args.epochs}")
+    if args.batch_size != 512:
+        parts.append(f"b{args.batch_size}")
+    if args.val_split:
+        parts.append(f"val{args.val_split:g}")
+    if data.parse_aug(args.aug) != data.parse_aug(data.DEFAULT_AUG):
+        parts.append("aug-" + ("+".join(data.parse_aug(args.aug)) or "none"))
+    if args.tta:
+        parts.append("tta")
+    # --early-stop steers the run but changes which model is reported: it names a different result
+    others = {k: v for k, v in args.given.items() if k not in NAMED + RUN_CONTROL or k == "early_stop"}
+    if others:
+        parts.append(hashlib.sha1(json.dumps(others, sort_keys=True, default=list).encode()).hexdigest()[:6])
     return "-".join(parts + [f"s{args.seed}"])
 
 
@@ -193,16 +269,75 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def resolve_device(name: str, local_rank: int | None) -> torch.device:
+    """An indexed device: "auto" and "cuda" mean cuda:LOCAL_RANK under torchrun, else cuda:0.
+
+    torch.cuda.set_device refuses a device without an index, so every CUDA device is given one
+    here, checked against the devices this process can see."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA device is visible: use --device cpu or auto")
-        if local_rank is not None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+            unusable = cuda_unusable_reason()
+            if unusable:
+                raise SystemExit(f"error: {unusable}")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise SystemExit(f"error: --device {name}: this trainer runs on cpu or cuda devices only")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} but {cuda_unusable_reason() or 'no CUDA device is visible'}: "
+                         "use --device cpu or auto")
+    index = device.index if device.index is not None else (local_rank or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise SystemExit(f"error: --device cuda:{index} but this process sees {count} CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                         f"use cuda:0 to cuda:{count - 1}")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN time its kernels once, keep the best
     return device
+
+
+# The pinned torch wheel is built for CUDA 13.0; a CUDA 13 runtime needs an NVIDIA driver of the
+# 580 branch or newer on Linux (a driver serves runtimes of its own CUDA major version and older).
+CUDA_BUILD_MIN_DRIVER = "580"
+
+
+def driver_cuda_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports (12080 = 12.8), or None without a driver.
+
+    Asked of libcuda, which comes with the driver, not with torch: torch itself only warns and
+    reports no GPU when the driver is too old for its CUDA."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    return (version.value or None) if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why this machine's NVIDIA GPU cannot be used by this torch build; None when CUDA works or when
+    there is no NVIDIA driver at all (a CPU machine: nothing to explain)."""
+    if torch.cuda.is_available():
+        return None
+    found = driver_cuda_version()
+    if found is None:
+        return None
+    if torch.version.cuda is None:
+        return (f"this machine has an NVIDIA driver but torch {torch.__version__} is a CPU-only build: install the "
+                "CUDA build (README, 'On a GPU'), or pass --device cpu")
+    need = int(torch.version.cuda.split(".")[0])
+    if found // 1000 < need:
+        return (f"the NVIDIA driver supports CUDA {found // 1000}.{found % 1000 // 10}, but torch {torch.__version__} "
+                f"is built for CUDA {torch.version.cuda}: update the driver ({CUDA_BUILD_MIN_DRIVER} or newer), or "
+                f"install a torch build for CUDA {found // 1000}.x (README, 'On a GPU'), or pass --device cpu")
+    return (f"the NVIDIA driver works (CUDA {found // 1000}.{found % 1000 // 10}) but CUDA sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check it, or pass --device cpu")
 
 
 AMP_FLAGS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -242,7 +377,7 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
     layouts = [args.channels_last] if args.channels_last is not None else None
     probes = {}
     if device.type == "cuda":
-        amps = amps or [torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16]
+        amps = amps or [torch.bfloat16 if has_real_bf16() else torch.float16]
         layouts = layouts or [True]
         compiled, auto = (True if args.compile is None else args.compile), "auto on CUDA"
     else:
@@ -259,10 +394,24 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
     plain = probes.get(probe_name(None, False))
     if plain and probes[probe_name(amp, channels_last)] < PROBE_MARGIN * plain:
         amp, channels_last = None, False
+    compile_reason = "asked" if args.compile is not None else auto
+    if args.sync_bn and args.compile is None:
+        compiled, compile_reason = False, SYNC_BN_NO_COMPILE
     return {"amp": dtype_name(amp), "amp_reason": "asked" if args.amp != "auto" else auto,
             "channels_last": channels_last, "channels_last_reason": "asked" if args.channels_last is not None else auto,
-            "compile": compiled, "compile_reason": "asked" if args.compile is not None else auto,
-            "probe_img_per_s": probes}
+            "compile": compiled, "compile_reason": compile_reason, "probe_img_per_s": probes}
+
+
+SYNC_BN_NO_COMPILE = ("auto with --sync-bn: off, because SyncBatchNorm's forward calls torch.distributed "
+                      "collectives that torch.compile cannot trace (graph breaks at every BatchNorm layer, open "
+                      "upstream issues); --compile forces it on")
+
+
+def has_real_bf16() -> bool:
+    """bf16 in hardware on the current GPU (compute capability 8.0 or later). is_bf16_supported() also
+    counts emulation, which a T4 or RTX 20xx (7.5) has without bf16 tensor cores or cuDNN bf16
+    convolutions: fp16 with a GradScaler is what runs fast there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def probe_name(amp: torch.dtype | None, channels_last: bool) -> str:
@@ -324,16 +473,24 @@ def agree(switches: dict, keys: tuple[str, ...], world: int, device: torch.devic
 # Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)
 # ---------------------------------------------------------------------------------------------
 
-def init_distributed(device_name: str) -> tuple[int, int, int | None]:
-    """(rank, world size, local rank); starts the process group under torchrun."""
+def distributed_env() -> tuple[int, int | None, int]:
+    """(world size, local rank, processes on this node) as torchrun sets them; (1, None, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, None
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        return 1, None, 1
+    return world, int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def init_distributed(world: int, device: torch.device) -> int:
+    """Start the process group under torchrun (NCCL on CUDA, gloo on CPU); returns the rank."""
+    if world == 1:
+        return 0
     # A timeout, so that a rank that dies takes the others down instead of leaving them waiting.
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    return torch.distributed.get_rank(), world, local_rank
+    # device_id binds NCCL's communicator to this rank's GPU at once (no guess from the current device).
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(minutes=10),
+                                         device_id=device if device.type == "cuda" else None)
+    return torch.distributed.get_rank()
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -357,19 +514,39 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     return optimizer(groups, lr=args.lr, betas=tuple(args.betas))
 
 
-def lr_factor(step: int, steps_per_epoch: int, args: argparse.Namespace) -> float:
-    """The lr multiplier at a step: linear warm-up, then the schedule's decay."""
-    epoch = step / steps_per_epoch
-    warmup = args.warmup_epochs
-    if epoch < warmup:
-        return (epoch + 1 / steps_per_epoch) / warmup  # never exactly 0, so the first step moves
-    if args.schedule == "onecycle":  # the triangular one-cycle of the FFCV/DAWNBench CIFAR recipes
-        return max(0.0, (args.epochs - epoch) / max(args.epochs - warmup, 1e-9))
-    if args.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(args.epochs - warmup, 1e-9)))
-    if args.schedule in ("step", "multistep"):
-        return args.gamma ** sum(epoch >= m for m in args.milestones)
-    return 1.0
+def warmup_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """Steps of the schedule's linear warm-up: --warmup-epochs (default min(2, epochs/5)) in whole steps."""
+    return round(args.warmup_epochs * steps_per_epoch)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int):
+    warmup = warmup_steps(args, steps_per_epoch)
+    rate_limited = "warmup_epochs" not in args.given
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, warmup, args, rate_limited))
+
+
+def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Namespace,
+              rate_limited: bool = True) -> float:
+    """The lr multiplier of optimiser step `step` (0-based): a linear warm-up over `warmup` steps that
+    starts above 0 and ends at exactly 1.0, then the schedule's decay (one-cycle and cosine reach 0
+    after the last step; step and multistep multiply by gamma at each milestone epoch).
+
+    rate_limited (the default warm-up): the lr rises by at most 1/WARMUP_MIN_STEPS of its peak per
+    step. A short run (18 steps) would otherwise reach SGD's peak 0.4 in 4 steps and blow up; it
+    now peaks lower and anneals from there. Runs whose warm-up is longer than that are unchanged."""
+    total = args.epochs * steps_per_epoch
+    if step < warmup:
+        factor = (step + 1) / warmup
+    elif args.schedule == "onecycle":  # the triangular one-cycle of the FFCV/DAWNBench CIFAR recipes
+        factor = max(0.0, (total - step) / max(total - warmup, 1))
+    elif args.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+    elif args.schedule in ("step", "multistep"):
+        factor = args.gamma ** sum(step >= round(m * steps_per_epoch) for m in args.milestones)
+    else:
+        factor = 1.0
+    return min(factor, (step + 1) / WARMUP_MIN_STEPS) if rate_limited else factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +554,7 @@ def lr_factor(step: int, steps_per_epoch: int, args: argparse.Namespace) -> floa
 # ---------------------------------------------------------------------------------------------
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memory, device, args, world,
-                    progress_desc):
+                    progress_desc, max_steps: int | None = None):
     """One pass; loss and correct counts stay on the device and are read once, at the end.
 
     `memory` is the model's layout: the loader's channels-last batches are copied to NCHW for an
@@ -390,6 +567,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memo
                disable=args.quiet or world > 1 and torch.distributed.get_rank() > 0 or not sys.stderr.isatty())
     for step, (images, labels) in enumerate(bar):
         stop_if_interrupted()
+        if step == max_steps:  # --preflight
+            break
         images = images.contiguous(memory_format=memory)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
@@ -416,15 +595,20 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memo
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, memory, num_classes: int, batch_size: int, tta: bool,
-             world: int) -> dict:
-    """Loss (without label smoothing), accuracy, confusion matrix and predictions over a split.
+             world: int, max_batches: int | None = None) -> dict:
+    """Loss (without label smoothing), accuracy, confusion matrix and every image's prediction.
 
-    The last batch is padded to the full batch size so the compiled model sees one shape only."""
+    `model` is the bare module (compiled or not), never the DDP wrapper: no collective hides in its
+    forward, so ranks may run different numbers of batches; the results meet in one all-gather.
+    The last batch is padded to the full batch size so the compiled model sees one shape only.
+    With `tta`, the logits are the mean of the image's and its mirror image's, so losses compare."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-    preds, targets, kept = [], [], 0
-    for images, labels in loader:
+    preds, targets = [], []
+    for batch, (images, labels) in enumerate(loader):
+        if batch == max_batches:  # --preflight
+            break
         n = len(labels)
         if n < batch_size:
             images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
@@ -432,39 +616,46 @@ def evaluate(model, loader, device, amp_dtype, memory, num_classes: int, batch_s
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             if tta:
-                logits = logits + model(images.flip(3))
+                logits = (logits + model(images.flip(3))) / 2
         logits = logits[:n].float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         pred = logits.argmax(1)
-        confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
-        if kept < PREDICTIONS_KEPT:  # this rank's first images; gather_in_order interleaves the ranks
-            preds.append(pred)
-            targets.append(labels)
-            kept += n
-    confusion = all_reduce_sum(confusion, world).view(num_classes, num_classes).cpu()
+        # index_add_ rather than bincount: bincount reads its input's maximum back to the host.
+        confusion.index_add_(0, labels * num_classes + pred, torch.ones_like(pred))
+        preds.append(pred)
+        targets.append(labels)
+    loss_sum, confusion, preds, labels = gather_evaluation(
+        loss_sum, confusion, torch.cat(preds), torch.cat(targets), loader.num_samples, world)
+    confusion = confusion.view(num_classes, num_classes)
     total = int(confusion.sum())
-    loss = all_reduce_sum(loss_sum, world).item() / total
-    return {"loss": loss, "acc": confusion.diag().sum().item() / total, "confusion": confusion.tolist(),
-            "preds": gather_in_order(torch.cat(preds), world)[:PREDICTIONS_KEPT],
-            "labels": gather_in_order(torch.cat(targets), world)[:PREDICTIONS_KEPT]}
+    return {"loss": loss_sum / total, "acc": confusion.diag().sum().item() / total, "confusion": confusion.tolist(),
+            "preds": preds, "labels": labels}
 
 
-def gather_in_order(local: torch.Tensor, world: int) -> list[int]:
-    """Per-image results in test-set order. FFCV's distributed sampler deals image i to rank i % world."""
+def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor,
+                      images: int, world: int) -> tuple[float, torch.Tensor, list[int], list[int]]:
+    """Totals over all ranks and per-image results in split order, in one collective.
+
+    FFCV's sequential distributed order deals image i to rank i % world, so rank r's k-th result is
+    image k * world + r. Each rank sends [loss, confusion, preds, labels] padded to one length."""
     if world == 1:
-        return local.tolist()
-    size = torch.tensor([len(local)], device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    longest = max(int(s) for s in sizes)
-    padded = torch.cat([local, local.new_full((longest - len(local),), -1)])
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    interleaved = torch.stack(parts, 1).flatten().tolist()
-    return [p for p in interleaved if p >= 0]
+        return loss_sum.item(), confusion.cpu(), preds.tolist(), labels.tolist()
+    share = -(-images // world)
+    pad = lambda t: torch.cat([t.double(), t.new_full((share - len(t),), -1).double()])  # noqa: E731
+    mine = torch.cat([loss_sum.view(1).double(), confusion.double(), pad(preds), pad(labels)])
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(parts, mine)
+    everything = torch.stack(parts).cpu()
+    n_conf = len(confusion)
+    per_image = everything[:, 1 + n_conf:].view(world, 2, share)
+    interleaved = per_image.permute(1, 2, 0).reshape(2, -1)  # image k * world + r
+    kept = interleaved[:, interleaved[0] >= 0].long()
+    return (everything[:, 0].sum().item(), everything[:, 1:1 + n_conf].sum(0).long(), kept[0].tolist(),
+            kept[1].tolist())
 
 
-def warm_up(model, raw_model, optimizer, scaler, amp_dtype, memory, device, args, eval_batch) -> float:
+def warm_up(train_model, eval_model, raw_model, optimizer, scaler, amp_dtype, memory, device,
+            train_batch: int, eval_batch: int) -> float:
     """Compile the train and eval graphs on a dummy batch, then restore every state it touched.
 
     The compile time is reported on its own and kept out of the epoch times."""
@@ -472,7 +663,7 @@ def warm_up(model, raw_model, optimizer, scaler, amp_dtype, memory, device, args
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
-    for training, size in ((True, args.batch_size_per_rank), (False, eval_batch)):
+    for model, training, size in ((train_model, True, train_batch), (eval_model, False, eval_batch)):
         images = torch.randn((size, 3, 32, 32), device=device, generator=generator).contiguous(memory_format=memory)
         model.train(training)
         with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -496,6 +687,12 @@ def synchronize(device: torch.device) -> None:
 
 def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """After compiling: the peak to report is training's, not the compiler's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -549,12 +746,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     data.write_atomically(path, write)
 
 
-def fingerprint(args: argparse.Namespace) -> dict:
-    """The part of the config that decides what a run computes; a checkpoint must match it."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
+def fingerprint(args: argparse.Namespace, meta: dict) -> dict:
+    """What decides what a run computes, as JSON values (a tuple and a list of the same numbers must
+    compare equal): the config, less the flags that only steer the run, plus the data's checksum."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL + ("given",)}
+    config["data_sha256"] = meta.get("betons", {}).get("train", {}).get("sha256")
+    return as_json(config)
 
 
-def load_checkpoint(path: Path, args: argparse.Namespace) -> dict | None:
+def as_json(value):
+    return json.loads(json.dumps(value, default=list))
+
+
+def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | None:
     """The checkpoint to resume from, or None; refuses a damaged one or one of another config."""
     if not path.exists():
         return None
@@ -563,13 +767,48 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict | None:
     except Exception as error:  # truncated or not a checkpoint: unpickling errors of many kinds
         raise SystemExit(f"error: checkpoint {path} is unreadable ({type(error).__name__}): "
                          "delete it to start the run again") from None
-    mine, theirs = json.loads(json.dumps(fingerprint(args))), state.get("fingerprint", {})
+    mine, theirs = fingerprint(args, meta), as_json(state.get("fingerprint", {}))
+    theirs.setdefault("data_sha256", mine["data_sha256"])  # checkpoints before the data's checksum was kept
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
         k = differs[0]
         raise SystemExit(f"error: checkpoint {path} is of another config ({k}: {theirs.get(k)!r} there, "
-                         f"{mine.get(k)!r} here): use another --name, or delete the checkpoint")
+                         f"{mine.get(k)!r} here): use another --name, or --overwrite to start over")
     return state
+
+
+def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[object, dict | None]:
+    """Lock the run's name for this process and check what is there already.
+
+    Returns the lock (held until the process ends) and the finished record when --resume finds the
+    run already done. Refuses, in one line, to start a fresh run over a finished record or an
+    interrupted run's checkpoint (unless --overwrite), and to touch a run another process trains."""
+    json_path, ckpt_path = out / f"{name}.json", out / "checkpoints" / f"{name}.pt"
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    lock = open(out / "checkpoints" / f"{name}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: {name} is being trained by another process right now ({lock.name} is locked): "
+                         "wait for it, or give this run another --name") from None
+    status = None
+    if json_path.exists():
+        try:
+            status = json.loads(json_path.read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = "unreadable"
+    if overwrite:
+        ckpt_path.unlink(missing_ok=True)
+        return lock, None
+    if resume and status in ("finished", "diverged") and not ckpt_path.exists():
+        return lock, json.loads(json_path.read_text())
+    if not resume and status in ("finished", "diverged", "unreadable"):
+        raise SystemExit(f"error: {json_path} already holds a {status} run: give this one another --name, "
+                         "or pass --overwrite to replace it")
+    if not resume and ckpt_path.exists():
+        raise SystemExit(f"error: {ckpt_path} holds an interrupted run of this name: pass --resume to continue it, "
+                         "--overwrite to start over, or another --name")
+    return lock, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,37 +817,36 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(argv)
-    rank, world, local_rank = init_distributed(args.device)
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
+    world, local_rank, local_world = distributed_env()
     device = resolve_device(args.device, local_rank)
-    if args.sync_bn and (world == 1 or device.type != "cuda"):
-        raise SystemExit("error: --sync-bn needs torchrun with CUDA devices (SyncBatchNorm does not run on CPU)")
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {world} processes: "
-                         f"use a multiple of {world}")
-    args.batch_size_per_rank = args.batch_size // world
+    rank = init_distributed(world, device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    workers = check_run(args, device, world, local_world, say)
+    if args.preflight:  # the real path, into a folder that is thrown away
+        args.out = tempfile.mkdtemp(prefix="preflight-")
+    out = Path(args.out)
+    lock, done = claim_run(out, args.name, args.resume, args.overwrite) if rank == 0 else (None, None)
+    try:
+        if agree_on(done is not None, world, device):
+            say(f"{args.name}: already {(done or {}).get('status')} ({out / args.name}.json); nothing to resume")
+            return 0
+        return train_config(args, device, world, rank, workers, say)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the run's flock (also at once in a process that runs several)
+
+
+def train_config(args: argparse.Namespace, device: torch.device, world: int, rank: int, workers: int, say) -> int:
+    """The run itself, once its name is claimed: data, model, switches, compile, the epochs, the record."""
     out = Path(args.out)
     json_path, ckpt_path = out / f"{args.name}.json", out / "checkpoints" / f"{args.name}.pt"
-    if is_main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     # Data: loaders check the betons against meta.json before anything is trained.
     torch.manual_seed(args.seed)
-    common = dict(device=device, seed=args.seed, workers=args.workers, distributed=world > 1, data_dir=args.data_dir)
-    try:
-        meta = data.ensure_valid(args.data_dir)
-        train_loader = data.make_loader("train", args.batch_size_per_rank, aug=args.aug, fraction=args.fraction,
-                                        val_split=args.val_split, **common)
-        eval_batch = args.batch_size_per_rank
-        val_loader = (data.make_loader("val", eval_batch, aug="none", val_split=args.val_split, **common)
-                      if args.val_split > 0 else None)
-        test_loader = data.make_loader("test", eval_batch, aug="none", **common)
-    except (data.DataError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    classes = meta["classes"]
+    meta, train_loader, val_loader, test_loader = make_loaders(args, device, world, workers)
+    classes, steps_per_epoch, eval_batch = meta["classes"], len(train_loader), args.batch_size_per_rank
 
-    # Model, optimiser, schedule, loss scaling.
+    # Model, speed switches, optimiser, schedule, loss scaling.
     try:
         raw_model = models.build_model(args.arch, num_classes=len(classes), pool=args.pool, stem=args.stem,
                                        pretrained=args.pretrained, **model_options(args))
@@ -616,144 +854,103 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {error}") from None
     params, flops = models.count_parameters(raw_model), models.forward_flops(raw_model)
     raw_model = raw_model.to(device)
-    state = load_checkpoint(ckpt_path, args) if args.resume else None
-    if state is not None and "switches" in state:  # a resumed run keeps what it chose at its start
-        switches = state["switches"]
-        if args.compile is not None:
-            switches.update(compile=args.compile, compile_reason="asked")
-    else:
-        probe_start = time.perf_counter()
-        switches = choose_switches(args, raw_model, device)
-        agree(switches, ("amp", "channels_last"), world, device)
-        switches["probe_time_s"] = time.perf_counter() - probe_start
+    state = load_checkpoint(ckpt_path, args, meta) if args.resume else None
+    switches = restore_or_choose_switches(args, state, raw_model, device, world)
     amp, memory = autocast_dtype(switches), memory_format(switches)
     raw_model = raw_model.to(memory_format=memory)
-    model = raw_model
-    if world > 1:
-        if args.sync_bn:
-            model = raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.sync_bn:
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    model = raw_model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(raw_model, args)
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+    scheduler = make_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    # The record, and the checkpoint to resume from.
-    record = {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
-              "started_at": now(), "ended_at": None,
-              "config": {k: v for k, v in vars(args).items()
-                         if k not in ("resume", "from_json", "batch_size_per_rank")},
-              "run": {"device": str(device), "world_size": world,
-                      "backend": torch.distributed.get_backend() if world > 1 else None,
-                      "train_images": train_loader.num_samples,
-                      "steps_per_epoch": steps_per_epoch},
-              "env": environment(device), "model": {"params": params, "flops_per_image": flops},
-              "classes": classes, "history": []}
-    start_epoch, best = 0, {"acc": None, "epoch": None}
+    # The record, and the state to resume from.
+    record = new_record(args, device, world, train_loader, steps_per_epoch, params, flops, classes)
+    progress = {"epoch": 0, "best": {"acc": None, "epoch": None}, "best_test": None, "best_weights": None}
     if args.resume and state is None:
         say(f"{args.name}: no checkpoint at {ckpt_path}; starting from scratch")
     if state is not None:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        start_epoch, best = state["epoch"], state["best"]
+        restore(state, raw_model, optimizer, scheduler, scaler, device)
+        progress.update({k: state[k] for k in ("epoch", "best", "best_test", "best_weights") if k in state})
         record.update(history=state["history"], started_at=state["started_at"])
-        say(f"{args.name}: resuming after epoch {start_epoch}/{args.epochs}")
-    train_loader.epoch = start_epoch  # the data order of the next epoch, as in an uninterrupted run
+        say(f"{args.name}: resuming after epoch {progress['epoch']}/{args.epochs}")
+    train_loader.epoch = progress["epoch"]  # the data order of the next epoch, as in an uninterrupted run
 
     # Compile before the clock starts; a second build of the same graphs would show as recompiles.
-    compile_time = 0.0
-    if switches["compile"] is not False:
-        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
-        compiled = torch.compile(model, dynamic=False)
-        compile_time = warm_up(compiled, raw_model, optimizer, scaler, amp, memory, device, args, eval_batch)
-        if switches["compile"] is None:
-            probe_start = time.perf_counter()
-            compile_pays(switches, compiled, model, raw_model, device, args.batch_size_per_rank)
-            agree(switches, ("compile",), world, device)
-            switches["probe_time_s"] += time.perf_counter() - probe_start
-            if not switches["compile"]:  # compiled for nothing: the time was spent probing
-                switches["probe_time_s"] += compile_time
-                compile_time = 0.0
-        if switches["compile"]:
-            model = compiled
+    model, eval_model, compile_time = compile_if_chosen(switches, model, raw_model, optimizer, scaler, device,
+                                                        args, eval_batch, world)
     graphs_after_warm_up = compiled_graphs()
+    reset_peak_memory(device)
     record["run"].update(switches, compile_time_s=compile_time)
-    if is_main:
+    if rank == 0:
         data.save_json_atomic(json_path, record)
-    say(f"{args.name}: {args.arch} ({params / 1e6:.2f} M params) on {device} "
-        f"[amp {switches['amp']}, {'channels-last' if switches['channels_last'] else 'NCHW'}, "
-        f"{'compiled' if switches['compile'] else 'eager'}, world {world}], "
-        f"{train_loader.num_samples:,} train images, {args.epochs} epochs"
-        + (f"; compiled in {compile_time:.1f} s" if compile_time else "")
-        + (f"; auto probes {switches['probe_time_s']:.1f} s: eager {switches['probe_img_per_s']} img/s"
-           if switches["probe_img_per_s"] else "")
-        + (f", {switches['compile_probe_img_per_s']} img/s" if "compile_probe_img_per_s" in switches else ""))
+    say(start_line(args, device, world, params, train_loader, switches, compile_time))
+    total_steps = args.epochs * steps_per_epoch
+    if total_steps < FEW_STEPS and not args.preflight:
+        warning = (f"only {total_steps} training steps: BatchNorm statistics and the schedule barely settle, so "
+                   f"the accuracies say little; for a quick comparison lower --batch-size or raise --fraction "
+                   f"to reach {FEW_STEPS}+ steps")
+        record["run"]["warnings"] = [warning]
+        say(f"warning: {warning}")
 
-    status, epoch = "finished", start_epoch
+    status, epoch, first_epoch_here = "finished", progress["epoch"], progress["epoch"] + 1
+    steps, batches = (2, 1) if args.preflight else (None, None)
     try:
-        for epoch in range(start_epoch + 1, args.epochs + 1):
+        for epoch in range(progress["epoch"] + 1, args.epochs + 1):
             stop_if_interrupted()
             lr = optimizer.param_groups[0]["lr"]
             synchronize(device)
             start = time.perf_counter()
             train_loss, train_acc, first_loss = train_one_epoch(
                 model, train_loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
-                f"epoch {epoch}/{args.epochs}")
+                f"epoch {epoch}/{args.epochs}", max_steps=steps)
             synchronize(device)
             epoch_time = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "first_step_loss": first_loss,
-                   "lr": lr,
-                   "epoch_time_s": epoch_time,
-                   "train_img_per_s": steps_per_epoch * args.batch_size / epoch_time}
+                   "lr": lr, "epoch_time_s": epoch_time,
+                   "train_img_per_s": (steps or steps_per_epoch) * args.batch_size / epoch_time,
+                   # FFCV compiles its pipeline in the first epoch of every process, a resumed one too
+                   "pays_jit": epoch == first_epoch_here}
             if not math.isfinite(train_loss):
                 status = "diverged"
-                # Strict JSON has no NaN or Infinity.
                 row.update(train_loss=None, first_step_loss=first_loss if math.isfinite(first_loss) else None)
                 record["history"].append(row)
                 break
             start = time.perf_counter()
-            results = {}
-            for split, loader in (("val", val_loader), ("test", test_loader)):
-                if loader is not None:
-                    results[split] = evaluate(model, loader, device, amp, memory, len(classes), eval_batch, args.tta,
-                                              world)
-                    row.update({f"{split}_loss": results[split]["loss"], f"{split}_acc": results[split]["acc"]})
+            results = {split: evaluate(eval_model, loader, device, amp, memory, len(classes), eval_batch, args.tta,
+                                       world, max_batches=batches)
+                       for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None}
             synchronize(device)
             row["eval_time_s"] = time.perf_counter() - start
+            for split, result in results.items():
+                row.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
             record["history"].append(row)
+            best = progress["best"]
             if "val" in results and (best["acc"] is None or results["val"]["acc"] > best["acc"]):
-                best = {"acc": results["val"]["acc"], "epoch": epoch}
+                progress.update(best={"acc": results["val"]["acc"], "epoch": epoch}, best_test=results["test"],
+                                best_weights={k: v.detach().to("cpu", copy=True)
+                                              for k, v in raw_model.state_dict().items()})
+            progress["epoch"] = epoch
             say(epoch_line(row, args.epochs))
-            stop_early = (args.early_stop is not None and best["epoch"] is not None
-                          and epoch - best["epoch"] >= args.early_stop)
+            stop_early = (args.early_stop is not None and progress["best"]["epoch"] is not None
+                          and epoch - progress["best"]["epoch"] >= args.early_stop)
+            if args.preflight:
+                return preflight_done(args, rank, ckpt_path, checkpoint_state(args, meta, progress, record,
+                                      raw_model, optimizer, scheduler, scaler, switches, device), meta)
             if epoch == args.epochs or stop_early:
-                record["final"] = final_summary(record, results["test"], best, classes, compile_time,
+                record["final"] = final_summary(record, results, progress, stop_early, classes, compile_time,
                                                 compiled_graphs() - graphs_after_warm_up, device)
-                record["final"]["stopped_early"] = stop_early
                 break
-            if is_main:
-                save_checkpoint(ckpt_path, {
-                    "fingerprint": fingerprint(args), "epoch": epoch, "best": best, "history": record["history"],
-                    "started_at": record["started_at"], "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                    "switches": switches,
-                    "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+            if rank == 0:
+                save_checkpoint(ckpt_path, checkpoint_state(args, meta, progress, record, raw_model, optimizer,
+                                                            scheduler, scaler, switches, device))
                 data.save_json_atomic(json_path, record)
     except KeyboardInterrupt:
         say(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
             "run the same command with --resume to continue")
-        # Leave at once: interpreter teardown while FFCV's loader thread is mid-batch can abort
-        # (SIGABRT). Every file is already complete: JSON and checkpoint are written atomically.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        leave_interrupted()
     except OSError as error:
         raise SystemExit(f"error: could not write the record ({error}); the previous JSON and checkpoint are "
                          "intact: free some space and run again with --resume") from None
@@ -763,10 +960,11 @@ def main(argv: list[str] | None = None) -> int:
     record.update(status=status, ended_at=now())
     if status == "diverged":
         record["diverged_epoch"] = epoch
-    if is_main:
-        data.save_json_atomic(json_path, record)
+    if rank == 0:
         if status == "finished":
-            ckpt_path.unlink(missing_ok=True)  # the JSON holds the result; keep results/ small
+            record["final"]["weights"] = save_weights(out, args.name, raw_model, progress["best_weights"])
+        data.save_json_atomic(json_path, record)
+        ckpt_path.unlink(missing_ok=True)  # the JSON and the kept weights hold the result
     if status == "diverged":
         say(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
         return EXIT_DIVERGED
@@ -774,6 +972,147 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{args.name}: finished: test acc {final['test_acc']:.2%}, mean epoch {final['mean_epoch_time_s']:.1f} s, "
         f"{final['train_img_per_s']:,.0f} img/s -> {json_path}")
     return 0
+
+
+def check_run(args: argparse.Namespace, device: torch.device, world: int, local_world: int, say) -> int:
+    """Refuse what cannot run on this device and world; returns the loader workers to use."""
+    if args.sync_bn and (world == 1 or device.type != "cuda"):
+        raise SystemExit("error: --sync-bn needs torchrun with CUDA devices (SyncBatchNorm does not run on CPU)")
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {world} processes: "
+                         f"use a multiple of {world}")
+    args.batch_size_per_rank = args.batch_size // world
+    workers, message = data.check_workers(args.workers, local_world)
+    if message:
+        say(f"note: {message}")
+    return workers
+
+
+def agree_on(flag: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's flag, on every rank."""
+    if world == 1:
+        return flag
+    box = [flag]
+    torch.distributed.broadcast_object_list(box, 0, device=device)
+    return box[0]
+
+
+def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int):
+    """meta.json and the train, val (None without --val-split) and test loaders."""
+    common = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
+    try:
+        meta = data.ensure_valid(args.data_dir)
+        train_loader = data.make_loader("train", args.batch_size_per_rank, aug=args.aug, fraction=args.fraction,
+                                        val_split=args.val_split, **common)
+        val_loader = (data.make_loader("val", args.batch_size_per_rank, aug="none", val_split=args.val_split,
+                                       **common) if args.val_split > 0 else None)
+        test_loader = data.make_loader("test", args.batch_size_per_rank, aug="none", **common)
+    except (data.DataError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return meta, train_loader, val_loader, test_loader
+
+
+def restore_or_choose_switches(args, state: dict | None, raw_model, device: torch.device, world: int) -> dict:
+    """A resumed run keeps what it chose at its start; a new one decides (and all ranks take rank 0's)."""
+    if state is not None and "switches" in state:
+        switches = state["switches"]
+        if args.compile is not None:
+            switches.update(compile=args.compile, compile_reason="asked")
+        return switches
+    probe_start = time.perf_counter()
+    switches = choose_switches(args, raw_model, device)
+    agree(switches, ("amp", "channels_last"), world, device)
+    switches["probe_time_s"] = time.perf_counter() - probe_start
+    return switches
+
+
+def compile_if_chosen(switches: dict, model, raw_model, optimizer, scaler, device, args, eval_batch: int,
+                      world: int):
+    """(train model, eval model, compile seconds). The eval model is the bare module, compiled on its
+    own under torchrun, so that evaluation holds no DDP collective."""
+    if switches["compile"] is False:
+        return model, raw_model, 0.0
+    amp, memory = autocast_dtype(switches), memory_format(switches)
+    # dynamic=False: shapes never change (drop_last in training, padded eval batches).
+    compiled = torch.compile(model, dynamic=False)
+    compiled_eval = compiled if world == 1 else torch.compile(raw_model, dynamic=False)
+    compile_time = warm_up(compiled, compiled_eval, raw_model, optimizer, scaler, amp, memory, device,
+                           args.batch_size_per_rank, eval_batch)
+    if switches["compile"] is None:
+        probe_start = time.perf_counter()
+        compile_pays(switches, compiled, model, raw_model, device, args.batch_size_per_rank)
+        agree(switches, ("compile",), world, device)
+        switches["probe_time_s"] += time.perf_counter() - probe_start
+        if not switches["compile"]:  # compiled for nothing: the time was spent probing
+            switches["probe_time_s"] += compile_time
+            return model, raw_model, 0.0
+    return compiled, compiled_eval, compile_time
+
+
+def new_record(args, device, world, train_loader, steps_per_epoch, params, flops, classes) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
+            "started_at": now(), "ended_at": None,
+            "config": {k: v for k, v in vars(args).items()
+                       if k not in ("resume", "from_json", "batch_size_per_rank", "given", "overwrite", "preflight")},
+            "given": args.given, "from": args.from_json,
+            "run": {"device": str(device), "world_size": world,
+                    "backend": torch.distributed.get_backend() if world > 1 else None,
+                    "train_images": train_loader.num_samples, "steps_per_epoch": steps_per_epoch,
+                    "warmup_steps": warmup_steps(args, steps_per_epoch)},
+            "env": environment(device), "model": {"params": params, "flops_per_image": flops},
+            "classes": classes, "history": []}
+
+
+def checkpoint_state(args, meta, progress, record, raw_model, optimizer, scheduler, scaler, switches, device) -> dict:
+    return {"fingerprint": fingerprint(args, meta), **progress, "history": record["history"],
+            "started_at": record["started_at"], "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "switches": switches,
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore(state: dict, raw_model, optimizer, scheduler, scaler, device: torch.device) -> None:
+    raw_model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+def preflight_done(args, rank: int, ckpt_path: Path, state: dict, meta: dict) -> int:
+    """--preflight: the checkpoint written and read back, the temporary folder removed, one line."""
+    if rank == 0:
+        save_checkpoint(ckpt_path, state)
+        load_checkpoint(ckpt_path, args, meta)
+        shutil.rmtree(args.out, ignore_errors=True)
+    print(f"preflight ok: {args.name} ({args.arch}, batch {args.batch_size}) ran data, model, switches, "
+          "2 training steps, 1 eval batch and a checkpoint round trip")
+    return 0
+
+
+def save_weights(out: Path, name: str, raw_model: torch.nn.Module, best_weights: dict | None) -> dict:
+    """The trained weights (state dict, fp32) in OUT/models/: NAME.pt, and NAME-best-val.pt with a val split."""
+    folder = out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = {"final": folder / f"{name}.pt"}
+    save_checkpoint(kept["final"], {k: v.detach().cpu() for k, v in raw_model.state_dict().items()})
+    if best_weights is not None:
+        kept["best_val"] = folder / f"{name}-best-val.pt"
+        save_checkpoint(kept["best_val"], best_weights)
+    return {k: str(v.relative_to(out)) for k, v in kept.items()}
+
+
+def start_line(args, device, world, params, train_loader, switches, compile_time) -> str:
+    return (f"{args.name}: {args.arch} ({params / 1e6:.2f} M params) on {device} "
+            f"[amp {switches['amp']}, {'channels-last' if switches['channels_last'] else 'NCHW'}, "
+            f"{'compiled' if switches['compile'] else 'eager'}, world {world}], "
+            f"{train_loader.num_samples:,} train images, {args.epochs} epochs"
+            + (f"; compiled in {compile_time:.1f} s" if compile_time else "")
+            + (f"; auto probes {switches['probe_time_s']:.1f} s: eager {switches['probe_img_per_s']} img/s"
+               if switches.get("probe_img_per_s") else "")
+            + (f", {switches['compile_probe_img_per_s']} img/s" if "compile_probe_img_per_s" in switches else ""))
 
 
 def now() -> str:
@@ -790,21 +1129,48 @@ def epoch_line(row: dict, epochs: int) -> str:
                    f"  eval {row['eval_time_s']:.1f} s")
 
 
-def final_summary(record: dict, test: dict, best: dict, classes: list[str], compile_time: float,
-                  recompiles: int, device: torch.device) -> dict:
+def final_summary(record: dict, results: dict, progress: dict, stopped_early: bool, classes: list[str],
+                  compile_time: float, recompiles: int, device: torch.device) -> dict:
+    """The run's result. With --early-stop, the model reported is the one of the best val epoch (the
+    epoch early stopping chose, before the patience epochs after it), and its test figures are those
+    measured then; otherwise the last epoch's."""
     history = record["history"]
+    chosen_by_val = stopped_early or (record["config"]["early_stop"] is not None and progress["best_test"])
+    test = progress["best_test"] if chosen_by_val else results["test"]
+    reported_epoch = progress["best"]["epoch"] if chosen_by_val else history[-1]["epoch"]
     confusion = test["confusion"]
     per_class = {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
-    later = [h["epoch_time_s"] for h in history[1:]] or [history[0]["epoch_time_s"]]
-    return {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
-            "best_val_acc": best["acc"], "best_val_epoch": best["epoch"],
-            "predictions": {"indices": list(range(len(test["preds"]))), "labels": test["labels"],
-                            "preds": test["preds"]},
-            "compile_time_s": compile_time, "mean_epoch_time_s": sum(later) / len(later),
-            "train_time_s": sum(h["epoch_time_s"] for h in history),
-            "train_img_per_s": sum(h["train_img_per_s"] for h in history[1:] or history) / len(history[1:] or history),
-            "eval_time_s": sum(h["eval_time_s"] for h in history), "peak_memory_mb": peak_memory_mb(device),
-            "recompiles": recompiles}
+    sample = preview_indices(test["labels"])
+    steady = [h for h in history if not h.get("pays_jit")] or history
+    final = {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
+             "reported_epoch": reported_epoch,
+             "reported_model": "best val epoch (--early-stop)" if chosen_by_val else "last epoch",
+             "stopped_early": stopped_early, "last_epoch_test_acc": results["test"]["acc"],
+             "val_acc": next((h.get("val_acc") for h in history if h["epoch"] == reported_epoch), None),
+             "best_val_acc": progress["best"]["acc"], "best_val_epoch": progress["best"]["epoch"],
+             "predictions": {"indices": sample, "labels": [test["labels"][i] for i in sample],
+                             "preds": [test["preds"][i] for i in sample]},
+             "compile_time_s": compile_time,
+             "mean_epoch_time_s": sum(h["epoch_time_s"] for h in steady) / len(steady),
+             "train_time_s": sum(h["epoch_time_s"] for h in history),
+             "train_img_per_s": sum(h["train_img_per_s"] for h in steady) / len(steady),
+             "eval_time_s": sum(h["eval_time_s"] for h in history), "peak_memory_mb": peak_memory_mb(device),
+             "recompiles": recompiles}
+    if len(classes) <= 10:  # one digit per test image: what paired tests between runs (McNemar) need
+        final["test_preds"] = "".join(map(str, test["preds"]))
+        final["test_labels"] = "".join(map(str, test["labels"]))
+    return final
+
+
+def preview_indices(labels: list[int], count: int = PREDICTIONS_KEPT, seed: int = 0) -> list[int]:
+    """A fixed, seeded, class-balanced sample of a split's images, the same for every run (so figures
+    compare): one image of each class in turn. Image folders store the test set in class order, so
+    the first images would all be of one class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    turns = itertools.zip_longest(*by_class)
+    return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
 
 
 def stop_on_signals() -> None:
@@ -818,6 +1184,14 @@ def stop_on_signals() -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def leave_interrupted() -> None:
+    """Exit 130 at once: interpreter teardown while FFCV's loader thread is mid-batch can abort
+    (SIGABRT). Every file is already complete: JSON and checkpoint are written atomically."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def stop_if_interrupted() -> None:

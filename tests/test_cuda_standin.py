@@ -286,29 +286,17 @@ def minimal_loader(batches: int, seen: list):
         code=([(stage, [0])], [0]))
 
 
-def pin_to_stream_device(epoch_iterator_cls):
-    """The recommended fix (for data.import_ffcv): FFCV's loader thread first sets the device of the
-    streams that EpochIterator.__init__ made on the rank's device, so torch.cuda.stream() in
-    run_pipeline never switches the thread to GPU 0."""
-    run = epoch_iterator_cls.run
-
-    def run_on_stream_device(self):
-        if self.cuda_streams and self.cuda_streams[0] is not None:
-            torch.cuda.set_device(self.cuda_streams[0].device)
-        return run(self)
-
-    return run_on_stream_device
-
-
 @pytest.mark.parametrize("fake_gpu", [("A100", 2)], indirect=True)
 @pytest.mark.parametrize("fixed", [False, True], ids=["ffcv_1.0.2", "fixed"])
 def test_ffcv_loader_thread_and_gpu_0(fake_gpu, fixed, monkeypatch):
+    """FFCV as released makes a context on GPU 0 from a cuda:1 rank's loader thread; data.import_ffcv's
+    patch (data.run_loader_thread_on_its_device) keeps the thread on the rank's device."""
     import data
     data.import_ffcv()
     from ffcv.loader import epoch_iterator
     monkeypatch.setattr(epoch_iterator, "IS_CUDA", True)  # FFCV decides this once, at its import
-    if fixed:
-        monkeypatch.setattr(epoch_iterator.EpochIterator, "run", pin_to_stream_device(epoch_iterator.EpochIterator))
+    if not fixed:
+        monkeypatch.setattr(epoch_iterator.EpochIterator, "run", epoch_iterator.EpochIterator.run.ffcv_run)
     torch.cuda.set_device(1)
     seen: list = []
     iterator = epoch_iterator.EpochIterator(minimal_loader(3, seen), list(range(6)))

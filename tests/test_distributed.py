@@ -51,3 +51,26 @@ def test_two_processes_match_one_process(runs):
     assert two["history"][0]["first_step_loss"] == pytest.approx(one["history"][0]["first_step_loss"], rel=0.02)
     assert two["history"][0]["train_loss"] == pytest.approx(one["history"][0]["train_loss"], rel=0.05)
     assert abs(two["history"][0]["test_acc"] - one["history"][0]["test_acc"]) <= 0.15
+
+
+def test_three_ranks_with_a_rank_whose_last_eval_batch_is_all_padding(tmp_path, synthetic_data):
+    """World 3, global batch 99: each rank evaluates 33 images a batch; the 100 test images are dealt
+    34/33/33, so ranks 1 and 2 end on a batch that is all padding and run one forward fewer than
+    rank 0. The bare module is evaluated (no DDP collective in its forward), the results meet in one
+    all-gather: every test and val image is counted once, and predictions come back in test order."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+               str(ROOT / "train.py"), *FLAGS, "--batch-size", "99", "--val-split", "0.2",
+               "--data-dir", str(synthetic_data), "--out", str(tmp_path), "--name", "world3"]
+    env = run_env()
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run = json.loads((tmp_path / "world3.json").read_text())
+    final = run["final"]
+    assert run["run"]["world_size"] == 3 and sum(map(sum, final["confusion"])) == 10 * TEST_PER_CLASS
+    assert final["test_labels"] == "".join(str(i // TEST_PER_CLASS) for i in range(10 * TEST_PER_CLASS))
+    assert len(final["test_preds"]) == 10 * TEST_PER_CLASS
+    accuracy = sum(p == t for p, t in zip(final["test_preds"], final["test_labels"], strict=True)) / 100
+    assert final["test_acc"] == pytest.approx(accuracy)
+    val = run["history"][0]["val_acc"]
+    assert round(val * 48) == pytest.approx(val * 48, abs=1e-9)  # a whole number of the 48 val images

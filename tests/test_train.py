@@ -1,6 +1,7 @@
 """train.py end to end on tiny synthetic data, run as the user runs it: a subprocess."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch
 import train as train_module
-from conftest import ROOT, TEST_PER_CLASS, record, run_env, train
+from conftest import ROOT, TEST_PER_CLASS, TINY, record, run_env, train
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, synthetic_data):
@@ -59,7 +60,9 @@ def test_from_reproduces_the_config(finished_run, synthetic_data):
     assert subprocess.run(command, capture_output=True, env=run_env(), timeout=600).returncode == 0
     again = record(tmp_path, "again")
     differing = {k for k in run["config"] if run["config"][k] != again["config"][k]}
-    assert differing == {"name", "epochs"}  # only what was given on the command line
+    # what was given on the command line, and the warm-up derived from the new --epochs
+    assert differing == {"name", "epochs", "warmup_epochs"}
+    assert again["config"]["warmup_epochs"] == pytest.approx(0.2) and again["given"]["lr"] == 0.1
 
 
 def test_compiled_run_does_not_recompile_after_warm_up(tmp_path, synthetic_data):
@@ -147,8 +150,30 @@ def test_asked_switches_are_not_probed_and_cuda_auto_turns_all_on(monkeypatch):
     switches = train_module.choose_switches(args, tiny_model(), torch.device("cpu"))
     assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("bfloat16", False, True)
     assert switches["probe_img_per_s"] == {} and switches["amp_reason"] == "asked"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     auto = train_module.parse_config([])
     auto.batch_size_per_rank = 8
     switches = train_module.choose_switches(auto, tiny_model(), torch.device("cuda"))  # nothing runs on it
     assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("float16", True, True)
+
+
+def test_preflight_runs_the_real_path_in_a_temporary_folder_and_says_ok(tmp_path, synthetic_data):
+    result = train(tmp_path, synthetic_data, "--preflight", "--compile", "--arch", "cnn", "--val-split", "0.2",
+                   "--epochs", "30", "--name", "pre")
+    assert "preflight ok: pre" in result.stdout
+    assert not (tmp_path / "results").exists()  # nothing of the real run's folder is touched
+    broken = train(tmp_path, synthetic_data, "--preflight", "--arch", "resnet_custom", "--blocks", "3,4",
+                   "--channels", "32", check=False)
+    assert broken.returncode == 1 and broken.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_default_workers_run_on_a_single_allowed_cpu(tmp_path, synthetic_data):
+    """Slurm --cpus-per-task=1, taskset or a container cpuset: numba refuses more threads than the
+    CPUs the process may use, so the default workers must follow the affinity, not os.cpu_count()."""
+    command = ["taskset", "-c", "0", sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "1",
+               "--data-dir", str(synthetic_data), "--out", str(tmp_path / "results"), "--name", "one-cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env=run_env(), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert record(tmp_path, "one-cpu")["status"] == "finished"
