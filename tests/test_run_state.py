@@ -295,16 +295,25 @@ def test_weight_decay_skips_biases_and_batchnorm(opt):
     assert sorted(names[id(p)] for p in no_decay["params"]) == ["0.bias", "1.bias", "1.weight", "5.bias"]
 
 
-def test_early_stop_reports_the_best_val_epoch_and_says_so(tmp_path, synthetic_data):
-    # lr ~0 and a constant schedule: the val accuracy never improves on epoch 1, so patience 1 stops at 2.
+def test_early_stop_reports_the_best_val_epoch_and_says_so(monkeypatch, tmp_path, synthetic_data):
+    """Val accuracies scripted 0.5, 0.6, 0.4, ...: the best is epoch 2, patience 1 stops after epoch 3,
+    and what is reported is epoch 2's test figures and weights."""
+    real, scripted, calls = train.evaluate, iter([0.5, 0.6, 0.4, 0.3, 0.2, 0.1]), []
+
+    def evaluate(*args, **kw):
+        result = real(*args, **kw)
+        calls.append(1)
+        return {**result, "acc": next(scripted)} if len(calls) % 2 else result  # val, then test, each epoch
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
     assert run(tmp_path, synthetic_data, "--epochs", "6", "--val-split", "0.2", "--early-stop", "1",
-               "--lr", "1e-9", "--schedule", "constant", "--name", "es") == 0
+               "--name", "es") == 0
     final = record(tmp_path, "es")["final"]
     history = record(tmp_path, "es")["history"]
-    assert [r["epoch"] for r in history] == [1, 2] and final["stopped_early"] is True
-    assert final["reported_epoch"] == final["best_val_epoch"] == 1
-    assert final["test_acc"] == history[0]["test_acc"] and final["last_epoch_test_acc"] == history[1]["test_acc"]
-    assert final["reported_model"].startswith("best val epoch") and final["val_acc"] == history[0]["val_acc"]
+    assert [r["epoch"] for r in history] == [1, 2, 3] and final["stopped_early"] is True
+    assert final["reported_epoch"] == final["best_val_epoch"] == 2 and final["best_val_acc"] == 0.6
+    assert final["test_acc"] == history[1]["test_acc"] and final["last_epoch_test_acc"] == history[2]["test_acc"]
+    assert final["reported_model"].startswith("best val epoch") and final["val_acc"] == 0.6
     weights = torch.load(tmp_path / "results" / final["weights"]["best_val"], weights_only=True)
     assert set(weights) == set(torch.load(tmp_path / "results" / final["weights"]["final"], weights_only=True))
 
