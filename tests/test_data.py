@@ -6,12 +6,14 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLASS, label_of_red, run_env
+from conftest import (CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLASS, label_of_red, run_env,
+                      write_image_folder)
 
 import data
 
@@ -237,3 +239,102 @@ def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
     assert meta["counts"] == {"train": 50_000, "test": 10_000}
     assert meta["class_counts"]["train"] == [5_000] * 10 and meta["class_counts"]["test"] == [1_000] * 10
     np.testing.assert_allclose(meta["mean"], (0.4914, 0.4822, 0.4465), atol=0.003)
+
+
+# --- image-folder rules (issue 14): what is skipped, converted or refused; refusals are in test_bad_inputs.py ---
+
+def png_bytes(image) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def untidy_folder(root):
+    """A valid one-image-per-class folder plus what real folders collect: notes, OS litter, hidden folders."""
+    write_image_folder(root, 1, 1)
+    cat = root / "train" / "cat"
+    (cat / "README.txt").write_text("cats")
+    (cat / "._0000.png").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble: hidden, and no PNG
+    (root / "train" / ".DS_Store").write_bytes(b"\x00")
+    (root / "train" / "labels.csv").write_text("a,b")
+    (root / "test" / "dog" / "Thumbs.db").write_bytes(b"\x00")
+    (cat / ".ipynb_checkpoints").mkdir()
+    (cat / ".ipynb_checkpoints" / "0000.png").write_bytes(b"")
+    (cat / "0001.jpg").write_bytes((cat / "0000.png").read_bytes())  # a PNG under a .jpg name
+    (cat / "0002.PNG").write_bytes((cat / "0000.png").read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "tar.gz"])
+def test_hidden_and_non_image_files_are_skipped_and_counted_in_one_line(tmp_path, packed):
+    import tarfile
+    source = untidy_folder(tmp_path / "src")
+    if packed:
+        with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
+            tar.add(source, arcname="cifar")
+        source = tmp_path / "src.tar.gz"
+    splits, classes, _, report = data.read_source(str(source), tmp_path / "d")
+    assert classes == list(CLASSES)
+    assert np.bincount(splits["train"][1]).tolist() == [1, 1, 1, 3, 1, 1, 1, 1, 1, 1]
+    assert sorted(Path(p).name for p in report["skipped_not_images"]) == [
+        ".DS_Store", "._0000.png", "0000.png", "README.txt", "Thumbs.db", "labels.csv"]
+    notes = data.source_notes(report)
+    assert len(notes) == 1 and notes[0].startswith("skipped 6 files that are not images")
+    assert not (tmp_path / "d").exists()  # reading a source writes nothing
+
+
+def test_grayscale_rgba_and_palette_images_become_rgb_and_are_counted(tmp_path):
+    from PIL import Image
+    source = write_image_folder(tmp_path / "src", 1, 1)
+    gray = np.full((32, 32), 77, np.uint8)
+    (source / "train" / "cat" / "0000.png").write_bytes(png_bytes(Image.fromarray(gray)))
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    (source / "train" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("RGBA")))
+    (source / "test" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("P")))
+    splits, _, _, report = data.read_source(str(source), tmp_path / "d")
+    assert report["converted_to_rgb"] == {"L": 1, "P": 1, "RGBA": 1}
+    assert data.source_notes(report) == ["converted 3 images to RGB (1 L, 1 P, 1 RGBA)"]
+    images, labels = splits["train"]
+    assert (images[labels == CLASSES.index("cat")] == 77).all()
+    np.testing.assert_array_equal(images[labels == CLASSES.index("dog")][0], rgb)
+
+
+def test_skip_bad_skips_broken_images_lists_them_and_keeps_the_rest(tmp_path):
+    source = write_image_folder(tmp_path / "src", 3, 1)
+    truncated = (source / "train" / "cat" / "0001.png").read_bytes()[:100]
+    (source / "train" / "cat" / "0001.png").write_bytes(truncated)
+    (source / "train" / "dog" / "0002.jpg").write_text("<html>not found</html>")
+    with pytest.raises(data.BrokenImage, match="--skip-bad"):
+        data.read_source(str(source), tmp_path / "d")
+    splits, _, _, report = data.read_source(str(source), tmp_path / "d", skip_bad=True)
+    assert np.bincount(splits["train"][1]).tolist() == [3, 3, 3, 2, 3, 3, 3, 3, 3, 3]
+    assert sorted(Path(p).name for p in report["skipped_broken"]) == ["0001.png", "0002.jpg"]
+    assert data.source_notes(report)[-1].startswith("skipped 2 broken images (--skip-bad): ")
+
+
+def test_conversion_prints_its_notes_and_records_them_in_meta(tmp_path, capsys):
+    source = untidy_folder(tmp_path / "src")
+    (source / "test" / "cat" / "bad.png").write_bytes(b"")
+    report = data.prepare(str(source), tmp_path / "d", skip_bad=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]  # not FFCV's bars
+    assert len(notes) == 2 and "6 files that are not images" in notes[0] and "1 broken images" in notes[1]
+    assert "wrote 12 train, 10 test images" in report
+    meta = data.ensure_valid(tmp_path / "d")
+    assert meta["source_report"]["skipped_broken"] == [str(source / "test" / "cat" / "bad.png")]
+
+
+def test_check_accepts_valid_data_in_one_line(synthetic_data, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["data.py", "--check", "--data-dir", str(synthetic_data)])
+    data.main()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "valid: 240 train and 100 test images of 10 classes" in out
+
+
+def test_rebuild_without_source_converts_the_recorded_source_not_a_download(fresh_data, image_folder, monkeypatch):
+    def no_download(raw_dir):
+        raise AssertionError("downloaded although meta.json records a local source")
+    monkeypatch.setattr(data, "download_official", no_download)
+    (fresh_data / "test.beton").write_bytes(b"")
+    assert "wrote" in data.prepare(None, fresh_data)
+    assert data.ensure_valid(fresh_data)["requested_source"] == str(image_folder)
