@@ -65,7 +65,7 @@ META_VERSION = 1
 # batched tensor ops on the training device.
 AUGMENTATIONS = ("flip", "translate", "cutout", "rotate", "affine", "jitter", "vflip")
 DEFAULT_AUG = "flip,translate"
-DEFAULT_WORKERS = min(os.cpu_count() or 1, 8)
+MAX_WORKERS = 8  # FFCV loader threads per process by default (the cap DEFAULT_WORKERS always had)
 TRANSLATE_PX = 4
 CUTOUT_PX = 8
 ROTATE_DEG = 15.0
@@ -83,6 +83,38 @@ MISSING_DATA_HINT = "run 'make data' (or 'python data.py --source PATH' offline)
 
 class DataError(Exception):
     """Bad or missing data: main() prints its message as a one-line error."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, Slurm, a container's cpuset), which
+    numba, and so FFCV, holds its thread count to; os.cpu_count() counts the whole machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call (macOS, Windows): the machine is all there is
+        return os.cpu_count() or 1
+
+
+def default_workers(local_ranks: int = 1) -> int:
+    """FFCV workers per process: the usable CPUs shared among this node's ranks, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks)))
+
+
+def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str | None]:
+    """The workers to use for a requested count (None: the default) and, when it had to be lowered,
+    one line saying so and why. More threads than the affinity allows make numba refuse ("The number
+    of threads must be between 1 and N") when the loader starts."""
+    if requested is None:
+        return default_workers(local_ranks), None
+    if requested < 1:
+        raise ValueError(f"--workers must be at least 1, got {requested}")
+    cpus = usable_cpus()
+    if requested > cpus:
+        return cpus, (f"--workers {requested} is more than the {cpus} CPU{'s' * (cpus > 1)} this process may use "
+                      f"(taskset/Slurm/cgroup): using {cpus}")
+    return requested, None
+
+
+DEFAULT_WORKERS = default_workers()  # train.py's --workers default, until it calls default_workers() itself
 
 
 def import_ffcv() -> None:
@@ -548,7 +580,7 @@ def source_to_rebuild(source: str | None, data_dir: Path) -> str | None:
     return meta.get("requested_source") if isinstance(meta.get("requested_source"), str) else None
 
 
-def convert(source: str | None, data_dir: Path, workers: int = DEFAULT_WORKERS, skip_bad: bool = False) -> dict:
+def convert(source: str | None, data_dir: Path, workers: int | None = None, skip_bad: bool = False) -> dict:
     """Read the source and write both betons and meta.json; meta.json goes last, as the seal.
 
     The whole source is read and checked before anything is written: a bad source leaves data_dir
@@ -565,7 +597,7 @@ def convert(source: str | None, data_dir: Path, workers: int = DEFAULT_WORKERS, 
         (data_dir / "meta.json").unlink(missing_ok=True)  # the betons are not valid until meta.json says so
         for split in SPLITS:
             path = data_dir / f"{split}.beton"
-            write_beton(path, *splits[split], workers)
+            write_beton(path, *splits[split], workers or default_workers())
             meta["betons"][split] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
         save_json_atomic(data_dir / "meta.json", meta)
     except OSError as error:  # a full disk, a read-only folder: the temporary files are already gone
@@ -825,13 +857,14 @@ class DeviceLoader:
 
 
 def make_loader(split: str, batch_size: int, device: torch.device | str, aug: str = DEFAULT_AUG,
-                fraction: float = 1.0, val_split: float = 0.0, seed: int = 0, workers: int = DEFAULT_WORKERS,
+                fraction: float = 1.0, val_split: float = 0.0, seed: int = 0, workers: int | None = None,
                 distributed: bool = False, data_dir: str | Path = DATA_DIR) -> DeviceLoader:
     """Batches of (images float NCHW channels-last normalised, labels int64), both on `device`.
 
     split: "train" (random order, drop_last, augmented), "val" (a seeded part of the train set held
     out) or "test" (sequential, every image once). With `distributed`, each rank gets its share;
-    batch_size is then per rank."""
+    batch_size is then per rank. workers: FFCV's threads, None for default_workers(); more than this
+    process may use are lowered to that, with a note on stderr."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}: choose train, val or test")
     import torch
@@ -841,6 +874,9 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
     device = torch.device(device)
     meta = ensure_valid(data_dir)
+    workers, note = check_workers(workers)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     augs = parse_aug(aug) if split == "train" else ()
     path = Path(data_dir) / ("test.beton" if split == "test" else "train.beton")
     if split == "test":
@@ -939,10 +975,13 @@ def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
         yield device_transform(x, mean, std, (), None), None
 
 
-def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int = DEFAULT_WORKERS,
+def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int | None = None,
               aug: str = DEFAULT_AUG) -> dict:
     import torch
     meta = ensure_valid(data_dir)
+    workers, note = check_workers(workers)  # resolved here, so the record holds the count used
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     ours = make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
     time_epoch(ours)  # the first epoch pays numba's JIT compilation
     ours_rate = statistics.median(time_epoch(ours) for _ in range(BENCH_REPS))
@@ -982,7 +1021,8 @@ def main() -> None:
                         help="check the data dir as training does (meta.json, betons, their headers) and exit")
     parser.add_argument("--bench", action="store_true", help="time our loader against the torchvision way")
     parser.add_argument("--device", default="auto", help="benchmark device: auto (cuda if there is one), cpu, cuda:N")
-    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="FFCV loader workers (benchmark)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="loader workers for --bench (default: the CPUs this process may use, at most 8)")
     parser.add_argument("--json", type=Path, default=None, help="also write the benchmark figures here")
     args = parser.parse_args()
     try:

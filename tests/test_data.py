@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -338,3 +340,45 @@ def test_rebuild_without_source_converts_the_recorded_source_not_a_download(fres
     (fresh_data / "test.beton").write_bytes(b"")
     assert "wrote" in data.prepare(None, fresh_data)
     assert data.ensure_valid(fresh_data)["requested_source"] == str(image_folder)
+
+
+# --- workers against the CPUs this process may use (issue 12) ---------------------------------------
+
+def test_default_workers_follow_the_cpu_affinity_not_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert data.usable_cpus() == 1 and data.default_workers() == 1 and data.default_workers(4) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert data.usable_cpus() == 16
+    assert data.default_workers() == 8  # capped
+    assert data.default_workers(local_ranks=4) == 4 and data.default_workers(local_ranks=32) == 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    assert data.usable_cpus() == 64
+
+
+def test_check_workers_lowers_a_count_above_the_usable_cpus_and_says_why(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert data.check_workers(8) == (1, "--workers 8 is more than the 1 CPU this process may use "
+                                        "(taskset/Slurm/cgroup): using 1")
+    assert data.check_workers(None) == (1, None) and data.check_workers(1) == (1, None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert data.check_workers(2) == (2, None) and data.check_workers(None, local_ranks=2) == (2, None)
+    assert data.check_workers(6)[1].startswith("--workers 6 is more than the 4 CPUs")
+    with pytest.raises(ValueError, match="at least 1"):
+        data.check_workers(0)
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) not installed")
+def test_loader_on_one_allowed_cpu_runs_with_default_and_too_many_workers(synthetic_data):
+    """Under Slurm --cpus-per-task=1 or taskset -c 0, numba allows one thread: before, every run died
+    with "The number of threads must be between 1 and 1"."""
+    code = ("import sys, data\n"
+            "for workers in (None, 8):\n"
+            "    loader = data.make_loader('train', 8, 'cpu', aug='none', workers=workers, data_dir=sys.argv[1])\n"
+            "    images, _ = next(iter(loader))\n"
+            "    print(workers, loader.loader.num_workers, tuple(images.shape))\n")
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code, str(synthetic_data)],
+                            capture_output=True, text=True, env=run_env(), timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["None 1 (8, 3, 32, 32)", "8 1 (8, 3, 32, 32)"]
+    assert "note: --workers 8 is more than the 1 CPU this process may use" in result.stderr
