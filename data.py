@@ -3,11 +3,30 @@
     python data.py                                  # download the official archive, convert
     python data.py --source cifar-10-python.tar.gz  # or a local copy (offline machines)
     python data.py --source ../shared/data/cifar10-jpeg.tar.gz   # or an image-folder tree / its .tar.gz
+    python data.py --check                          # is the data dir what training will accept?
     python data.py --bench                          # our loader vs the torchvision DataLoader way
 
 Conversion writes DIR/train.beton, DIR/test.beton and DIR/meta.json (classes, counts, mean/std of
-the train split, source, sizes and sha256 of the betons). It is idempotent and atomic: files are
-written under a temporary name and renamed, and a beton that does not match meta.json is rebuilt.
+the train split, source, sizes and sha256 of the betons, what was skipped). It is idempotent and
+atomic: the whole source is read and checked before anything is written, files are written under a
+temporary name and renamed, and a beton that does not match meta.json is rebuilt (from the source
+meta.json records, unless --source is given).
+
+Image-folder sources (train/<class>/<image>, test/<class>/<image>, or a .tar.gz of them; the class is
+the folder's name, classes in sorted order):
+- skipped, counted in one line: hidden files and folders (.DS_Store, ._x.png) and files whose
+  extension is not an image's (.png .jpg .jpeg .bmp .gif .webp .tif .tiff, any case): README.txt,
+  Thumbs.db. The content decides the format: a PNG named .jpg is read as the PNG it is.
+- converted to RGB, counted in one line: 8-bit grayscale, RGBA, palette and other 8-bit modes.
+- refused, naming the file or folder: an image that cannot be read or decoded (truncated, empty,
+  not an image; --skip-bad skips and lists those instead), an image that is not 32×32 (resizing would
+  change the task), a 16-bit or float image, an image directly in train/ or test/, a folder inside
+  a class folder, a class folder with no images, a class folder in only one of train/ and test/.
+
+Training accepts only data whose parts agree (ensure_valid, or `data.py --check`): meta.json is a
+JSON object of this version with every key in its form, the betons' sizes and sha256 match it, and
+their headers match it too (images per split and class, labels within the classes, 32×32 images).
+Anything else is refused in one line naming the fix: `python data.py --data-dir DIR --force`.
 
 `make_loader(split, batch_size, device, ...)` is the one way training gets data: FFCV decodes and
 does the cheap flip/translate in its compiled CPU pipeline; the transfer, dtype conversion,
@@ -16,6 +35,7 @@ normalisation and heavier augmentations run on `device` as batched tensor ops.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
@@ -28,6 +48,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,41 +66,54 @@ META_VERSION = 1
 # batched tensor ops on the training device.
 AUGMENTATIONS = ("flip", "translate", "cutout", "rotate", "affine", "jitter", "vflip")
 DEFAULT_AUG = "flip,translate"
-MAX_WORKERS = 8
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def default_workers(local_ranks: int = 1) -> int:
-    return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks)))
-
-
-def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str | None]:
-    if requested is None:
-        return default_workers(local_ranks), None
-    if requested > usable_cpus():
-        return usable_cpus(), f"--workers {requested} is more than the {usable_cpus()} CPU(s) this process may use: using {usable_cpus()}"
-    return requested, None
-
-
-DEFAULT_WORKERS = default_workers()
+MAX_WORKERS = 8  # FFCV loader threads per process by default
 TRANSLATE_PX = 4
 CUTOUT_PX = 8
 ROTATE_DEG = 15.0
 SHEAR_DEG, SCALE_RANGE = 10.0, (0.9, 1.1)
 JITTER = 0.2  # brightness, contrast and saturation each drawn from [1 - JITTER, 1 + JITTER]
+# Image-folder sources: the files taken for images, and the modes whose conversion to RGB is exact.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 TORCH_THREADS: int | None = None  # torch's thread count before FFCV changed it
 BENCH_REPS = 3  # timed passes per loader in the benchmark; the median is reported
+SOURCE_KINDS = ("cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree (train/<class>/*, "
+                "test/<class>/*) or its .tar.gz")
 MISSING_DATA_HINT = "run 'make data' (or 'python data.py --source PATH' offline) or pass --data-dir"
 
 
 class DataError(Exception):
     """Bad or missing data: main() prints its message as a one-line error."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, Slurm, a container's cpuset), which
+    numba, and so FFCV, holds its thread count to; os.cpu_count() counts the whole machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call (macOS, Windows): the machine is all there is
+        return os.cpu_count() or 1
+
+
+def default_workers(local_ranks: int = 1) -> int:
+    """FFCV workers per process: the usable CPUs shared among this node's ranks, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks)))
+
+
+def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str | None]:
+    """The workers to use for a requested count (None: the default) and, when it had to be lowered,
+    one line saying so and why. More threads than the affinity allows make numba refuse ("The number
+    of threads must be between 1 and N") when the loader starts."""
+    if requested is None:
+        return default_workers(local_ranks), None
+    if requested < 1:
+        raise ValueError(f"--workers must be at least 1, got {requested}")
+    cpus = usable_cpus()
+    if requested > cpus:
+        return cpus, (f"--workers {requested} is more than the {cpus} CPU{'s' * (cpus > 1)} this process may use "
+                      f"(taskset/Slurm/cgroup): using {cpus}")
+    return requested, None
+
 
 
 def import_ffcv() -> None:
@@ -187,80 +221,200 @@ def read_official_batches(folder: Path) -> tuple[dict, list[str]]:
     return splits, classes
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    if image.shape != (32, 32, 3):
-        raise DataError(f"{where} is {image.shape[1]}×{image.shape[0]}, not 32×32: CIFAR-10 images are 32×32")
-    return image
+class BrokenImage(DataError):
+    """An image file that cannot be decoded: --skip-bad skips these, nothing else."""
 
 
-def collect_image_folder(files: list[tuple[str, str, str, bytes | Path]]) -> tuple[dict, list[str]]:
-    """files: (split, class name, where, bytes or path). Class order is sorted names, as ImageFolder."""
+def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
+    """A 32×32 RGB uint8 array and the file's own mode (converted from when it is not RGB)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        data = content.read_bytes() if isinstance(content, Path) else content
+        with warnings.catch_warnings():  # PIL warns about palette transparency, which RGB drops anyway
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            image.load()  # open() reads the header only: a truncated file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = ("not an image PIL can read" if isinstance(error, UnidentifiedImageError)
+                  else error.strerror if isinstance(error, OSError) and error.strerror else str(error))
+        raise BrokenImage(f"{where} cannot be read as an image ({reason}): replace or delete it, "
+                          "or pass --skip-bad to skip broken images") from None
+    if image.size != (32, 32):
+        raise DataError(f"{where} is {image.width}×{image.height}, not 32×32: CIFAR-10 images are 32×32; "
+                        "resize the folder yourself (data.py does not: resizing changes the task)")
+    if image.mode not in EIGHT_BIT_MODES:
+        raise DataError(f"{where} has mode {image.mode} (more than 8 bits per channel): save it as 8-bit RGB "
+                        "(converting here would clip its values)")
+    return np.asarray(image.convert("RGB")), image.mode
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_folder_files(entries: list[tuple[tuple[str, ...], str, bytes | Path | None]]
+                       ) -> tuple[list[tuple[str, str, str, bytes | Path]], list[str]]:
+    """Apply the image-folder rules (see the module docstring) to every file and folder of the tree.
+
+    entries: (parts from the split folder on, where, content: bytes, a Path, or None for a folder).
+    Returns (split, class, where, content) per image, and the files skipped as not images; raises
+    DataError on a layout only the user can mend."""
+    images, skipped = [], []
+    class_folders: dict[str, dict[str, str]] = {split: {} for split in SPLITS}  # split -> class -> where
+    for parts, where, content in entries:
+        if len(parts) < 2:
+            continue  # the split folder itself
+        split, is_folder = parts[0], content is None
+        if any(part.startswith(".") for part in parts):  # .DS_Store, ._x.png, .ipynb_checkpoints/
+            skipped += [] if is_folder else [where]
+        elif len(parts) == 2 and is_folder:
+            class_folders[split].setdefault(parts[1], where)
+        elif len(parts) == 2:
+            if is_image_name(where):
+                raise DataError(f"{where} is not in a class folder: move it into {split}/<class>/ "
+                                "(the folder's name is the label)")
+            skipped.append(where)
+        elif len(parts) == 3 and not is_folder:
+            class_folders[split].setdefault(parts[1], where.rsplit("/", 1)[0])
+            if is_image_name(where):
+                images.append((split, parts[1], where, content))
+            else:
+                skipped.append(where)
+        else:
+            nested = where.rsplit("/", len(parts) - 3)[0]
+            raise DataError(f"{nested} is a folder inside the class folder {split}/{parts[1]}: the layout is "
+                            f"{split}/<class>/<image>, one level; move its images into {split}/{parts[1]}/ "
+                            "or out of the tree")
+    for split in SPLITS:
+        if not class_folders[split]:
+            raise DataError(f"the image folder has no {split}/<class>/ folders: it needs train/<class>/* "
+                            "and test/<class>/* images")
+    for split, other in (("train", "test"), ("test", "train")):
+        for cls, where in class_folders[split].items():
+            if cls not in class_folders[other]:
+                raise DataError(f"{where} has no matching {other}/{cls}: train/ and test/ need the same class "
+                                "folders; rename or remove it")
+    with_images = {(split, cls) for split, cls, _, _ in images}
+    for split in SPLITS:
+        for cls, where in class_folders[split].items():
+            if (split, cls) not in with_images:
+                raise DataError(f"{where} holds no images: add its images or remove the folder")
+    return images, skipped
+
+
+def collect_image_folder(entries: list, skip_bad: bool = False) -> tuple[dict, list[str], dict]:
+    """Decode an image folder's tree; class order is sorted names, as torchvision's ImageFolder.
+
+    Returns the splits, the classes and a report of what was skipped or converted, for meta.json."""
     from tqdm import tqdm
+    files, not_images = image_folder_files(entries)
     classes = sorted({cls for split, cls, _, _ in files if split == "train"})
-    test_classes = sorted({cls for split, cls, _, _ in files if split == "test"})
-    if not classes or not test_classes:
-        raise DataError("the image folder needs train/<class>/* and test/<class>/* images")
-    if test_classes != classes:
-        raise DataError(f"train and test class folders differ: {classes} vs {test_classes}")
-    splits = {}
+    splits, broken, converted = {}, [], {}
     for split in SPLITS:
         chosen = sorted((f for f in files if f[0] == split), key=lambda f: (f[1], f[2]))
         images = np.empty((len(chosen), 32, 32, 3), np.uint8)
         labels = np.empty(len(chosen), np.int64)
-        for i, (_, cls, where, content) in enumerate(tqdm(chosen, desc=f"decode {split}", unit="img",
-                                                         disable=len(chosen) < 2000)):
-            data = content.read_bytes() if isinstance(content, Path) else content
-            images[i] = decode_image(data, where)
-            labels[i] = classes.index(cls)
-        splits[split] = (images, labels)
-    return splits, classes
+        kept = 0
+        for _, cls, where, content in tqdm(chosen, desc=f"decode {split}", unit="img", disable=len(chosen) < 2000):
+            try:
+                images[kept], mode = decode_image(content, where)
+            except BrokenImage:
+                if not skip_bad:
+                    raise
+                broken.append(where)
+                continue
+            if mode != "RGB":
+                converted[mode] = converted.get(mode, 0) + 1
+            labels[kept] = classes.index(cls)
+            kept += 1
+        splits[split] = (images[:kept], labels[:kept])
+        emptied = [cls for i, cls in enumerate(classes) if not (labels[:kept] == i).any()]
+        if emptied:
+            raise DataError(f"every image of {split}/{emptied[0]} is broken (skipped by --skip-bad): "
+                            "replace them, or remove the class from train/ and test/")
+    return splits, classes, {"skipped_not_images": not_images, "skipped_broken": broken,
+                             "converted_to_rgb": converted}
+
+
+def source_notes(report: dict) -> list[str]:
+    """One line for each kind of thing the conversion skipped or changed."""
+    def some(paths: list[str]) -> str:
+        return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more (all in meta.json)" if len(paths) > 3 else "")
+    notes = []
+    if report.get("skipped_not_images"):
+        paths = report["skipped_not_images"]
+        notes.append(f"skipped {len(paths)} files that are not images (hidden, or not "
+                     f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(paths)}")
+    if report.get("skipped_broken"):
+        paths = report["skipped_broken"]
+        notes.append(f"skipped {len(paths)} broken images (--skip-bad): {some(paths)}")
+    if report.get("converted_to_rgb"):
+        modes = report["converted_to_rgb"]
+        notes.append(f"converted {sum(modes.values())} images to RGB (" +
+                     ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")")
+    return notes
 
 
 def image_files_in_tree(root: Path) -> list:
-    return [(p.relative_to(root).parts[0], p.parent.name, str(p), p)
-            for split in SPLITS for p in sorted((root / split).glob("*/*")) if p.is_file()]
+    """Every file and folder under root/train and root/test, as image_folder_files takes them."""
+    return [(path.relative_to(root).parts, str(path), None if path.is_dir() else path)
+            for split in SPLITS for path in sorted((root / split).rglob("*"))]
 
 
 def image_files_in_tar(archive: Path) -> list:
-    """Members under [prefix/]train/<class>/<file> and [prefix/]test/<class>/<file>."""
-    files = []
+    """Members under [prefix/]train/ and [prefix/]test/, as image_folder_files takes them."""
+    entries = []
     with tarfile.open(archive) as tar:
         for member in tar:
             parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-3] not in SPLITS:
+            at = next((i for i, part in enumerate(parts) if part in SPLITS), None)
+            if at is None or not (member.isfile() or member.isdir()):
                 continue
-            files.append((parts[-3], parts[-2], f"{archive}:{member.name}", tar.extractfile(member).read()))
-    return files
+            content = tar.extractfile(member).read() if member.isfile() else None
+            entries.append((parts[at:], f"{archive}:{member.name.rstrip('/')}", content))
+    return entries
 
 
-def read_source(source: str | None, data_dir: Path) -> tuple[dict, list[str], str]:
-    """Dispatch on what the source is; returns splits, classes and a description for meta.json."""
+def read_source(source: str | None, data_dir: Path, skip_bad: bool = False) -> tuple[dict, list[str], str, dict]:
+    """Dispatch on what the source is: splits, classes, a description and a report for meta.json."""
     if source is None:
         source = str(download_official(data_dir / "raw"))
     path = Path(source)
+    try:
+        return read_source_at(path, data_dir, skip_bad)
+    except PermissionError as error:
+        raise DataError(f"cannot read {error.filename}: permission denied: fix its permissions") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path} is damaged ({error}): download or pack it again") from None
+
+
+def read_source_at(path: Path, data_dir: Path, skip_bad: bool) -> tuple[dict, list[str], str, dict]:
     if not path.exists():
-        raise DataError(f"source {source} not found: pass --source PATH to cifar-10-python.tar.gz, "
-                        "cifar-10-batches-py/ or an image-folder tree (train/<class>/*, test/<class>/*)")
+        raise DataError(f"source {path} not found: pass --source PATH to {SOURCE_KINDS}")
     if path.is_dir():
         for folder in (path, path / "cifar-10-batches-py"):
             if (folder / "data_batch_1").exists():
-                return (*read_official_batches(folder), str(path))
+                return (*read_official_batches(folder), str(path), {})
         if (path / "train").is_dir() and (path / "test").is_dir():
-            return (*collect_image_folder(image_files_in_tree(path)), str(path))
-        raise DataError(f"{path} holds neither cifar-10-batches-py/ nor train/ and test/ image folders")
+            splits, classes, report = collect_image_folder(image_files_in_tree(path), skip_bad)
+            return splits, classes, str(path), report
+        raise DataError(f"{path} holds neither cifar-10-batches-py/ nor train/ and test/ folders: "
+                        f"pass --source PATH to {SOURCE_KINDS}")
     if not tarfile.is_tarfile(path):
-        raise DataError(f"{path} is not a folder or a .tar.gz archive of CIFAR-10")
+        raise DataError(f"{path} is not a folder or a .tar.gz archive: pass --source PATH to {SOURCE_KINDS}")
     with tarfile.open(path) as tar:
         names = tar.getnames()
     if any(Path(n).name == "data_batch_1" for n in names):
+        data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
             with tarfile.open(path) as tar:
                 tar.extractall(tmp, filter="data")
             folder = next(Path(tmp).rglob("data_batch_1")).parent
-            return (*read_official_batches(folder), f"{path} (md5 {md5_of(path)})")
-    return (*collect_image_folder(image_files_in_tar(path)), f"{path} (sha256 {sha256_of(path)})")
+            return (*read_official_batches(folder), f"{path} (md5 {md5_of(path)})", {})
+    splits, classes, report = collect_image_folder(image_files_in_tar(path), skip_bad)
+    return splits, classes, f"{path} (sha256 {sha256_of(path)})", report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,14 +478,82 @@ def finite_or_null(value):
     return value
 
 
-def load_meta(data_dir: Path) -> dict:
+def unreadable(error: PermissionError) -> DataError:
+    return DataError(f"cannot read {error.filename} (permission denied): fix its permissions "
+                     "or pass another --data-dir")
+
+
+def rebuild_hint(data_dir: Path) -> str:
+    return (f"rebuild with 'python data.py --data-dir {data_dir} --force' (add --source PATH offline) "
+            "or 'make data'")
+
+
+def data_dir_problem(data_dir: Path) -> str | None:
+    """Why data_dir cannot be a data folder at all (a file, inside a file, unreadable), with the fix."""
+    fix = "pass --data-dir a folder (data.py writes the betons there; the default is data/)"
+    try:
+        if data_dir.exists() and not data_dir.is_dir():
+            return f"--data-dir {data_dir} is a file, not a folder: {fix}"
+        if data_dir.is_dir():
+            os.listdir(data_dir)
+            return None
+        blocking = next((p for p in data_dir.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            return f"--data-dir {data_dir} lies inside {blocking}, which is a file: {fix}"
+    except PermissionError:
+        return f"--data-dir {data_dir} cannot be read (permission denied): fix its permissions or {fix}"
+    return None
+
+
+def read_meta(data_dir: Path) -> tuple[dict, list[str]]:
+    """meta.json's content and what is wrong with it on its own; DataError naming the fix if it is missing."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise DataError(f"{data_dir} holds no converted CIFAR-10 ({path.name} missing): {MISSING_DATA_HINT}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path} is not valid JSON: delete {data_dir} and run 'make data' again") from None
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}, [f"{path.name} is not valid JSON"]
+    if not isinstance(meta, dict):
+        return {}, [f"{path.name} holds a JSON {type(meta).__name__}, not an object"]
+    return meta, meta_problems(meta)
+
+
+def is_per_split(value, check) -> bool:
+    return isinstance(value, dict) and all(split in value and check(value[split]) for split in SPLITS)
+
+
+def is_three_numbers(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
+
+
+# What convert() writes and the loader reads, with the form of each value: a meta.json from another
+# version or edited by hand is refused before a run trains on numbers it misreads.
+META_FIELDS = {
+    "classes": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(c, str) for c in v),
+    "counts": lambda v: is_per_split(v, lambda n: isinstance(n, int) and n > 0),
+    "class_counts": lambda v: is_per_split(v, lambda c: isinstance(c, list) and all(isinstance(n, int) for n in c)),
+    "mean": is_three_numbers,
+    "std": is_three_numbers,
+    "betons": lambda v: is_per_split(v, lambda b: isinstance(b, dict) and isinstance(b.get("bytes"), int)
+                                     and isinstance(b.get("sha256"), str)),
+}
+
+
+def meta_problems(meta: dict) -> list[str]:
+    """What is wrong with meta.json on its own: version, missing or malformed keys, counts that disagree."""
+    if meta.get("version") != META_VERSION:
+        return [f"meta.json is version {meta.get('version')}, this data.py reads version {META_VERSION}"]
+    missing = [key for key in META_FIELDS if key not in meta]
+    if missing:
+        return [f"meta.json lacks {', '.join(missing)}"]
+    malformed = [key for key, check in META_FIELDS.items() if not check(meta[key])]
+    if malformed:
+        return [f"meta.json's {', '.join(malformed)} {'is' if len(malformed) == 1 else 'are'} not in data.py's form"]
+    return [f"meta.json's class_counts of {split} do not add up to its {len(meta['classes'])} classes and "
+            f"{meta['counts'][split]} images" for split in SPLITS
+            if len(meta["class_counts"][split]) != len(meta["classes"])
+            or sum(meta["class_counts"][split]) != meta["counts"][split]]
 
 
 def beton_problems(data_dir: Path, meta: dict, checksum: bool = True) -> list[str]:
@@ -348,49 +570,120 @@ def beton_problems(data_dir: Path, meta: dict, checksum: bool = True) -> list[st
     return problems
 
 
-def convert(source: str | None, data_dir: Path, workers: int = DEFAULT_WORKERS) -> dict:
-    """Read the source and write both betons and meta.json; meta.json goes last, as the seal."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    splits, classes, description = read_source(source, data_dir)
-    (data_dir / "meta.json").unlink(missing_ok=True)  # the betons are not valid until meta.json says so
+def beton_content_problems(data_dir: Path, meta: dict) -> list[str]:
+    """What the betons' own headers say against meta.json: fields, images, labels per class, image sizes.
+
+    Reads the header and the metadata table only (labels and image sizes live there), not the images."""
+    import_ffcv()
+    from ffcv.reader import Reader
+    problems = []
+    for split in SPLITS:
+        path = Path(data_dir) / f"{split}.beton"
+        try:
+            reader = Reader(str(path))
+        except Exception as error:  # a header FFCV cannot parse raises anything from AssertionError to KeyError
+            problems.append(f"{path.name} is not a beton FFCV can read ({type(error).__name__}: {error})")
+            continue
+        fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+        if fields != {"image": "RGBImageField", "label": "IntField"}:
+            problems.append(f"{path.name} holds the fields {fields}, not an RGB image and an int label")
+            continue
+        n, expected = int(reader.num_samples), meta["counts"][split]
+        labels, images = reader.metadata["f1"], reader.metadata["f0"]
+        if n != expected:
+            problems.append(f"{path.name} holds {n} images, meta.json says {expected}")
+        elif n and not 0 <= labels.min() <= labels.max() < len(meta["classes"]):
+            problems.append(f"{path.name}'s labels go from {labels.min()} to {labels.max()}, but meta.json names "
+                            f"{len(meta['classes'])} classes (labels 0 to {len(meta['classes']) - 1})")
+        elif np.bincount(labels, minlength=len(meta["classes"])).tolist() != meta["class_counts"][split]:
+            problems.append(f"{path.name}'s images per class differ from meta.json's class_counts")
+        sizes = set(zip(images["width"].tolist(), images["height"].tolist(), strict=True)) - {(32, 32)}
+        if sizes:
+            width, height = sorted(sizes)[0]
+            problems.append(f"{path.name} holds {width}×{height} images, not 32×32")
+    return problems
+
+
+def source_to_rebuild(source: str | None, data_dir: Path) -> str | None:
+    """The source to convert: the one given, else the one the data dir was made from (a rebuild from a
+    local copy must not download), else None (download)."""
+    if source is not None:
+        return source
+    try:
+        meta, _ = read_meta(data_dir)
+    except (DataError, OSError):
+        return None
+    return meta.get("requested_source") if isinstance(meta.get("requested_source"), str) else None
+
+
+def convert(source: str | None, data_dir: Path, workers: int | None = None, skip_bad: bool = False) -> dict:
+    """Read the source and write both betons and meta.json; meta.json goes last, as the seal.
+
+    The whole source is read and checked before anything is written: a bad source leaves data_dir
+    as it was (not even created)."""
+    splits, classes, description, report = read_source(source, data_dir, skip_bad)
     mean, std = channel_stats(splits["train"][0])
     meta = {"version": META_VERSION, "classes": list(classes), "source": description,
             "requested_source": source, "mean": mean, "std": std, "betons": {},
             "counts": {s: len(splits[s][1]) for s in SPLITS},
             "class_counts": {s: np.bincount(splits[s][1], minlength=len(classes)).tolist() for s in SPLITS},
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for split in SPLITS:
-        path = data_dir / f"{split}.beton"
-        write_beton(path, *splits[split], workers)
-        meta["betons"][split] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
-    save_json_atomic(data_dir / "meta.json", meta)
+            "source_report": report, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "meta.json").unlink(missing_ok=True)  # the betons are not valid until meta.json says so
+        for split in SPLITS:
+            path = data_dir / f"{split}.beton"
+            write_beton(path, *splits[split], workers or default_workers())
+            meta["betons"][split] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        save_json_atomic(data_dir / "meta.json", meta)
+    except OSError as error:  # a full disk, a read-only folder: the temporary files are already gone
+        raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
+                        "free some space or pass another --data-dir") from None
     return meta
 
 
-def prepare(source: str | None, data_dir: Path, force: bool = False) -> str:
-    """Convert unless valid files from the same source are there; returns a one-line report."""
-    meta_path = data_dir / "meta.json"
-    if meta_path.exists() and not force:
-        meta = load_meta(data_dir)
-        problems = beton_problems(data_dir, meta)
+def prepare(source: str | None, data_dir: Path, force: bool = False, skip_bad: bool = False) -> str:
+    """Convert unless valid files from the same source are there; returns a one-line report.
+
+    Notes on what the conversion skipped or converted go to stderr, one line each."""
+    problem = data_dir_problem(data_dir)
+    if problem:
+        raise DataError(problem)
+    if (data_dir / "meta.json").exists() and not force:
+        try:
+            meta, problems = read_meta(data_dir)
+            problems = problems or beton_problems(data_dir, meta)
+        except PermissionError as error:
+            raise unreadable(error) from None
         same_source = source is None or source == meta.get("requested_source")
         if not problems and same_source:
             return f"{data_dir}: train.beton and test.beton are valid ({meta['source']}); nothing to do"
         print(f"{data_dir}: rebuilding: {'; '.join(problems) or 'a different --source was given'}", file=sys.stderr)
     start = time.perf_counter()
-    meta = convert(source, data_dir)
+    meta = convert(source_to_rebuild(source, data_dir), data_dir, skip_bad=skip_bad)
+    for note in source_notes(meta["source_report"]):
+        print(f"note: {note}", file=sys.stderr)
     counts = ", ".join(f"{meta['counts'][s]:,} {s}" for s in SPLITS)
     return f"{data_dir}: wrote {counts} images from {meta['source']} in {time.perf_counter() - start:.1f} s"
 
 
 def ensure_valid(data_dir: str | Path) -> dict:
-    """Refuse to train on missing or corrupted betons; checked once per process and directory."""
-    key = str(Path(data_dir).resolve())
+    """Refuse to train on data whose parts disagree: meta.json against itself, the betons' sizes and
+    sha256 against meta.json, and their headers (images, labels, image size) against meta.json.
+    Checked once per process and directory."""
+    data_dir = Path(data_dir)
+    key = str(data_dir.resolve())
     if key not in _VALIDATED:
-        meta = load_meta(Path(data_dir))
-        problems = beton_problems(Path(data_dir), meta)
+        problem = data_dir_problem(data_dir)
+        if problem:
+            raise DataError(problem)
+        try:
+            meta, problems = read_meta(data_dir)
+            problems = problems or beton_problems(data_dir, meta) or beton_content_problems(data_dir, meta)
+        except PermissionError as error:
+            raise unreadable(error) from None
         if problems:
-            raise DataError(f"{data_dir}: {'; '.join(problems)}: run 'python data.py --data-dir {data_dir}' to rebuild")
+            raise DataError(f"{data_dir}: {'; '.join(problems)}: {rebuild_hint(data_dir)}")
         _VALIDATED[key] = meta
     return _VALIDATED[key]
 
@@ -600,13 +893,14 @@ class DeviceLoader:
 
 
 def make_loader(split: str, batch_size: int, device: torch.device | str, aug: str = DEFAULT_AUG,
-                fraction: float = 1.0, val_split: float = 0.0, seed: int = 0, workers: int = DEFAULT_WORKERS,
+                fraction: float = 1.0, val_split: float = 0.0, seed: int = 0, workers: int | None = None,
                 distributed: bool = False, data_dir: str | Path = DATA_DIR) -> DeviceLoader:
     """Batches of (images float NCHW channels-last normalised, labels int64), both on `device`.
 
     split: "train" (random order, drop_last, augmented), "val" (a seeded part of the train set held
     out) or "test" (sequential, every image once). With `distributed`, each rank gets its share;
-    batch_size is then per rank."""
+    batch_size is then per rank. workers: FFCV's threads, None for default_workers(); more than this
+    process may use are lowered to that, with a note on stderr."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}: choose train, val or test")
     import torch
@@ -616,6 +910,9 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
     device = torch.device(device)
     meta = ensure_valid(data_dir)
+    workers, note = check_workers(workers)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     augs = parse_aug(aug) if split == "train" else ()
     path = Path(data_dir) / ("test.beton" if split == "test" else "train.beton")
     if split == "test":
@@ -670,21 +967,23 @@ def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndar
 # Benchmark: our loader against the way such comparisons are usually written.
 # ---------------------------------------------------------------------------------------------
 
-def time_epoch(batches, limit: int | None = None) -> float:
-    """Images per second over one pass (or the first `limit` images)."""
+def time_epoch(batches, device: torch.device, limit: int | None = None) -> float:
+    """Images per second over one pass (or the first `limit` images), until `device` has them all."""
     import torch
     start, seen = time.perf_counter(), 0
     for images, _ in batches:
         seen += len(images)
         if limit and seen >= limit:
             break
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if device.type == "cuda":  # this device only: another GPU's work is not the benchmark's
+        torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
-def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], workers: int):
-    """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them."""
+def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], workers: int,
+                    batch_size: int, device: torch.device):
+    """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them, with the workers, batch
+    size and transfer to `device` ours gets: pinned memory on CUDA, copies with non_blocking."""
     import torch
     import torchvision.transforms as T
     from PIL import Image
@@ -697,8 +996,14 @@ def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], s
         def __getitem__(self, i):
             return transform(Image.fromarray(images[i])), int(labels[i])
 
-    return torch.utils.data.DataLoader(PILDataset(), batch_size=128, shuffle=True, num_workers=workers,
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
+def moved_to(batches, device: torch.device):
+    """The batches on `device`, copied as our loader's ToDevice copies them."""
+    for images, labels in batches:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int):
@@ -714,26 +1019,36 @@ def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
         yield device_transform(x, mean, std, (), None), None
 
 
-def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int = DEFAULT_WORKERS,
+def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int | None = None,
               aug: str = DEFAULT_AUG) -> dict:
     import torch
     meta = ensure_valid(data_dir)
+    workers, note = check_workers(workers)  # resolved here, so the record holds the count used
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     ours = make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
-    time_epoch(ours)  # the first epoch pays numba's JIT compilation
-    ours_rate = statistics.median(time_epoch(ours) for _ in range(BENCH_REPS))
+    time_epoch(ours, device)  # the first epoch pays numba's JIT compilation
+    ours_rate = statistics.median(time_epoch(ours, device) for _ in range(BENCH_REPS))
     n = meta["counts"]["train"]
     images = read_images(data_dir, "train", list(range(n)))
     labels = beton_labels(data_dir / "train.beton")
-    tv = torchvision_way(images, labels, meta["mean"], meta["std"], workers=2)
-    time_epoch(tv, limit=2048)  # start the workers
-    tv_rate = statistics.median(time_epoch(tv, limit=min(n, 20_000)) for _ in range(BENCH_REPS))
+    tv = torchvision_way(images, labels, meta["mean"], meta["std"], workers, batch_size, device)
+    time_epoch(moved_to(tv, device), device, limit=2048)  # start the workers
+    tv_rate = statistics.median(time_epoch(moved_to(tv, device), device, limit=min(n, 20_000))
+                                for _ in range(BENCH_REPS))
     on_device = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
     mean, std = channel_tensor(meta["mean"], device), channel_tensor(meta["std"], device)
-    ceiling = statistics.median(time_epoch(in_memory_ceiling(on_device, mean, std, batch_size))
+    ceiling = statistics.median(time_epoch(in_memory_ceiling(on_device, mean, std, batch_size), device)
                                 for _ in range(BENCH_REPS))
     return {"device": str(device), "host": platform.node(), "images": n, "batch_size": batch_size, "workers": workers,
             "ours_img_per_s": round(ours_rate), "torchvision_img_per_s": round(tv_rate),
             "ceiling_img_per_s": round(ceiling), "ratio": round(ours_rate / tv_rate, 2)}
+
+
+def positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return int(text)
 
 
 def main() -> None:
@@ -743,10 +1058,16 @@ def main() -> None:
                         help="cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree or its "
                              ".tar.gz; default: download the official archive")
     parser.add_argument("--data-dir", default=DATA_DIR, type=Path, help="where the betons and meta.json go")
-    parser.add_argument("--force", action="store_true", help="convert again even if valid files are there")
+    parser.add_argument("--force", action="store_true",
+                        help="convert again even if valid files are there (from the recorded source unless --source)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip images that cannot be decoded (listed in meta.json) instead of stopping")
+    parser.add_argument("--check", action="store_true",
+                        help="check the data dir as training does (meta.json, betons, their headers) and exit")
     parser.add_argument("--bench", action="store_true", help="time our loader against the torchvision way")
     parser.add_argument("--device", default="auto", help="benchmark device: auto (cuda if there is one), cpu, cuda:N")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="FFCV loader workers (benchmark)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="loader workers for --bench (default: the CPUs this process may use, at most 8)")
     parser.add_argument("--json", type=Path, default=None, help="also write the benchmark figures here")
     args = parser.parse_args()
     try:
@@ -761,8 +1082,12 @@ def main() -> None:
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 save_json_atomic(args.json, result)
+        elif args.check:
+            meta = ensure_valid(args.data_dir)
+            print(f"{args.data_dir}: valid: {meta['counts']['train']:,} train and {meta['counts']['test']:,} test "
+                  f"images of {len(meta['classes'])} classes ({meta['source']})")
         else:
-            print(prepare(args.source, args.data_dir, args.force))
+            print(prepare(args.source, args.data_dir, args.force, args.skip_bad))
     except DataError as error:
         sys.exit(f"error: {error}")
 

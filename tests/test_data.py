@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLASS, label_of_red, run_env
+from conftest import (CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLASS, label_of_red, run_env,
+                      write_image_folder)
 
 import data
 
@@ -237,3 +241,184 @@ def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
     assert meta["counts"] == {"train": 50_000, "test": 10_000}
     assert meta["class_counts"]["train"] == [5_000] * 10 and meta["class_counts"]["test"] == [1_000] * 10
     np.testing.assert_allclose(meta["mean"], (0.4914, 0.4822, 0.4465), atol=0.003)
+
+
+# --- image-folder rules (issue 14): what is skipped, converted or refused; refusals are in test_bad_inputs.py ---
+
+def png_bytes(image) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def untidy_folder(root):
+    """A valid one-image-per-class folder plus what real folders collect: notes, OS litter, hidden folders."""
+    write_image_folder(root, 1, 1)
+    cat = root / "train" / "cat"
+    (cat / "README.txt").write_text("cats")
+    (cat / "._0000.png").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble: hidden, and no PNG
+    (root / "train" / ".DS_Store").write_bytes(b"\x00")
+    (root / "train" / "labels.csv").write_text("a,b")
+    (root / "test" / "dog" / "Thumbs.db").write_bytes(b"\x00")
+    (cat / ".ipynb_checkpoints").mkdir()
+    (cat / ".ipynb_checkpoints" / "0000.png").write_bytes(b"")
+    (cat / "0001.jpg").write_bytes((cat / "0000.png").read_bytes())  # a PNG under a .jpg name
+    (cat / "0002.PNG").write_bytes((cat / "0000.png").read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "tar.gz"])
+def test_hidden_and_non_image_files_are_skipped_and_counted_in_one_line(tmp_path, packed):
+    import tarfile
+    source = untidy_folder(tmp_path / "src")
+    if packed:
+        with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
+            tar.add(source, arcname="cifar")
+        source = tmp_path / "src.tar.gz"
+    splits, classes, _, report = data.read_source(str(source), tmp_path / "d")
+    assert classes == list(CLASSES)
+    assert np.bincount(splits["train"][1]).tolist() == [1, 1, 1, 3, 1, 1, 1, 1, 1, 1]
+    assert sorted(Path(p).name for p in report["skipped_not_images"]) == [
+        ".DS_Store", "._0000.png", "0000.png", "README.txt", "Thumbs.db", "labels.csv"]
+    notes = data.source_notes(report)
+    assert len(notes) == 1 and notes[0].startswith("skipped 6 files that are not images")
+    assert not (tmp_path / "d").exists()  # reading a source writes nothing
+
+
+def test_grayscale_rgba_and_palette_images_become_rgb_and_are_counted(tmp_path):
+    from PIL import Image
+    source = write_image_folder(tmp_path / "src", 1, 1)
+    gray = np.full((32, 32), 77, np.uint8)
+    (source / "train" / "cat" / "0000.png").write_bytes(png_bytes(Image.fromarray(gray)))
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    (source / "train" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("RGBA")))
+    (source / "test" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("P")))
+    splits, _, _, report = data.read_source(str(source), tmp_path / "d")
+    assert report["converted_to_rgb"] == {"L": 1, "P": 1, "RGBA": 1}
+    assert data.source_notes(report) == ["converted 3 images to RGB (1 L, 1 P, 1 RGBA)"]
+    images, labels = splits["train"]
+    assert (images[labels == CLASSES.index("cat")] == 77).all()
+    np.testing.assert_array_equal(images[labels == CLASSES.index("dog")][0], rgb)
+
+
+def test_skip_bad_skips_broken_images_lists_them_and_keeps_the_rest(tmp_path):
+    source = write_image_folder(tmp_path / "src", 3, 1)
+    truncated = (source / "train" / "cat" / "0001.png").read_bytes()[:100]
+    (source / "train" / "cat" / "0001.png").write_bytes(truncated)
+    (source / "train" / "dog" / "0002.jpg").write_text("<html>not found</html>")
+    with pytest.raises(data.BrokenImage, match="--skip-bad"):
+        data.read_source(str(source), tmp_path / "d")
+    splits, _, _, report = data.read_source(str(source), tmp_path / "d", skip_bad=True)
+    assert np.bincount(splits["train"][1]).tolist() == [3, 3, 3, 2, 3, 3, 3, 3, 3, 3]
+    assert sorted(Path(p).name for p in report["skipped_broken"]) == ["0001.png", "0002.jpg"]
+    assert data.source_notes(report)[-1].startswith("skipped 2 broken images (--skip-bad): ")
+
+
+def test_conversion_prints_its_notes_and_records_them_in_meta(tmp_path, capsys):
+    source = untidy_folder(tmp_path / "src")
+    (source / "test" / "cat" / "bad.png").write_bytes(b"")
+    report = data.prepare(str(source), tmp_path / "d", skip_bad=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]  # not FFCV's bars
+    assert len(notes) == 2 and "6 files that are not images" in notes[0] and "1 broken images" in notes[1]
+    assert "wrote 12 train, 10 test images" in report
+    meta = data.ensure_valid(tmp_path / "d")
+    assert meta["source_report"]["skipped_broken"] == [str(source / "test" / "cat" / "bad.png")]
+
+
+def test_check_accepts_valid_data_in_one_line(synthetic_data, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["data.py", "--check", "--data-dir", str(synthetic_data)])
+    data.main()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "valid: 240 train and 100 test images of 10 classes" in out
+
+
+def test_rebuild_without_source_converts_the_recorded_source_not_a_download(fresh_data, image_folder, monkeypatch):
+    def no_download(raw_dir):
+        raise AssertionError("downloaded although meta.json records a local source")
+    monkeypatch.setattr(data, "download_official", no_download)
+    (fresh_data / "test.beton").write_bytes(b"")
+    assert "wrote" in data.prepare(None, fresh_data)
+    assert data.ensure_valid(fresh_data)["requested_source"] == str(image_folder)
+
+
+# --- workers against the CPUs this process may use (issue 12) ---------------------------------------
+
+def test_default_workers_follow_the_cpu_affinity_not_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert data.usable_cpus() == 1 and data.default_workers() == 1 and data.default_workers(4) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert data.usable_cpus() == 16
+    assert data.default_workers() == 8  # capped
+    assert data.default_workers(local_ranks=4) == 4 and data.default_workers(local_ranks=32) == 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    assert data.usable_cpus() == 64
+
+
+def test_check_workers_lowers_a_count_above_the_usable_cpus_and_says_why(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert data.check_workers(8) == (1, "--workers 8 is more than the 1 CPU this process may use "
+                                        "(taskset/Slurm/cgroup): using 1")
+    assert data.check_workers(None) == (1, None) and data.check_workers(1) == (1, None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert data.check_workers(2) == (2, None) and data.check_workers(None, local_ranks=2) == (2, None)
+    assert data.check_workers(6)[1].startswith("--workers 6 is more than the 4 CPUs")
+    with pytest.raises(ValueError, match="at least 1"):
+        data.check_workers(0)
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) not installed")
+def test_loader_on_one_allowed_cpu_runs_with_default_and_too_many_workers(synthetic_data):
+    """Under Slurm --cpus-per-task=1 or taskset -c 0, numba allows one thread: before, every run died
+    with "The number of threads must be between 1 and 1"."""
+    code = ("import sys, data\n"
+            "for workers in (None, 8):\n"
+            "    loader = data.make_loader('train', 8, 'cpu', aug='none', workers=workers, data_dir=sys.argv[1])\n"
+            "    images, _ = next(iter(loader))\n"
+            "    print(workers, loader.loader.num_workers, tuple(images.shape))\n")
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code, str(synthetic_data)],
+                            capture_output=True, text=True, env=run_env(), timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["None 1 (8, 3, 32, 32)", "8 1 (8, 3, 32, 32)"]
+    assert "note: --workers 8 is more than the 1 CPU this process may use" in result.stderr
+
+
+# --- data.py --bench: a fair comparison (issue 12 item 11) --------------------------------------------
+
+def test_time_epoch_synchronises_the_benchmarks_device_only(monkeypatch):
+    synchronised = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
+    batches = [(torch.zeros(4, 3, 32, 32), torch.zeros(4))] * 3
+    assert data.time_epoch(batches, torch.device("cpu")) > 0
+    assert synchronised == []
+    data.time_epoch(batches, torch.device("cuda", 1))
+    assert synchronised == [torch.device("cuda", 1)]
+
+
+def test_torchvision_way_pins_memory_for_cuda_only():
+    images, labels = np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int64)
+    def loader(device):
+        return data.torchvision_way(images, labels, [0.5] * 3, [0.25] * 3, 0, 2, torch.device(device))
+    assert loader("cuda").pin_memory and not loader("cpu").pin_memory
+    assert loader("cpu").batch_size == 2
+
+
+def test_benchmark_gives_torchvision_our_workers_batch_size_and_device(synthetic_data, monkeypatch):
+    asked, moved = {}, []
+    real_way, real_moved_to = data.torchvision_way, data.moved_to
+
+    def torchvision_way(images, labels, mean, std, workers, batch_size, device):
+        asked.update(workers=workers, batch_size=batch_size, device=device)
+        return real_way(images, labels, mean, std, workers, batch_size, device)
+
+    def moved_to(batches, device):
+        moved.append(device)
+        return real_moved_to(batches, device)
+    monkeypatch.setattr(data, "torchvision_way", torchvision_way)
+    monkeypatch.setattr(data, "moved_to", moved_to)
+    result = data.benchmark(synthetic_data, torch.device("cpu"), batch_size=16, workers=1, aug="none")
+    assert asked == {"workers": 1, "batch_size": 16, "device": torch.device("cpu")}
+    assert len(moved) == 1 + data.BENCH_REPS and set(moved) == {torch.device("cpu")}  # every pass pays the copy
+    assert result["workers"] == 1 and result["batch_size"] == 16

@@ -1,0 +1,291 @@
+"""Every input a user can get wrong gets one clear line, and nothing is written half-way (issue 14).
+
+One table. Each row builds a bad input under tmp_path, runs one command line on it, and expects: a
+non-zero exit (2 for argparse's errors, 1 for ours), a last stderr line "error: ..." holding a fragment
+that names the thing to fix, no traceback, and every file under tmp_path as it was (names, sizes,
+mtimes), with no temporary file left. data.py rows run in-process (data.main with sys.argv, a few ms);
+rows for any other script run as a subprocess (see run_script), so train.py rows can join the table.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_env, write_image_folder
+
+import data
+
+IN_PROCESS = {"data.py": data.main}  # scripts whose main() a row may call in this process
+
+
+# --- building bad inputs --------------------------------------------------------------------------
+
+class Inputs:
+    """What a row's builder gets: the test's tmp dir, and a private copy of valid converted data."""
+
+    def __init__(self, tmp: Path, request: pytest.FixtureRequest):
+        self.tmp, self.request = tmp, request
+
+    def folder(self) -> Path:
+        """A valid image folder, one image per class and split, at tmp/src."""
+        return write_image_folder(self.tmp / "src", train_per_class=1, test_per_class=1)
+
+    def data_dir(self) -> Path:
+        """A copy of the session's valid converted data at tmp/d."""
+        return Path(shutil.copytree(self.request.getfixturevalue("synthetic_data"), self.tmp / "d"))
+
+
+def image_bytes(fmt: str = "PNG", size: int = 32, mode: str = "RGB") -> bytes:
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def replace_image(i: Inputs, content: bytes, name: str = "0000.png") -> None:
+    """The source's first airplane training image becomes `name` holding `content`."""
+    folder = i.folder() / "train" / "airplane"
+    (folder / "0000.png").unlink()
+    (folder / name).write_bytes(content)
+
+
+def dangling_symlink(i: Inputs) -> None:
+    image = i.folder() / "train" / "airplane" / "0000.png"
+    image.unlink()
+    image.symlink_to(i.tmp / "gone.png")
+
+
+def sixteen_bit_png() -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 40_000, np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def tar_of_folder(i: Inputs) -> None:
+    """src.tar.gz of the image folder at tmp/src, which is then removed."""
+    with tarfile.open(i.tmp / "src.tar.gz", "w:gz") as tar:
+        tar.add(i.tmp / "src", arcname="src")
+    shutil.rmtree(i.tmp / "src")
+
+
+def broken_image_in_tar(i: Inputs) -> None:
+    replace_image(i, b"")
+    tar_of_folder(i)
+
+
+def damaged_tar(i: Inputs) -> None:
+    i.folder()
+    tar_of_folder(i)
+    archive = i.tmp / "src.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:-200])
+
+
+def every_airplane_broken(i: Inputs) -> None:
+    for path in i.folder().glob("train/airplane/*"):
+        path.write_bytes(b"not an image")
+
+
+def edit_meta(i: Inputs, change: Callable[[dict], object]) -> None:
+    """A valid data copy whose meta.json `change` has edited in place."""
+    path = i.data_dir() / "meta.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def fewer_classes(meta: dict) -> None:
+    """Eight class names, the last two classes' counts folded into the eighth: consistent on its own."""
+    meta["classes"] = meta["classes"][:8]
+    for split, counts in meta["class_counts"].items():
+        meta["class_counts"][split] = counts[:7] + [sum(counts[7:])]
+
+
+def two_classes_swapped(meta: dict) -> None:
+    counts = meta["class_counts"]["train"]
+    counts[0], counts[1] = counts[0] - 1, counts[1] + 1
+
+
+def more_images(meta: dict) -> None:
+    meta["counts"]["train"] += 10
+    meta["class_counts"]["train"][0] += 10
+
+
+def seal_beton(data_dir: Path, split: str) -> None:
+    """Record a replaced beton's size and sha256 in meta.json, as if meta.json had been written for it."""
+    meta_path, beton = data_dir / "meta.json", data_dir / f"{split}.beton"
+    meta = json.loads(meta_path.read_text())
+    meta["betons"][split] = {"bytes": beton.stat().st_size, "sha256": data.sha256_of(beton)}
+    meta_path.write_text(json.dumps(meta))
+
+
+def beton_of_64px_images(i: Inputs) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    d = i.data_dir()
+    meta = json.loads((d / "meta.json").read_text())
+    labels = np.repeat(np.arange(10), meta["class_counts"]["test"][0])
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 64, 64, 3), dtype=np.uint8)
+    (d / "test.beton").unlink()
+    DatasetWriter(str(d / "test.beton"), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(data.ArrayDataset(images, labels))
+    seal_beton(d, "test")
+
+
+def beton_not_ffcv(i: Inputs) -> None:
+    d = i.data_dir()
+    (d / "test.beton").write_bytes(bytes(4096))  # format version 0
+    seal_beton(d, "test")
+
+
+def swap_betons(i: Inputs) -> None:
+    d = i.data_dir()
+    (d / "train.beton").rename(d / "x")
+    (d / "test.beton").rename(d / "train.beton")
+    (d / "x").rename(d / "test.beton")
+
+
+def unreadable_data_dir(i: Inputs) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads through chmod 000 (the 'inside a file' row covers an unusable path)")
+    d = i.data_dir()
+    d.chmod(0)
+    i.request.addfinalizer(lambda: d.chmod(0o755))
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+SRC, DIR = "{tmp}/src", "{tmp}/d"
+CONVERT = ["data.py", "--source", SRC, "--data-dir", DIR]
+CHECK = ["data.py", "--check", "--data-dir", DIR]
+
+
+def row(id: str, build: Callable[[Inputs], object], command: list[str], fragment: str, code: int = 1):
+    return pytest.param(build, command, fragment, code, id=id)
+
+
+ROWS = [
+    # 1. Image-folder sources.
+    row("image_outside_class_folder", lambda i: (i.folder() / "train" / "stray.png").write_bytes(image_bytes()),
+        CONVERT, "train/stray.png is not in a class folder"),
+    row("nested_folder", lambda i: (i.folder() / "train" / "cat" / "more").mkdir(),
+        CONVERT, "train/cat/more is a folder inside the class folder"),
+    row("empty_class_folder", lambda i: [(i.folder() / s / "zebra").mkdir() for s in ("train", "test")],
+        CONVERT, "train/zebra holds no images"),
+    row("class_folder_of_non_images", lambda i: [(i.folder() / "train" / "cat" / "0000.png").unlink(),
+                                                 (i.tmp / "src" / "train" / "cat" / "README.txt").write_text("x")],
+        CONVERT, "train/cat holds no images"),
+    row("class_in_test_not_train", lambda i: (i.folder() / "test" / "zebra").mkdir(),
+        CONVERT, "test/zebra has no matching train/zebra"),
+    row("class_in_train_not_test", lambda i: shutil.rmtree(i.folder() / "test" / "truck"),
+        CONVERT, "train/truck has no matching test/truck"),
+    row("truncated_jpeg", lambda i: replace_image(i, image_bytes("JPEG")[:300], "0000.jpg"),
+        CONVERT, "train/airplane/0000.jpg cannot be read as an image (Truncated File Read)"),
+    row("zero_byte_image", lambda i: replace_image(i, b""), CONVERT, "0000.png cannot be read as an image"),
+    row("text_named_jpg", lambda i: replace_image(i, b"<html>404</html>", "0000.jpg"),
+        CONVERT, "0000.jpg cannot be read as an image (not an image PIL can read)"),
+    row("dangling_symlink", dangling_symlink, CONVERT,
+        "0000.png cannot be read as an image (No such file or directory)"),
+    row("image_64x64", lambda i: replace_image(i, image_bytes(size=64)), CONVERT, "0000.png is 64×64, not 32×32"),
+    row("image_16_bit", lambda i: replace_image(i, sixteen_bit_png()), CONVERT, "has mode I;16"),
+    row("broken_image_in_tar", broken_image_in_tar, ["data.py", "--source", "{tmp}/src.tar.gz", "--data-dir", DIR],
+        "src.tar.gz:src/train/airplane/0000.png cannot be read as an image"),
+    row("damaged_tar", damaged_tar, ["data.py", "--source", "{tmp}/src.tar.gz", "--data-dir", DIR],
+        "src.tar.gz is damaged"),
+    row("skip_bad_empties_a_class", every_airplane_broken, [*CONVERT, "--skip-bad"],
+        "every image of train/airplane is broken"),
+    row("force_from_broken_source_keeps_old_data", lambda i: (i.data_dir(), replace_image(i, b"")),
+        [*CONVERT, "--force"], "0000.png cannot be read as an image"),
+    row("source_missing", lambda i: None, CONVERT, "src not found: pass --source"),
+    row("source_not_an_archive", lambda i: (i.tmp / "src").write_text("hello"), CONVERT,
+        "is not a folder or a .tar.gz"),
+    row("data_dir_is_a_file", lambda i: (i.folder(), (i.tmp / "d").write_text("")), CONVERT, "d is a file"),
+    row("workers_zero", lambda i: i.folder(), [*CONVERT, "--workers", "0"], "--workers: must be at least 1", code=2),
+    # 2. Converted data whose parts disagree: what training would read, checked as training does.
+    row("meta_not_json", lambda i: (i.data_dir() / "meta.json").write_text("{"), CHECK, "meta.json is not valid JSON"),
+    row("meta_not_an_object", lambda i: (i.data_dir() / "meta.json").write_text("[{}]"), CHECK,
+        "holds a JSON list, not an object"),
+    row("meta_other_version", lambda i: edit_meta(i, lambda m: m.update(version=0)), CHECK,
+        "meta.json is version 0, this data.py reads version 1"),
+    row("meta_lacks_keys", lambda i: edit_meta(i, lambda m: [m.pop("mean"), m.pop("std")]), CHECK,
+        "meta.json lacks mean, std"),
+    row("meta_malformed_value", lambda i: edit_meta(i, lambda m: m.update(mean="0.5")), CHECK,
+        "meta.json's mean is not in data.py's form"),
+    row("meta_class_counts_do_not_add_up", lambda i: edit_meta(i, lambda m: m["class_counts"]["test"].pop()), CHECK,
+        "class_counts of test do not add up"),
+    row("labels_beyond_classes", lambda i: edit_meta(i, fewer_classes), CHECK,
+        "labels go from 0 to 9, but meta.json names 8 classes"),
+    row("counts_differ_from_beton", lambda i: edit_meta(i, more_images), CHECK,
+        "train.beton holds 240 images, meta.json says 250"),
+    row("class_counts_differ_from_beton", lambda i: edit_meta(i, two_classes_swapped), CHECK,
+        "images per class differ from meta.json's class_counts"),
+    row("beton_images_64x64", beton_of_64px_images, CHECK, "test.beton holds 64×64 images, not 32×32"),
+    row("beton_not_ffcv", beton_not_ffcv, CHECK, "test.beton is not a beton FFCV can read"),
+    row("betons_swapped", swap_betons, CHECK, "train.beton has"),
+    row("check_data_dir_is_a_file", lambda i: (i.tmp / "d").write_text(""), CHECK, "d is a file, not a folder"),
+    row("data_dir_inside_a_file", lambda i: (i.tmp / "f").write_text(""),
+        ["data.py", "--check", "--data-dir", "{tmp}/f/d"], "lies inside"),
+    row("data_dir_unreadable", unreadable_data_dir, CHECK, "permission denied"),
+    row("data_dir_missing", lambda i: None, CHECK, "holds no converted CIFAR-10"),
+]
+
+
+# --- running a row --------------------------------------------------------------------------------
+
+def run_in_process(main: Callable[[], None], argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """main() as `python argv...` would run it: SystemExit("text") prints text to stderr and exits 1."""
+    monkeypatch.setattr(sys, "argv", argv)
+    code = 0
+    try:
+        main()
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_script(argv: list[str], timeout: float = 600) -> tuple[int, str, str]:
+    """`python ROOT/argv[0] argv[1:]` as a subprocess (train.py rows: it sets up devices and threads)."""
+    result = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
+                            env=run_env(), timeout=timeout)
+    return result.returncode, result.stdout, result.stderr
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root: files by size and mtime; folders by name only (a temporary file
+    written and removed inside one changes its mtime, and that is allowed)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("build, command, fragment, code", ROWS)
+def test_bad_input_gives_one_line_naming_the_fix_and_writes_nothing(build, command, fragment, code, tmp_path,
+                                                                   request, monkeypatch, capsys):
+    build(Inputs(tmp_path, request))
+    before = snapshot(tmp_path)
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    monkeypatch.chdir(tmp_path)  # a relative default (data/) would land here, and be seen
+    if argv[0] in IN_PROCESS:
+        returncode, out, err = run_in_process(IN_PROCESS[argv[0]], argv, monkeypatch, capsys)
+    else:
+        returncode, out, err = run_script(argv)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert returncode == code, out + err
+    assert re.match(r"(\S+\.py: )?error: ", last), err  # argparse puts the program's name first
+    assert fragment in last, last
+    assert "Traceback" not in out + err
+    assert snapshot(tmp_path) == before
