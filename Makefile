@@ -11,6 +11,7 @@ EXTRA    ?=
 GPUS     ?=
 NPROC    ?=
 SHARD    ?=
+PREFLIGHT ?= 1
 QUICK    ?=
 # Results and figures of a named grid go to their own folders, so studies are plotted apart.
 GRID_NAME := $(basename $(notdir $(GRID)))
@@ -47,7 +48,7 @@ data: setup
 
 sweep: data
 	GRID="$(GRID)" EPOCHS="$(EPOCHS)" SEEDS="$(SEEDS)" GPUS="$(GPUS)" NPROC="$(NPROC)" SHARD="$(SHARD)" \
-	OUT="$(OUT)" PYTHON="$(PYTHON)" EXTRA="--data-dir $(DATA_DIR) $(EXTRA)" bash sweep.sh
+	PREFLIGHT="$(PREFLIGHT)" OUT="$(OUT)" PYTHON="$(PYTHON)" EXTRA="--data-dir $(DATA_DIR) $(EXTRA)" bash sweep.sh
 	$(MAKE) --no-print-directory plot
 
 plot: setup

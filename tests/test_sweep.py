@@ -1,6 +1,7 @@
 """Specification of sweep.sh: its grids and run names, seeds, shards, locking and resuming.
 
-The fast tests need no train.py: they read `--dry-run` output or plant result JSONs. The
+The fast tests need no train.py: they read `--dry-run` output, plant result JSONs, or run sweeps
+with a fake PYTHON that records each train.py call and acts as told (see FAKE_TRAIN). The
 `test_real_*` tests at the end train tiny configs with the real train.py on the synthetic data
 set; to run only the fast ones:  python -m pytest -q tests/test_sweep.py -k "not real"
 """
@@ -21,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.sh"
-SETTINGS = ("GRID", "OUT", "SEEDS", "EPOCHS", "EXTRA", "PYTHON", "GPUS", "NPROC", "SHARD")
+SETTINGS = ("GRID", "OUT", "SEEDS", "EPOCHS", "EXTRA", "PYTHON", "GPUS", "NPROC", "SHARD", "PREFLIGHT")
 GRID_SIZES = {
     "default": 12,
     "datasize": 12,
@@ -31,7 +32,7 @@ GRID_SIZES = {
     "batch": 5,
     "stem": 6,
 }
-FLAGS_WITHOUT_VALUE = {"--pretrained", "--resume", "--quiet", "--no-compile"}
+FLAGS_WITHOUT_VALUE = {"--pretrained", "--resume", "--quiet", "--no-compile", "--preflight"}
 
 
 def sweep(*args: str, cwd: Path, timeout: float = 60, **settings) -> subprocess.CompletedProcess:
@@ -92,6 +93,92 @@ def hold_lock(path: Path, mode: int):
     handle = open(path, "w")
     fcntl.flock(handle, mode | fcntl.LOCK_NB)
     return handle
+
+
+FAKE_TRAIN = r"""
+# A stand-in for PYTHON: `-c` goes to the real interpreter (sweep.sh reads JSONs so); a train.py
+# call, under torchrun or not, is recorded in calls.jsonl, then acts as behaviour.json says for its
+# config, e.g. {"CONFIG": {"status": "diverged", "exit": 1, "epoch_time_s": 60, "done": 1}}
+# (status "none": write no JSON; done: epochs in its history).
+import json, os, sys
+from pathlib import Path
+
+here = Path(__file__).parent
+argv = sys.argv[1:]
+if argv[:1] == ["-c"]:
+    os.execv(sys.executable, [sys.executable, *argv])
+torchrun = argv[:2] == ["-m", "torch.distributed.run"]
+args = argv[next(i for i, word in enumerate(argv) if word.endswith("train.py")) + 1 :]
+with open(here / "calls.jsonl", "a") as calls:
+    calls.write(json.dumps({"args": args, "torchrun": torchrun, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag.startswith("--")}
+config = value["--name"].rsplit("-s", 1)[0]
+behaviour = json.loads((here / "behaviour.json").read_text()).get(config, {})
+
+if "--preflight" in args:
+    if "--bogus-flag" in args:  # as argparse says it
+        print("usage: train.py [-h] [--arch ARCH] ...", file=sys.stderr)
+        print("train.py: error: unrecognized arguments: --bogus-flag", file=sys.stderr)
+        code = 2
+    else:
+        print("preflight: 2 steps and 1 eval batch ok")
+        code = 0
+else:
+    status = behaviour.get("status", "finished")
+    code = behaviour.get("exit", {"finished": 0, "diverged": 3}.get(status, 1))
+    epochs, epoch_time = int(value.get("--epochs", 2)), behaviour.get("epoch_time_s", 1.0)
+    history = [{"epoch": e + 1, "epoch_time_s": epoch_time} for e in range(behaviour.get("done", epochs))]
+    record = {"status": status, "config": {"epochs": epochs}, "history": history}
+    if status == "finished":
+        record["final"] = {"test_acc": 0.5, "mean_epoch_time_s": epoch_time}
+    if status != "none":
+        Path(value["--out"], value["--name"] + ".json").write_text(json.dumps(record))
+    print(f"{value['--name']}: {status}")
+if torchrun and code != 0:  # torchrun's own report, as torch 2.x prints it after the ranks' output
+    print("E1123 08:37:49.667000 11127 torch/distributed/elastic/multiprocessing/api.py:1002] "
+          f"failed (exitcode: {code}) local_rank: 0 (pid: 11222) of binary: {sys.executable}", file=sys.stderr)
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print('  File "torch/distributed/run.py", line 1142, in <module>', file=sys.stderr)
+    print("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", file=sys.stderr)
+    print("=" * 60, file=sys.stderr)
+    code = 1
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def fake(tmp_path) -> Path:
+    """A folder holding the fake PYTHON (`fake / "python"`), its behaviour.json and calls.jsonl."""
+    folder = tmp_path / "fake"
+    folder.mkdir()
+    python = folder / "python"
+    python.write_text(f"#!{sys.executable}" + FAKE_TRAIN)
+    python.chmod(0o755)
+    (folder / "behaviour.json").write_text("{}")
+    return folder
+
+
+def behave(fake: Path, **configs: dict) -> None:
+    """Tell the fake train.py how each config's run ends, e.g. behave(fake, a={"status": "diverged"})."""
+    (fake / "behaviour.json").write_text(json.dumps(configs))
+
+
+def calls(fake: Path) -> list[dict]:
+    """The train.py calls the fake received, in order: {"args": [...], "torchrun": bool, "gpus": str | None}."""
+    path = fake / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def is_preflight(call: dict) -> bool:
+    return "--preflight" in call["args"]
+
+
+def write_grid(folder: Path, *lines: str, name: str = "mine.grid") -> str:
+    (folder / name).write_text("".join(f"{line}\n" for line in lines))
+    return name
+
+
+THREE_CONFIGS = ("a --arch cnn --opt sgd", "b --arch cnn --opt adam", "c --arch cnn --opt adamw")
 
 
 # --- Grids and names ---------------------------------------------------------------------------
@@ -320,6 +407,94 @@ def test_shards_of_one_sweep_can_share_an_out_folder(tmp_path):
         assert "another sweep" in one_line_error(sweep(cwd=tmp_path))
 
 
+# --- Preflight ----------------------------------------------------------------------------------
+
+
+def test_preflight_checks_each_config_once_at_seed_0_with_epochs_and_extra_and_never_resumes(tmp_path):
+    write_result(tmp_path / "results", "resnet18-max-sgd-s0", "running")
+
+    result = sweep("--preflight", "--dry-run", cwd=tmp_path, SEEDS=3, EPOCHS=2, EXTRA="--data-dir /d --no-compile")
+
+    assert result.returncode == 0, result.stderr
+    checks = [parse_command(line) for line in result.stdout.splitlines()]
+    assert len(checks) == 12, "one check per config, not per seed"
+    for check in checks:
+        assert check["preflight"] is True and "resume" not in check
+        assert (check["seed"], check["epochs"], check["data-dir"], check["no-compile"]) == ("0", "2", "/d", True)
+
+
+def test_preflight_of_a_shard_checks_the_configs_of_its_runs(tmp_path):
+    names = {r["name"].removesuffix("-s0") for r in dry_run(tmp_path, SHARD="1/5")}
+
+    result = sweep("--preflight", "--dry-run", cwd=tmp_path, SHARD="1/5")
+
+    assert {parse_command(line)["name"].removesuffix("-s0") for line in result.stdout.splitlines()} == names
+
+
+def test_preflight_names_the_config_whose_grid_line_has_an_unknown_flag(tmp_path, fake):
+    grid = write_grid(tmp_path, "good --arch cnn", "typo --arch cnn --bogus-flag", "fine --arch resnet20")
+
+    result = sweep("--preflight", cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
+
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    assert re.search(r"\bgood\b.*\bok$", lines[0]) and re.search(r"\bfine\b.*\bok$", lines[2])
+    assert re.search(r"\btypo\b.*failed \(exit 2\): train.py: error: unrecognized arguments: --bogus-flag$", lines[1])
+    assert "1 failed" in result.stderr
+    assert re.search(r"failed\s+typo\s+exit 2\s+results/mine/logs/preflight/typo\.log", result.stderr)
+    assert "--bogus-flag" in (tmp_path / "results/mine/logs/preflight/typo.log").read_text()
+    assert all(is_preflight(call) for call in calls(fake)) and len(calls(fake)) == 3
+
+
+def test_sweep_starts_no_run_when_the_preflight_fails(tmp_path, fake):
+    grid = write_grid(tmp_path, "good --arch cnn", "typo --arch cnn --bogus-flag")
+
+    result = sweep(cwd=tmp_path, GRID=grid, SEEDS=2, PYTHON=fake / "python")
+
+    assert result.returncode == 1
+    assert result.stdout == "", "no run ended"
+    assert "typo" in result.stderr and "PREFLIGHT=0" in result.stderr
+    assert [call["args"][call["args"].index("--name") + 1] for call in calls(fake)] == ["good-s0", "typo-s0"]
+    assert all(is_preflight(call) for call in calls(fake)), "no training run started"
+    assert list((tmp_path / "results" / "mine").glob("*.json")) == []
+
+
+def test_sweep_preflights_the_configs_it_will_run_before_its_first_run(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS)
+    write_result(tmp_path / "results" / "mine", "a-s0", "finished")
+
+    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
+
+    assert result.returncode == 0, result.stderr
+    names = [(call["args"][call["args"].index("--name") + 1], is_preflight(call)) for call in calls(fake)]
+    assert names == [("b-s0", True), ("c-s0", True), ("b-s0", False), ("c-s0", False)]
+    assert len(result.stdout.splitlines()) == 2, "the terminal's stdout: one line per run"
+
+
+def test_preflight_0_skips_the_check(tmp_path, fake):
+    grid = write_grid(tmp_path, "typo --arch cnn --bogus-flag")
+
+    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)
+
+    assert result.returncode == 0, result.stderr
+    assert [is_preflight(call) for call in calls(fake)] == [False]
+
+
+def test_preflight_runs_under_torchrun_on_the_gpu_slots_and_reports_the_ranks_error(tmp_path, fake):
+    grid = write_grid(tmp_path, "typo --arch cnn --bogus-flag", *THREE_CONFIGS)
+
+    result = sweep("--preflight", cwd=tmp_path, GRID=grid, GPUS="0,1,2,3", NPROC=2, PYTHON=fake / "python")
+
+    assert result.returncode == 1
+    assert all(call["torchrun"] for call in calls(fake))
+    assert {call["gpus"] for call in calls(fake)} <= {"0,1", "2,3"}
+    assert {call["gpus"] for call in calls(fake)[:2]} == {"0,1", "2,3"}, "both slots at once"
+    # torchrun exits 1 and ends with its own report; the line shown is the rank's
+    assert re.search(r"\btypo\b.*failed \(exit 1\): train.py: error: unrecognized arguments: --bogus-flag$",
+                     result.stdout.splitlines()[0])
+
+
 # --- Real sweeps: train tiny configs with train.py (slow; last) ---------------------------------
 
 TINY_GRID = """\
@@ -336,6 +511,9 @@ def tiny_settings(data_dir: Path) -> dict:
         "GRID": "tiny.grid",
         "EPOCHS": 1,
         "EXTRA": f"--data-dir {data_dir} --no-compile --amp off --channels-last --aug none --batch-size 32",
+        # These tests are about runs (a broken config must fail as a run, not be stopped by the
+        # preflight); the fast tests cover the preflight with a fake train.py.
+        "PREFLIGHT": 0,
     }
 
 
