@@ -32,7 +32,8 @@
 #
 # To resume, run the same command again: runs whose OUT/NAME.json says "finished" or "diverged" are
 # skipped, "running" ones (interrupted) continue with --resume, missing or unreadable ones start over.
-# Output of each run is appended to OUT/logs/NAME.log; the terminal gets one line per run.
+# Output of each run is appended to OUT/logs/NAME.log; the terminal gets one line per run, whose
+# outcome is the status in its JSON (finished, diverged; failed otherwise), not its exit code alone.
 # Exit status: 0 all done; 1 some run or preflight failed (listed at the end); 2 bad settings or OUT in use;
 # 130 interrupted (Ctrl-C or SIGTERM: running configs save a checkpoint first).
 set -euo pipefail
@@ -450,17 +451,18 @@ start_run() {  # start_run RUN_INDEX SLOT
 }
 
 finish_run() {  # finish_run RUN_INDEX EXIT_CODE: print the run's line, count it
-  local i=$1 rc=$2 name=${RUN_NAMES[$1]} acc outcome detail eta=""
+  local i=$1 rc=$2 name=${RUN_NAMES[$1]} status acc outcome detail eta=""
   local log="$OUT/logs/$name.log" elapsed=$((EPOCHSECONDS - STARTED[$1]))
   N_DONE=$((N_DONE + 1))
-  read -r _ acc <<<"$(read_result "$OUT/$name.json")"
+  read -r status acc <<<"$(read_result "$OUT/$name.json")"
   detail="test_acc $acc"
-  case $rc in
-    0 | 3)
-      if ((rc == 0)); then outcome=finished; else outcome=diverged; fi
+  # The JSON tells how a run ended: torchrun turns every failing exit code (3, diverged, too) into 1.
+  case $rc:$status in
+    130:*) outcome=interrupted detail="log $log" INTERRUPTED=1 ;;
+    *:finished | *:diverged)
+      outcome=$status
       TIMED_SECONDS=$((TIMED_SECONDS + elapsed)) TIMED_RUNS=$((TIMED_RUNS + 1)) ;;
-    130) outcome=interrupted detail="log $log" INTERRUPTED=1 ;;
-    *) outcome="failed (exit $rc)" detail="log $log" FAILURES+=("$name  exit $rc  $log") ;;
+    *) outcome="failed (exit $rc, status $status)" detail="log $log" FAILURES+=("$name  exit $rc  $log") ;;
   esac
   if [[ ${RUN_STATUS[i]} == running ]]; then outcome+=" (resumed)"; fi
   local left=$((${#PENDING[@]} - N_DONE))

@@ -173,6 +173,10 @@ def is_preflight(call: dict) -> bool:
     return "--preflight" in call["args"]
 
 
+def name_of(call: dict) -> str:
+    return call["args"][call["args"].index("--name") + 1]
+
+
 def write_grid(folder: Path, *lines: str, name: str = "mine.grid") -> str:
     (folder / name).write_text("".join(f"{line}\n" for line in lines))
     return name
@@ -380,6 +384,33 @@ def test_sweep_whose_runs_all_finished_trains_nothing(tmp_path):
     assert list((tmp_path / "results" / "stem" / "logs").iterdir()) == []
 
 
+# --- How a run ended ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "behaviour, nproc, outcome, sweep_exit",
+    [
+        ({"status": "diverged", "exit": 1}, 2, "diverged", 0),  # torchrun turns exit 3 into 1
+        ({"status": "diverged"}, None, "diverged", 0),
+        ({"status": "finished", "exit": 1}, 2, "finished", 0),  # e.g. a failing teardown after the record
+        ({"status": "running", "exit": 1}, 2, "failed (exit 1, status running)", 1),
+        ({"status": "none", "exit": 0}, None, "failed (exit 0, status missing)", 1),  # exit 0, no record
+        ({"status": "running", "exit": 130}, None, "interrupted", 130),
+    ],
+    ids=["diverged-torchrun", "diverged", "finished-torchrun", "crashed-torchrun", "no-record", "interrupted"],
+)
+def test_run_outcome_comes_from_its_json_status_not_its_exit_code(tmp_path, fake, behaviour, nproc, outcome, sweep_exit):
+    grid = write_grid(tmp_path, "a --arch cnn")
+    behave(fake, a=behaviour)
+    settings = {"NPROC": nproc} if nproc else {}
+
+    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0, **settings)
+
+    assert result.returncode == sweep_exit, result.stdout + result.stderr
+    assert re.match(rf"\[1/1\] a-s0  {re.escape(outcome)}  ", result.stdout), result.stdout
+    assert ("failed  a-s0" in result.stderr) == outcome.startswith("failed")
+
+
 # --- Locking ------------------------------------------------------------------------------------
 
 
@@ -455,7 +486,7 @@ def test_sweep_starts_no_run_when_the_preflight_fails(tmp_path, fake):
     assert result.returncode == 1
     assert result.stdout == "", "no run ended"
     assert "typo" in result.stderr and "PREFLIGHT=0" in result.stderr
-    assert [call["args"][call["args"].index("--name") + 1] for call in calls(fake)] == ["good-s0", "typo-s0"]
+    assert [name_of(call) for call in calls(fake)] == ["good-s0", "typo-s0"]
     assert all(is_preflight(call) for call in calls(fake)), "no training run started"
     assert list((tmp_path / "results" / "mine").glob("*.json")) == []
 
@@ -467,7 +498,7 @@ def test_sweep_preflights_the_configs_it_will_run_before_its_first_run(tmp_path,
     result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
 
     assert result.returncode == 0, result.stderr
-    names = [(call["args"][call["args"].index("--name") + 1], is_preflight(call)) for call in calls(fake)]
+    names = [(name_of(call), is_preflight(call)) for call in calls(fake)]
     assert names == [("b-s0", True), ("c-s0", True), ("b-s0", False), ("c-s0", False)]
     assert len(result.stdout.splitlines()) == 2, "the terminal's stdout: one line per run"
 
@@ -489,7 +520,8 @@ def test_preflight_runs_under_torchrun_on_the_gpu_slots_and_reports_the_ranks_er
     assert result.returncode == 1
     assert all(call["torchrun"] for call in calls(fake))
     assert {call["gpus"] for call in calls(fake)} <= {"0,1", "2,3"}
-    assert {call["gpus"] for call in calls(fake)[:2]} == {"0,1", "2,3"}, "both slots at once"
+    gpus = {name_of(call): call["gpus"] for call in calls(fake)}
+    assert {gpus["typo-s0"], gpus["a-s0"]} == {"0,1", "2,3"}, "the first two configs start at once, one per slot"
     # torchrun exits 1 and ends with its own report; the line shown is the rank's
     assert re.search(r"\btypo\b.*failed \(exit 1\): train.py: error: unrecognized arguments: --bogus-flag$",
                      result.stdout.splitlines()[0])
