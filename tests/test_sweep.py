@@ -1,4 +1,5 @@
-"""Specification of sweep.sh: its grids and run names, seeds, shards, locking and resuming.
+"""Specification of sweep.sh: its grids and run names, seeds, shards, locking and resuming, and of
+the Makefile's locks around set-up and data (the tasks of a Slurm array run them at once).
 
 The fast tests need no train.py: they read `--dry-run` output, plant result JSONs, or run sweeps
 with a fake PYTHON that records each train.py call and acts as told (see FAKE_TRAIN). The
@@ -15,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -525,6 +527,84 @@ def test_preflight_runs_under_torchrun_on_the_gpu_slots_and_reports_the_ranks_er
     # torchrun exits 1 and ends with its own report; the line shown is the rank's
     assert re.search(r"\btypo\b.*failed \(exit 1\): train.py: error: unrecognized arguments: --bogus-flag$",
                      result.stdout.splitlines()[0])
+
+
+# --- Makefile: set-up and data under a lock (a Slurm array's tasks all run them at once) ----------
+
+RECORDING_COMMAND = r"""#!/bin/sh
+# Stands in for python3 / .venv/bin/python: records its call and whether $LOCK was held meanwhile.
+if flock -n "$LOCK" true; then held=no; else held=yes; fi
+echo "$(basename "$0") $* lock-held=$held" >>"$CALLS"
+case "$*" in *"-m venv .venv"*) mkdir -p .venv ;; esac
+"""
+
+
+def waiting_on(lock: Path) -> int:
+    """How many processes wait for a flock on this file (/proc/locks marks them '->')."""
+    inode = f":{lock.stat().st_ino}"
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if " -> " in line and any(field.endswith(inode) for field in line.split()))
+
+
+def start_concurrent_makes(folder: Path, lock: Path, *args: str, fake: Path, env: dict) -> list[subprocess.Popen]:
+    """Two `make ARGS` at once while the test holds LOCK; returns when both wait for it."""
+    makes = [subprocess.Popen(["make", "-s", *args, f"PYTHON={fake}"], cwd=folder, env=env) for _ in range(2)]
+    deadline = time.monotonic() + 30
+    while waiting_on(lock) < 2:
+        assert all(make.poll() is None for make in makes), "a make ended without waiting for the lock"
+        assert time.monotonic() < deadline, "the makes never waited for the lock"
+        time.sleep(0.05)
+    return makes
+
+
+@pytest.fixture
+def make_folder(tmp_path) -> tuple[Path, Path, dict]:
+    """A folder with the Makefile and a requirements.txt; a recording python3 (on PATH) and PYTHON."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "requirements.txt").write_text("torch\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python3", "python"):
+        (bin_dir / name).write_text(RECORDING_COMMAND)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    return tmp_path, bin_dir / "python", env
+
+
+def recorded(folder: Path) -> list[str]:
+    path = folder / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_concurrent_setups_build_the_venv_once_under_a_lock(make_folder):
+    folder, fake, env = make_folder
+    lock = folder / ".venv.lock"
+    env["LOCK"] = str(lock)
+
+    with hold_lock(lock, fcntl.LOCK_EX):
+        makes = start_concurrent_makes(folder, lock, ".venv/.installed", fake=fake, env=env)
+        assert recorded(folder) == [], "nothing runs while another task holds the lock"
+    assert [make.wait(timeout=60) for make in makes] == [0, 0]
+
+    assert recorded(folder) == [
+        "python3 -m venv .venv lock-held=yes",
+        "python -m pip install -q --upgrade pip lock-held=yes",
+        "python -m pip install -q -r requirements.txt lock-held=yes",
+    ], "one task installs under the lock; the other then finds .venv up to date"
+
+
+def test_concurrent_make_data_calls_convert_one_at_a_time(make_folder):
+    folder, fake, env = make_folder
+    lock = folder / "data" / ".lock"
+    env["LOCK"] = str(lock)
+
+    with hold_lock(lock, fcntl.LOCK_EX):
+        # -o setup: the venv and system libraries are not this test's business
+        makes = start_concurrent_makes(folder, lock, "-o", "setup", "data", "DATA_DIR=data", fake=fake, env=env)
+        assert recorded(folder) == []
+    assert [make.wait(timeout=60) for make in makes] == [0, 0]
+
+    assert recorded(folder) == ["python data.py --data-dir data lock-held=yes"] * 2
 
 
 # --- Real sweeps: train tiny configs with train.py (slow; last) ---------------------------------
