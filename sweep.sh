@@ -6,6 +6,7 @@
 #   GRID=my.grid bash sweep.sh         # a grid file -> results/my/
 #   bash sweep.sh --dry-run            # print the train.py commands that would run; run nothing
 #   bash sweep.sh --preflight          # check every config of the grid in seconds; train nothing
+#   bash sweep.sh --status             # the table of finished, running, pending and failed runs of OUT
 #
 # Settings (environment variables):
 #   GRID=default    default | datasize | cifar-resnets | augment | optim | batch | stem,
@@ -33,7 +34,15 @@
 # To resume, run the same command again: runs whose OUT/NAME.json says "finished" or "diverged" are
 # skipped, "running" ones (interrupted) continue with --resume, missing or unreadable ones start over.
 # Output of each run is appended to OUT/logs/NAME.log; the terminal gets one line per run, whose
-# outcome is the status in its JSON (finished, diverged; failed otherwise), not its exit code alone.
+# outcome is the status in its JSON (finished, diverged; failed otherwise), not its exit code alone,
+# with how long it took and an estimate of the time left: the mean measured epoch time (train +
+# eval, from the JSONs of this sweep's runs) x the epochs left, over the slots.
+#
+# --status reads the same settings (GRID, OUT, SEEDS, SHARD) and prints each run with its epochs,
+# test accuracy and mean epoch time. A run is running while train.py holds its flock on
+# OUT/checkpoints/NAME.lock; interrupted if its JSON says running but nothing holds the lock;
+# failed if the sweep said so as the last line of OUT/logs/NAME.log.
+#
 # Exit status: 0 all done; 1 some run or preflight failed (listed at the end); 2 bad settings or OUT in use;
 # 130 interrupted (Ctrl-C or SIGTERM: running configs save a checkpoint first).
 set -euo pipefail
@@ -48,7 +57,7 @@ GPUS=${GPUS:-}
 NPROC=${NPROC:-}
 SHARD=${SHARD:-}
 PREFLIGHT=${PREFLIGHT:-1}
-DRY_RUN=0 PREFLIGHT_ONLY=0
+DRY_RUN=0 PREFLIGHT_ONLY=0 STATUS_ONLY=0
 
 GRIDS=(default datasize cifar-resnets augment optim batch stem)
 TRAIN=$(dirname "$0")/train.py
@@ -157,17 +166,32 @@ quote_command() {  # quote only the words that need it, so printed commands stay
   echo "${words[*]}"
 }
 
-read_result() {  # read_result JSON -> "<status> <test_acc>"; "missing -" if absent or unreadable
-  if [[ ! -f $1 ]]; then echo "missing -"; return; fi
+read_records() {  # read_records JSON...: one line per file, STATUS TEST_ACC EPOCHS_DONE EPOCHS EPOCH_MS MEAN_EPOCH
+  # e.g. "finished 93.12% 10 10 431000 41.2s": EPOCH_MS sums the recorded epochs' train and eval
+  # times; TEST_ACC is the last epoch's until the run ends; "missing - 0 - 0 -" if absent or unreadable
   "$PYTHON" -c '
 import json, sys
-try:
-    record = json.load(open(sys.argv[1]))
-    acc = (record.get("final") or {}).get("test_acc")
-    print(record["status"], "-" if acc is None else f"{100 * acc:.2f}%")
-except Exception:
-    print("missing -")
-' "$1" 2>/dev/null || echo "missing -"
+for path in sys.argv[1:]:
+    try:
+        record = json.load(open(path))
+        history, final = record.get("history") or [], record.get("final") or {}
+        acc = final.get("test_acc", history[-1].get("test_acc") if history else None)
+        epochs = (record.get("config") or {}).get("epochs") or "-"
+        ms = round(1000 * sum(h.get("epoch_time_s", 0) + h.get("eval_time_s", 0) for h in history))
+        times = [h["epoch_time_s"] for h in history if "epoch_time_s" in h]
+        mean = final.get("mean_epoch_time_s") or (sum(times) / len(times) if times else None)
+        print(record["status"], "-" if acc is None else f"{100 * acc:.2f}%", len(history), epochs, ms,
+              "-" if mean is None else f"{mean:.1f}s")
+    except Exception:
+        print("missing - 0 - 0 -")
+' "$@" 2>/dev/null
+}
+
+load_records() {  # load_records RUN_INDEX...: RECORD[i] = the read_records line of each run's JSON
+  local i k=0 paths=() lines=()
+  for i; do paths+=("$OUT/${RUN_NAMES[i]}.json"); done
+  mapfile -t lines < <(read_records "${paths[@]}" || true)
+  for i; do RECORD[i]=${lines[k]:-missing - 0 - 0 -} k=$((k + 1)); done
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +203,12 @@ parse_args() {
     case $arg in
       --dry-run) DRY_RUN=1 ;;
       --preflight) PREFLIGHT_ONLY=1 ;;
+      --status) STATUS_ONLY=1 ;;
       -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
       *) die "unknown argument '$arg': settings are environment variables, see 'bash $0 --help'" ;;
     esac
   done
+  if ((STATUS_ONLY && (DRY_RUN || PREFLIGHT_ONLY))); then die "--status goes alone"; fi
 }
 
 check_settings() {
@@ -244,9 +270,10 @@ expand_runs() {  # configs x seeds, seed-major so that seed 0 of every config co
 
 plan_runs() {  # RUN_STATUS from each run's JSON -> PENDING (indices of runs to start); notes the skips
   local i status acc
-  RUN_STATUS=() PENDING=()
+  RUN_STATUS=() PENDING=() RECORD=()
+  load_records "${!RUN_NAMES[@]}"
   for i in "${!RUN_NAMES[@]}"; do
-    read -r status acc <<<"$(read_result "$OUT/${RUN_NAMES[i]}.json")"
+    read -r status acc _ <<<"${RECORD[i]}"
     RUN_STATUS[i]=$status
     case $status in
       finished | diverged) note "skip  ${RUN_NAMES[i]}  $status  test_acc $acc" ;;
@@ -446,15 +473,19 @@ preflight() {  # preflight CONFIG_INDEX...: check those configs; the failures go
 # Training runs
 
 start_run() {  # start_run RUN_INDEX SLOT
+  local gpus=${SLOTS[$2]}
+  N_STARTED=$((N_STARTED + 1))
+  note "start  ${RUN_NAMES[$1]}  (run $N_STARTED of $TOTAL${gpus:+, GPU $gpus})"
   run_command "$1"
   start_job "$1" "$2" "$OUT/logs/${RUN_NAMES[$1]}.log"
 }
 
-finish_run() {  # finish_run RUN_INDEX EXIT_CODE: print the run's line, count it
-  local i=$1 rc=$2 name=${RUN_NAMES[$1]} status acc outcome detail eta=""
+finish_run() {  # finish_run RUN_INDEX EXIT_CODE: print the run's line, count it, say it in its log
+  local i=$1 rc=$2 name=${RUN_NAMES[$1]} status acc outcome detail eta="" seconds
   local log="$OUT/logs/$name.log" elapsed=$((EPOCHSECONDS - STARTED[$1]))
-  N_DONE=$((N_DONE + 1))
-  read -r status acc <<<"$(read_result "$OUT/$name.json")"
+  N_DONE=$((N_DONE + 1)) ENDED[i]=1
+  load_records "$i"
+  read -r status acc _ <<<"${RECORD[i]}"
   detail="test_acc $acc"
   # The JSON tells how a run ended: torchrun turns every failing exit code (3, diverged, too) into 1.
   case $rc:$status in
@@ -464,17 +495,81 @@ finish_run() {  # finish_run RUN_INDEX EXIT_CODE: print the run's line, count it
       TIMED_SECONDS=$((TIMED_SECONDS + elapsed)) TIMED_RUNS=$((TIMED_RUNS + 1)) ;;
     *) outcome="failed (exit $rc, status $status)" detail="log $log" FAILURES+=("$name  exit $rc  $log") ;;
   esac
+  printf '# %(%F %T)T sweep.sh: run ended: %s\n' -1 "$outcome" >>"$log"  # what --status reads
   if [[ ${RUN_STATUS[i]} == running ]]; then outcome+=" (resumed)"; fi
-  local left=$((${#PENDING[@]} - N_DONE))
-  if ((INTERRUPTED || left == 0)); then
-    eta=""
-  elif ((TIMED_RUNS > 0)); then
-    eta="  ETA $(fmt_duration $((TIMED_SECONDS * left / (TIMED_RUNS * ${#SLOTS[@]}))))"
-  else
-    eta="  ETA ?"
+  if ((!INTERRUPTED && N_DONE < TOTAL)); then
+    seconds=$(time_left)
+    if [[ -n $seconds ]]; then eta="  ETA $(fmt_duration "$seconds")"; else eta="  ETA ?"; fi
   fi
-  printf '[%*d/%d] %-*s  %s  %s  %s%s\n' "$INDEX_WIDTH" "$N_DONE" "${#PENDING[@]}" \
+  printf '[%*d/%d] %-*s  %s  %s  %s%s\n' "$INDEX_WIDTH" "$N_DONE" "$TOTAL" \
     "$NAME_WIDTH" "$name" "$outcome" "$detail" "$(fmt_duration "$elapsed")" "$eta"
+}
+
+time_left() {  # print the seconds the runs not ended yet should take; nothing if there is no measure
+  # The mean of every epoch measured in this sweep's JSONs, times the epochs left, over the slots.
+  # A run with no JSON yet is taken to train as many epochs as the recorded runs do on average.
+  local i status acc done epochs ms measured_ms=0 measured=0 planned=0 recorded=0 left=0 runs_left=0
+  load_records "${!RUN_NAMES[@]}"
+  for i in "${!RUN_NAMES[@]}"; do
+    read -r status acc done epochs ms _ <<<"${RECORD[i]}"
+    measured_ms=$((measured_ms + ms)) measured=$((measured + done))
+    if [[ $epochs != - ]]; then planned=$((planned + epochs)) recorded=$((recorded + 1)); fi
+  done
+  for i in "${PENDING[@]}"; do
+    if [[ -n ${ENDED[i]:-} ]]; then continue; fi
+    read -r status acc done epochs ms _ <<<"${RECORD[i]}"
+    runs_left=$((runs_left + 1))
+    if [[ $epochs != - ]]; then left=$((left + (epochs > done ? epochs - done : 0)))
+    elif ((recorded)); then left=$((left + planned / recorded))
+    else measured=0; fi  # epochs left unknown: fall back to wall time
+  done
+  if ((measured)); then
+    echo $((measured_ms * left / (measured * 1000 * ${#SLOTS[@]})))
+  elif ((TIMED_RUNS)); then
+    echo $((TIMED_SECONDS * runs_left / (TIMED_RUNS * ${#SLOTS[@]})))
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Status of a results folder
+
+lock_is_held() {  # lock_is_held FILE: some process (a running train.py) holds a flock on FILE
+  local rc=0
+  [[ -e $1 ]] || return 1
+  flock -n -s -E 75 "$1" true 2>/dev/null || rc=$?
+  ((rc == 75))
+}
+
+sweep_verdict() {  # sweep_verdict LOG: what the sweep said of the run's last attempt, if it said anything
+  local last=""
+  if [[ -f $1 ]]; then last=$(tail -n 1 "$1"); fi
+  if [[ $last == "# "*" sweep.sh: run ended: "* ]]; then echo "${last#* sweep.sh: run ended: }"; fi
+}
+
+print_status() {  # the table of the grid's runs in OUT, and a count line
+  local i status acc done epochs ms mean shown verdict kind width=3 line=""
+  local -A count=()
+  load_records "${!RUN_NAMES[@]}"
+  for i in "${!RUN_NAMES[@]}"; do
+    if ((${#RUN_NAMES[i]} > width)); then width=${#RUN_NAMES[i]}; fi
+  done
+  printf '%-*s  %7s  %8s  %10s  %s\n' "$width" run epochs "test acc" "epoch time" status
+  for i in "${!RUN_NAMES[@]}"; do
+    read -r status acc done epochs ms mean <<<"${RECORD[i]}"
+    verdict=$(sweep_verdict "$OUT/logs/${RUN_NAMES[i]}.log")
+    if [[ $status == finished || $status == diverged ]]; then kind=$status shown=$status
+    elif lock_is_held "$OUT/checkpoints/${RUN_NAMES[i]}.lock"; then kind=running shown=running
+    elif [[ $verdict == failed* ]]; then kind=failed shown=$verdict
+    elif [[ $status == running ]]; then kind=interrupted shown="interrupted (resume with make sweep)"
+    else kind=pending shown=pending; fi
+    count[$kind]=$((${count[$kind]:-0} + 1))
+    if [[ $epochs == - ]]; then epochs=-; else epochs="$done/$epochs"; fi
+    printf '%-*s  %7s  %8s  %10s  %s\n' "$width" "${RUN_NAMES[i]}" "$epochs" "$acc" "$mean" "$shown"
+  done
+  for kind in finished diverged running interrupted failed pending; do
+    if [[ -n ${count[$kind]:-} ]]; then line+=", ${count[$kind]} $kind"; fi
+  done
+  echo "${#RUN_NAMES[@]} runs in $OUT${SHARD:+ (shard $SHARD)}: ${line#, }"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +580,11 @@ check_settings
 load_grid
 expand_runs
 make_slots
+
+if ((STATUS_ONLY)); then
+  print_status
+  exit 0
+fi
 
 if ((PREFLIGHT_ONLY)); then
   configs_of "${!RUN_NAMES[@]}"
@@ -526,7 +626,7 @@ if ((PREFLIGHT)); then
   fi
 fi
 
-FAILURES=() N_DONE=0 TIMED_SECONDS=0 TIMED_RUNS=0
+FAILURES=() ENDED=() N_STARTED=0 N_DONE=0 TIMED_SECONDS=0 TIMED_RUNS=0 SWEEP_START=$EPOCHSECONDS
 TOTAL=${#PENDING[@]}
 INDEX_WIDTH=${#TOTAL} NAME_WIDTH=0  # INDEX_WIDTH: digits in the number of runs
 for i in "${PENDING[@]}"; do
@@ -534,7 +634,8 @@ for i in "${PENDING[@]}"; do
 done
 run_pool start_run finish_run "${PENDING[@]}"
 
-note "$N_DONE of ${#PENDING[@]} runs ended, ${#FAILURES[@]} failed; results in $OUT"
+note "$N_DONE of $TOTAL runs ended in $(fmt_duration $((EPOCHSECONDS - SWEEP_START))), ${#FAILURES[@]} failed;" \
+  "results in $OUT"
 for failure in "${FAILURES[@]}"; do note "failed  $failure"; done
 if ((INTERRUPTED)); then note "interrupted: run the same command again to resume"; exit 130; fi
 if ((${#FAILURES[@]})); then exit 1; fi

@@ -101,8 +101,9 @@ FAKE_TRAIN = r"""
 # A stand-in for PYTHON: `-c` goes to the real interpreter (sweep.sh reads JSONs so); a train.py
 # call, under torchrun or not, is recorded in calls.jsonl, then acts as behaviour.json says for its
 # config, e.g. {"CONFIG": {"status": "diverged", "exit": 1, "epoch_time_s": 60, "done": 1}}
-# (status "none": write no JSON; done: epochs in its history).
-import json, os, sys
+# (status "none": write no JSON; done: epochs in its history; wait_for: a file to wait for before
+# ending; touch: a file to create when ending).
+import json, os, sys, time
 from pathlib import Path
 
 here = Path(__file__).parent
@@ -133,8 +134,13 @@ else:
     record = {"status": status, "config": {"epochs": epochs}, "history": history}
     if status == "finished":
         record["final"] = {"test_acc": 0.5, "mean_epoch_time_s": epoch_time}
+    deadline = time.monotonic() + 30
+    while "wait_for" in behaviour and not Path(behaviour["wait_for"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     if status != "none":
         Path(value["--out"], value["--name"] + ".json").write_text(json.dumps(record))
+    if "touch" in behaviour:
+        Path(behaviour["touch"]).touch()
     print(f"{value['--name']}: {status}")
 if torchrun and code != 0:  # torchrun's own report, as torch 2.x prints it after the ranks' output
     print("E1123 08:37:49.667000 11127 torch/distributed/elastic/multiprocessing/api.py:1002] "
@@ -411,6 +417,82 @@ def test_run_outcome_comes_from_its_json_status_not_its_exit_code(tmp_path, fake
     assert result.returncode == sweep_exit, result.stdout + result.stderr
     assert re.match(rf"\[1/1\] a-s0  {re.escape(outcome)}  ", result.stdout), result.stdout
     assert ("failed  a-s0" in result.stderr) == outcome.startswith("failed")
+
+
+# --- Progress and status ------------------------------------------------------------------------
+
+
+def test_progress_lines_give_each_runs_time_and_the_time_left_from_measured_epochs(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS)
+    behave(fake, **{config: {"epoch_time_s": 100} for config in "abc"})
+
+    result = sweep(cwd=tmp_path, GRID=grid, EPOCHS=2, PYTHON=fake / "python", PREFLIGHT=0)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # one run measured: 100 s per epoch, 2 epochs for each of the 2 runs left, one slot
+    assert re.fullmatch(r"\[1/3\] a-s0  finished  test_acc 50\.00%  \d+s  ETA 6m40s", lines[0])
+    assert re.fullmatch(r"\[2/3\] b-s0  finished  test_acc 50\.00%  \d+s  ETA 3m20s", lines[1])
+    assert re.fullmatch(r"\[3/3\] c-s0  finished  test_acc 50\.00%  \d+s", lines[2])
+    assert "start  b-s0  (run 2 of 3)" in result.stderr
+    assert re.search(r"3 of 3 runs ended in \d+s, 0 failed", result.stderr)
+
+
+def test_time_left_counts_the_epochs_left_of_resumed_runs_and_divides_by_the_slots(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS)
+    out = tmp_path / "results" / "mine"
+    out.mkdir(parents=True)
+    (out / "c-s0.json").write_text(json.dumps({"status": "running", "config": {"epochs": 4},
+                                               "history": [{"epoch": 1, "epoch_time_s": 60, "eval_time_s": 40}]}))
+    # a ends first: b (on the other GPU) waits until c, which starts after a, has ended
+    behave(fake, a={"epoch_time_s": 100}, b={"wait_for": str(tmp_path / "c-ended")}, c={"touch": str(tmp_path / "c-ended")})
+
+    result = sweep(cwd=tmp_path, GRID=grid, GPUS="0,1", PYTHON=fake / "python", PREFLIGHT=0)
+
+    assert result.returncode == 0, result.stderr
+    # measured: a's 2 epochs and c's 1, 100 s each; left: b's 3 (the recorded runs' mean: 2 and 4)
+    # and c's 4 - 1; over 2 GPUs: 6 x 100 s / 2
+    assert re.fullmatch(r"\[1/3\] a-s0  finished  test_acc 50\.00%  \d+s  ETA 5m00s", result.stdout.splitlines()[0])
+    assert "start  c-s0  (run 3 of 3, GPU 0)" in result.stderr
+
+
+def test_time_left_falls_back_to_the_wall_time_of_ended_runs_when_no_epoch_is_measured(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS)
+    behave(fake, **{config: {"done": 0} for config in "abc"})
+
+    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)
+
+    assert re.search(r"  ETA \d+s$", result.stdout.splitlines()[0]), result.stdout
+
+
+def test_status_tells_finished_diverged_running_interrupted_failed_and_pending_runs(tmp_path, fake):
+    out = tmp_path / "results" / "mine"
+    # a sweep that ends a, b and f: b's train.py dies after its first epoch
+    behave(fake, b={"status": "running", "done": 1, "exit": 1}, f={"status": "diverged", "done": 1})
+    sweep(cwd=tmp_path, GRID=write_grid(tmp_path, "a --arch cnn", "b --arch cnn", "f --arch cnn"),
+          PYTHON=fake / "python", PREFLIGHT=0)
+    # then the grid grows; c runs now (its train.py holds its lock), d was killed, e never started
+    grid = write_grid(tmp_path, *THREE_CONFIGS, "d --arch cnn", "e --arch cnn", "f --arch cnn")
+    write_result(out, "c-s0", "running")
+    write_result(out, "d-s0", "running")
+
+    with hold_lock(out / "checkpoints" / "c-s0.lock", fcntl.LOCK_EX), hold_lock(out / ".sweep.lock", fcntl.LOCK_EX):
+        result = sweep("--status", cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
+
+    assert result.returncode == 0, result.stderr
+    header, *rows, count = result.stdout.splitlines()
+    assert header.split() == ["run", "epochs", "test", "acc", "epoch", "time", "status"]
+    table = {row.split()[0]: re.split(r"\s{2,}", row.strip(), maxsplit=4)[1:] for row in rows}
+    assert table == {
+        "a-s0": ["2/2", "50.00%", "1.0s", "finished"],
+        "b-s0": ["1/2", "-", "1.0s", "failed (exit 1, status running)"],
+        "c-s0": ["-", "-", "-", "running"],
+        "d-s0": ["-", "-", "-", "interrupted (resume with make sweep)"],
+        "e-s0": ["-", "-", "-", "pending"],
+        "f-s0": ["1/2", "-", "1.0s", "diverged"],
+    }
+    assert count == "6 runs in results/mine: 1 finished, 1 diverged, 1 running, 1 interrupted, 1 failed, 1 pending"
+    assert not (out / "checkpoints" / "d-s0.lock").exists(), "--status only looks"
 
 
 # --- Locking ------------------------------------------------------------------------------------
