@@ -27,7 +27,8 @@
 # Preflight: `train.py ARGS --preflight` runs the real path of a config for two training steps and
 # one eval batch in a temporary folder. --preflight does so for every config of the grid (seed 0,
 # EPOCHS and EXTRA applied; under torchrun with NPROC; one per slot at once with GPUS) and prints
-# ok or the last line of its output per config (full output: OUT/logs/preflight/CONFIG.log).
+# ok or the last line of its output per config (full output: OUT/logs/preflight/CONFIG.log,
+# or OUT/logs/preflight-shard-I-of-N/ with SHARD).
 # A sweep (make sweep too) first preflights the configs it is about to run and starts no run if one
 # fails: a typo in a grid file is caught in seconds, not after hours of training. PREFLIGHT=0 skips it.
 #
@@ -170,18 +171,19 @@ read_records() {  # read_records JSON...: one line per file, STATUS TEST_ACC EPO
   # e.g. "finished 93.12% 10 10 431000 41.2s": EPOCH_MS sums the recorded epochs' train and eval
   # times; TEST_ACC is the last epoch's until the run ends; "missing - 0 - 0 -" if absent or unreadable
   "$PYTHON" -c '
-import json, sys
+import json, re, sys
 for path in sys.argv[1:]:
     try:
         record = json.load(open(path))
-        history, final = record.get("history") or [], record.get("final") or {}
+        status, history, final = record["status"], record.get("history") or [], record.get("final") or {}
+        assert re.fullmatch(r"[a-z]+", status)  # one word, as the fields are split on spaces
         acc = final.get("test_acc", history[-1].get("test_acc") if history else None)
-        epochs = (record.get("config") or {}).get("epochs") or "-"
+        epochs = (record.get("config") or {}).get("epochs")
         ms = round(1000 * sum(h.get("epoch_time_s", 0) + h.get("eval_time_s", 0) for h in history))
         times = [h["epoch_time_s"] for h in history if "epoch_time_s" in h]
         mean = final.get("mean_epoch_time_s") or (sum(times) / len(times) if times else None)
-        print(record["status"], "-" if acc is None else f"{100 * acc:.2f}%", len(history), epochs, ms,
-              "-" if mean is None else f"{mean:.1f}s")
+        print(status, "-" if acc is None else f"{100 * acc:.2f}%", len(history),
+              epochs if isinstance(epochs, int) and epochs > 0 else "-", ms, "-" if mean is None else f"{mean:.1f}s")
     except Exception:
         print("missing - 0 - 0 -")
 ' "$@" 2>/dev/null
@@ -419,7 +421,9 @@ on_signal() {  # start no more jobs; ask the running ones to save a checkpoint a
 # ---------------------------------------------------------------------------------------------
 # Preflight: each config once, for a few steps, before hours of training
 
-preflight_log() { echo "$OUT/logs/preflight/${CONFIG_NAMES[$1]}.log"; }
+# Shards of one sweep may check the same config (its seeds are spread over them): one folder each.
+preflight_dir() { echo "$OUT/logs/preflight${SHARD:+-shard-$SHARD_I-of-$SHARD_N}"; }
+preflight_log() { echo "$(preflight_dir)/${CONFIG_NAMES[$1]}.log"; }
 
 last_output_line() {  # last_output_line LOG: the last non-blank line a job wrote (below sweep.sh's header)
   # torchrun appends its own failure report (a log line, then a ChildFailedError traceback) after
@@ -461,7 +465,7 @@ preflight() {  # preflight CONFIG_INDEX...: check those configs; the failures go
   for c; do
     if ((${#CONFIG_NAMES[c]} > NAME_WIDTH)); then NAME_WIDTH=${#CONFIG_NAMES[c]}; fi
   done
-  mkdir -p "$OUT/logs/preflight"
+  mkdir -p "$(preflight_dir)"
   run_pool start_preflight finish_preflight "$@"
   note "preflight: $N_CHECKED of $# configs checked, $((N_CHECKED - ${#PREFLIGHT_FAILURES[@]})) ok," \
     "${#PREFLIGHT_FAILURES[@]} failed"

@@ -495,6 +495,23 @@ def test_status_tells_finished_diverged_running_interrupted_failed_and_pending_r
     assert not (out / "checkpoints" / "d-s0.lock").exists(), "--status only looks"
 
 
+def test_odd_or_torn_records_stop_neither_the_status_nor_the_sweep(tmp_path, fake):
+    grid = write_grid(tmp_path, "a --arch cnn", "odd --arch cnn", "torn --arch cnn", "weird --arch cnn")
+    out = tmp_path / "results" / "mine"
+    out.mkdir(parents=True)
+    (out / "odd-s0.json").write_text(json.dumps({"status": "running", "config": {"epochs": 2.5}, "history": [{}]}))
+    (out / "torn-s0.json").write_text('{"status": "runn')
+    (out / "weird-s0.json").write_text(json.dumps({"status": "half done"}))
+
+    status = sweep("--status", cwd=tmp_path, GRID=grid)
+    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)  # ETAs read the records
+
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[-1] == "4 runs in results/mine: 1 interrupted, 3 pending"
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 4
+
+
 # --- Locking ------------------------------------------------------------------------------------
 
 
@@ -594,6 +611,16 @@ def test_preflight_0_skips_the_check(tmp_path, fake):
 
     assert result.returncode == 0, result.stderr
     assert [is_preflight(call) for call in calls(fake)] == [False]
+
+
+def test_shards_keep_their_preflight_logs_apart(tmp_path, fake):
+    grid = write_grid(tmp_path, "typo --arch cnn --bogus-flag")
+
+    for shard in ("0/2", "1/2"):  # seed 0 of typo in shard 0, seed 1 in shard 1: both check typo
+        assert sweep(cwd=tmp_path, GRID=grid, SEEDS=2, SHARD=shard, PYTHON=fake / "python").returncode == 1
+
+    for shard in ("0-of-2", "1-of-2"):
+        assert "--bogus-flag" in (tmp_path / f"results/mine/logs/preflight-shard-{shard}/typo.log").read_text()
 
 
 def test_preflight_runs_under_torchrun_on_the_gpu_slots_and_reports_the_ranks_error(tmp_path, fake):
