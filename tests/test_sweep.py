@@ -407,7 +407,8 @@ def test_sweep_whose_runs_all_finished_trains_nothing(tmp_path):
     ],
     ids=["diverged-torchrun", "diverged", "finished-torchrun", "crashed-torchrun", "no-record", "interrupted"],
 )
-def test_run_outcome_comes_from_its_json_status_not_its_exit_code(tmp_path, fake, behaviour, nproc, outcome, sweep_exit):
+def test_run_outcome_comes_from_its_json_status_not_its_exit_code(tmp_path, fake, behaviour, nproc, outcome,
+                                                                  sweep_exit):
     grid = write_grid(tmp_path, "a --arch cnn")
     behave(fake, a=behaviour)
     settings = {"NPROC": nproc} if nproc else {}
@@ -445,7 +446,8 @@ def test_time_left_counts_the_epochs_left_of_resumed_runs_and_divides_by_the_slo
     (out / "c-s0.json").write_text(json.dumps({"status": "running", "config": {"epochs": 4},
                                                "history": [{"epoch": 1, "epoch_time_s": 60, "eval_time_s": 40}]}))
     # a ends first: b (on the other GPU) waits until c, which starts after a, has ended
-    behave(fake, a={"epoch_time_s": 100}, b={"wait_for": str(tmp_path / "c-ended")}, c={"touch": str(tmp_path / "c-ended")})
+    c_ended = str(tmp_path / "c-ended")
+    behave(fake, a={"epoch_time_s": 100}, b={"wait_for": c_ended}, c={"touch": c_ended})
 
     result = sweep(cwd=tmp_path, GRID=grid, GPUS="0,1", PYTHON=fake / "python", PREFLIGHT=0)
 
