@@ -11,6 +11,7 @@ EXTRA    ?=
 GPUS     ?=
 NPROC    ?=
 SHARD    ?=
+PREFLIGHT ?= 1
 QUICK    ?=
 # Results and figures of a named grid go to their own folders, so studies are plotted apart.
 GRID_NAME := $(basename $(notdir $(GRID)))
@@ -35,19 +36,28 @@ system-deps:
 	  fi; \
 	fi
 
-# The stamp is rebuilt only when requirements.txt changes.
+# The stamp is rebuilt only when requirements.txt changes. The tasks of a Slurm array all start here
+# at once: under the lock one task builds .venv while the others wait, and then their inner make
+# finds the stamp up to date.
+ifndef VENV_LOCKED
+.venv/.installed: requirements.txt
+	flock .venv.lock $(MAKE) --no-print-directory VENV_LOCKED=1 $@
+else
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
 	touch $@
+endif
 
+# One conversion at a time per data folder; data.py does nothing when valid betons are there.
 data: setup
-	$(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))
+	mkdir -p $(DATA_DIR)
+	flock $(DATA_DIR)/.lock $(PYTHON) data.py --data-dir $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))
 
 sweep: data
 	GRID="$(GRID)" EPOCHS="$(EPOCHS)" SEEDS="$(SEEDS)" GPUS="$(GPUS)" NPROC="$(NPROC)" SHARD="$(SHARD)" \
-	OUT="$(OUT)" PYTHON="$(PYTHON)" EXTRA="--data-dir $(DATA_DIR) $(EXTRA)" bash sweep.sh
+	PREFLIGHT="$(PREFLIGHT)" OUT="$(OUT)" PYTHON="$(PYTHON)" EXTRA="--data-dir $(DATA_DIR) $(EXTRA)" bash sweep.sh
 	$(MAKE) --no-print-directory plot
 
 plot: setup
@@ -66,4 +76,4 @@ clean:
 	rm -rf results figures .pytest_cache .ruff_cache __pycache__ tests/__pycache__
 
 distclean: clean
-	rm -rf .venv data
+	rm -rf .venv .venv.lock data

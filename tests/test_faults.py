@@ -184,7 +184,8 @@ def sweep_env(tmp_path, data_dir, grid_lines: str, epochs: int) -> tuple[dict, o
     grid, out = tmp_path / "g.grid", tmp_path / "out"
     grid.write_text(grid_lines)
     env = dict(run_env(), GRID=str(grid), OUT=str(out), EPOCHS=str(epochs), PYTHON=sys.executable,
-               EXTRA=f"--data-dir {data_dir} --no-compile --amp off --channels-last --aug none --batch-size 32")
+               EXTRA=f"--data-dir {data_dir} --no-compile --amp off --channels-last --aug none --batch-size 32",
+               PREFLIGHT="0")  # the runs are what this test kills; tests/test_sweep.py covers the preflight
     return env, out
 
 
