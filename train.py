@@ -65,9 +65,9 @@ NAMED = ("arch", "pool", "opt", "stem", "pretrained", "fraction", "epochs", "bat
 # 512) reach SGD's peak lr 0.4 in under 4 steps, and the net blows up. So by default the lr rises by at
 # most 1/WARMUP_MIN_STEPS of its peak per step (see lr_factor).
 WARMUP_MIN_STEPS = 50
-# Below this many training steps BatchNorm's running statistics lag behind the weights, and the
-# evaluation says little about the config: the run warns.
-FEW_STEPS = 100
+# A run shorter than the warm-up floor never reaches its peak lr, and its BatchNorm statistics lag
+# behind the weights: its evaluation says little about the config, and the run warns.
+FEW_STEPS = WARMUP_MIN_STEPS
 LOG_EVERY = 25  # steps between progress-bar updates: each reads the loss back, a host sync
 PREDICTIONS_KEPT = 64
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
@@ -203,10 +203,16 @@ def flags_of_record(path: str, parser: argparse.ArgumentParser) -> dict:
     config: take it without the derived values and the run's own name and folder."""
     try:
         record = json.loads(Path(path).read_text())
-        flags = record["given"] if "given" in record else {
-            k: v for k, v in record["config"].items() if k not in DERIVED + ("name", "out")}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        parser.error(f"--from {path}: not a readable result JSON ({type(error).__name__}: {error})")
+    except (OSError, ValueError) as error:
+        parser.error(f"--from {path}: not a readable JSON file ({type(error).__name__}: {error}): pass a "
+                     "results/<name>.json that train.py wrote")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        parser.error(f"--from {path}: not a run record of train.py (no 'config'): pass a results/<name>.json")
+    if record.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+        parser.error(f"--from {path}: written by a newer train.py (schema {record['schema_version']}, this one reads "
+                     f"{SCHEMA_VERSION}): update this checkout (git pull)")
+    flags = record["given"] if isinstance(record.get("given"), dict) else {
+        k: v for k, v in record["config"].items() if k not in DERIVED + ("name", "out")}
     known = {a.dest for a in parser._actions}
     return {k: v for k, v in flags.items()
             if k in known and k not in ("from_json", "resume", "name", "out", "overwrite", "preflight")}
@@ -792,7 +798,12 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     except Exception as error:  # truncated or not a checkpoint: unpickling errors of many kinds
         raise SystemExit(f"error: checkpoint {path} is unreadable ({type(error).__name__}): "
                          "delete it to start the run again") from None
-    mine, theirs = fingerprint(args, meta), as_json(state.get("fingerprint", {}))
+    needed = ("fingerprint", "epoch", "history", "model", "optimizer", "scheduler", "scaler", "rng_cpu")
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SystemExit(f"error: checkpoint {path} was not written by this train.py (no {', '.join(missing)}): "
+                         "pass --overwrite to start the run over, or another --name")
+    mine, theirs = fingerprint(args, meta), as_json(state["fingerprint"])
     theirs.setdefault("data_sha256", mine["data_sha256"])  # checkpoints before the data's checksum was kept
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
@@ -809,8 +820,12 @@ def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[obje
     run already done. Refuses, in one line, to start a fresh run over a finished record or an
     interrupted run's checkpoint (unless --overwrite), and to touch a run another process trains."""
     json_path, ckpt_path = out / f"{name}.json", out / "checkpoints" / f"{name}.pt"
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    lock = open(out / "checkpoints" / f"{name}.lock", "w")
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        lock = open(out / "checkpoints" / f"{name}.lock", "w")
+    except OSError as error:
+        raise SystemExit(f"error: --out {out}: cannot make the results folder there ({error.strerror}): "
+                         "pass another --out") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -847,6 +862,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = init_distributed(world, device)
     say = print if rank == 0 else (lambda *a, **k: None)
     workers = check_run(args, device, world, local_world, say)
+    # Data first: loaders check the betons against meta.json, so bad data is refused before the run's
+    # name is claimed or anything is written.
+    torch.manual_seed(args.seed)
+    loaders = make_loaders(args, device, world, workers)
+    if args.arch == "resnet_custom":  # its lists are checked by building it: now, before anything is written
+        build_model(args, len(loaders[0]["classes"]))
+        torch.manual_seed(args.seed)
     if args.preflight:  # the real path, into a folder that is thrown away
         args.out = tempfile.mkdtemp(prefix="preflight-")
     out = Path(args.out)
@@ -855,28 +877,22 @@ def main(argv: list[str] | None = None) -> int:
         if agree_on(done is not None, world, device):
             say(f"{args.name}: already {(done or {}).get('status')} ({out / args.name}.json); nothing to resume")
             return 0
-        return train_config(args, device, world, rank, workers, say)
+        return train_config(args, device, world, rank, loaders, say)
     finally:
         if lock is not None:
             lock.close()  # releases the run's flock (also at once in a process that runs several)
 
 
-def train_config(args: argparse.Namespace, device: torch.device, world: int, rank: int, workers: int, say) -> int:
-    """The run itself, once its name is claimed: data, model, switches, compile, the epochs, the record."""
+def train_config(args: argparse.Namespace, device: torch.device, world: int, rank: int, loaders: tuple,
+                 say) -> int:
+    """The run itself, once its name is claimed: model, switches, compile, the epochs, the record."""
     out = Path(args.out)
     json_path, ckpt_path = out / f"{args.name}.json", out / "checkpoints" / f"{args.name}.pt"
-
-    # Data: loaders check the betons against meta.json before anything is trained.
-    torch.manual_seed(args.seed)
-    meta, train_loader, val_loader, test_loader = make_loaders(args, device, world, workers)
+    meta, train_loader, val_loader, test_loader = loaders
     classes, steps_per_epoch, eval_batch = meta["classes"], len(train_loader), args.batch_size_per_rank
 
     # Model, speed switches, optimiser, schedule, loss scaling.
-    try:
-        raw_model = models.build_model(args.arch, num_classes=len(classes), pool=args.pool, stem=args.stem,
-                                       pretrained=args.pretrained, **model_options(args))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    raw_model = build_model(args, len(classes))
     params, flops = models.count_parameters(raw_model), models.forward_flops(raw_model)
     raw_model = raw_model.to(device)
     state = load_checkpoint(ckpt_path, args, meta) if args.resume else None
@@ -914,9 +930,9 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
     say(start_line(args, device, world, params, train_loader, switches, compile_time))
     total_steps = args.epochs * steps_per_epoch
     if total_steps < FEW_STEPS and not args.preflight:
-        warning = (f"only {total_steps} training steps: BatchNorm statistics and the schedule barely settle, so "
-                   f"the accuracies say little; for a quick comparison lower --batch-size or raise --fraction "
-                   f"to reach {FEW_STEPS}+ steps")
+        warning = (f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag "
+                   f"behind, so the accuracies say little; lower --batch-size or raise --fraction or --epochs to "
+                   f"reach {FEW_STEPS}+ steps")
         record["run"]["warnings"] = [warning]
         say(f"warning: {warning}")
 
@@ -1027,6 +1043,14 @@ def agree_on(flag: bool, world: int, device: torch.device) -> bool:
     box = [flag]
     torch.distributed.broadcast_object_list(box, 0, device=device)
     return box[0]
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    try:
+        return models.build_model(args.arch, num_classes=num_classes, pool=args.pool, stem=args.stem,
+                                  pretrained=args.pretrained, **model_options(args))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int):

@@ -24,8 +24,10 @@ import pytest
 from conftest import ROOT, run_env, write_image_folder
 
 import data
+import train
 
-IN_PROCESS = {"data.py": data.main}  # scripts whose main() a row may call in this process
+# scripts whose main() a row may call in this process
+IN_PROCESS = {"data.py": data.main, "train.py": lambda: sys.exit(train.main())}
 
 
 # --- building bad inputs --------------------------------------------------------------------------
@@ -242,6 +244,80 @@ ROWS = [
 ]
 
 
+TRAIN = ["train.py", "--data-dir", DIR, "--out", "{tmp}/results", "--quiet", "--device", "cpu"]
+TINY_RUN = [*TRAIN, "--arch", "resnet20", "--batch-size", "32", "--aug", "none", "--no-compile", "--amp", "off"]
+
+
+def record_file(i: Inputs, text: str) -> None:
+    i.data_dir()
+    (i.tmp / "r.json").write_text(text)
+
+
+def foreign_checkpoint(i: Inputs) -> None:
+    """A checkpoint of this run's name that another program (or an old train.py) wrote."""
+    import torch
+    i.data_dir()
+    folder = i.tmp / "results" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"epoch": 1, "weights": torch.zeros(3)}, folder / "x.pt")
+
+
+ROWS += [
+    # 3. Flags: each bad value under its own name, impossible combinations refused before any work.
+    row("batch_size_zero", Inputs.data_dir, [*TRAIN, "--batch-size", "0"], "--batch-size must be at least 1", 2),
+    row("epochs_zero", Inputs.data_dir, [*TRAIN, "--epochs", "0"], "--epochs must be at least 1", 2),
+    row("lr_negative", Inputs.data_dir, [*TRAIN, "--lr", "-0.1"], "--lr must be positive", 2),
+    row("fraction_above_one", Inputs.data_dir, [*TRAIN, "--fraction", "1.5"], "--fraction must be in (0, 1]", 2),
+    row("val_split_one", Inputs.data_dir, [*TRAIN, "--val-split", "1"], "--val-split must be in [0, 1)", 2),
+    row("label_smoothing_one", Inputs.data_dir, [*TRAIN, "--label-smoothing", "1"], "--label-smoothing", 2),
+    row("warmup_beyond_epochs", Inputs.data_dir, [*TRAIN, "--epochs", "2", "--warmup-epochs", "3"],
+        "--warmup-epochs must be in [0, --epochs 2]", 2),
+    row("momentum_with_adam", Inputs.data_dir, [*TRAIN, "--opt", "adam", "--momentum", "0.8"],
+        "--momentum and --nesterov are for --opt sgd", 2),
+    row("betas_with_sgd", Inputs.data_dir, [*TRAIN, "--betas", "0.9,0.99"], "--betas are for --opt adam or adamw", 2),
+    row("one_beta", Inputs.data_dir, [*TRAIN, "--opt", "adamw", "--betas", "0.9"], "--betas takes two values", 2),
+    row("milestones_without_step_schedule", Inputs.data_dir, [*TRAIN, "--milestones", "3"],
+        "--milestones are for --schedule multistep or step", 2),
+    row("milestone_beyond_epochs", Inputs.data_dir,
+        [*TRAIN, "--schedule", "multistep", "--milestones", "5,20", "--epochs", "10"],
+        "--milestones must lie in (0, --epochs 10]", 2),
+    row("early_stop_without_val_split", Inputs.data_dir, [*TRAIN, "--early-stop", "3"],
+        "--early-stop watches the val accuracy: add --val-split", 2),
+    row("imagenet_stem_on_cifar_resnet", Inputs.data_dir, [*TRAIN, "--arch", "resnet20", "--stem", "imagenet"],
+        "--stem imagenet is for the torchvision ResNets", 2),
+    row("pretrained_without_weights", Inputs.data_dir, [*TRAIN, "--arch", "resnet9", "--pretrained"],
+        "--pretrained: resnet9 has no ImageNet weights", 2),
+    row("custom_option_on_another_arch", Inputs.data_dir, [*TRAIN, "--arch", "resnet18", "--blocks", "2,2"],
+        "--blocks: for --arch resnet_custom only", 2),
+    row("custom_lists_mismatch", Inputs.data_dir,
+        [*TINY_RUN, "--arch", "resnet_custom", "--blocks", "2,2", "--channels", "32"], "one positive entry per stage"),
+    row("unknown_augmentation", Inputs.data_dir, [*TRAIN, "--aug", "flip,mixup"], "--aug: unknown augmentation", 2),
+    row("name_with_a_slash", Inputs.data_dir, [*TRAIN, "--name", "a/b"], "--name 'a/b': use letters", 2),
+    row("resume_and_overwrite", Inputs.data_dir, [*TRAIN, "--resume", "--overwrite"], "pick one", 2),
+    row("device_unknown", Inputs.data_dir, [*TRAIN[:-2], "--device", "tpu"], "--device 'tpu' is not a device"),
+    row("cuda_without_a_gpu", Inputs.data_dir, [*TRAIN[:-2], "--device", "cuda"],
+        "--device cuda but no CUDA device is visible"),
+    row("batch_larger_than_the_data", Inputs.data_dir, [*TINY_RUN, "--batch-size", "4096"],
+        "batch size 4096 is larger than the 240 training images"),
+    row("train_on_missing_data", lambda i: None, TRAIN, "holds no converted CIFAR-10"),
+    # 4. Switches a device would run pathologically.
+    row("fp16_autocast_on_cpu", Inputs.data_dir, [*TRAIN, "--amp", "fp16"], "--amp fp16 on a CPU is emulated"),
+    row("sync_bn_without_torchrun", Inputs.data_dir, [*TRAIN, "--sync-bn"], "--sync-bn needs torchrun"),
+    # 5. Files a run reads.
+    row("from_truncated_record", lambda i: record_file(i, '{"config": {"arch": "res'),
+        [*TRAIN, "--from", "{tmp}/r.json"], "not a readable JSON file", 2),
+    row("from_foreign_json", lambda i: record_file(i, '{"loss": [1, 2]}'),
+        [*TRAIN, "--from", "{tmp}/r.json"], "not a run record of train.py", 2),
+    row("from_future_schema", lambda i: record_file(i, '{"schema_version": 9, "config": {"arch": "resnet20"}}'),
+        [*TRAIN, "--from", "{tmp}/r.json"], "written by a newer train.py (schema 9", 2),
+    row("from_missing_file", Inputs.data_dir, [*TRAIN, "--from", "{tmp}/nope.json"], "not a readable JSON file", 2),
+    row("resume_a_foreign_checkpoint", foreign_checkpoint, [*TINY_RUN, "--name", "x", "--resume"],
+        "was not written by this train.py (no fingerprint"),
+    row("out_is_a_file", lambda i: (i.data_dir(), (i.tmp / "results").write_text("")), TINY_RUN,
+        "cannot make the results folder there"),
+]
+
+
 # --- running a row --------------------------------------------------------------------------------
 
 def run_in_process(main: Callable[[], None], argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
@@ -269,7 +345,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under root: files by size and mtime; folders by name only (a temporary file
     written and removed inside one changes its mtime, and that is allowed)."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
-            for p in sorted(root.rglob("*"))}
+            for p in sorted(root.rglob("*")) if p.suffix != ".lock"}  # a run's empty lock file claims its name
 
 
 @pytest.mark.parametrize("build, command, fragment, code", ROWS)

@@ -27,6 +27,7 @@ SWEEP = REPO / "sweep.sh"
 SETTINGS = ("GRID", "OUT", "SEEDS", "EPOCHS", "EXTRA", "PYTHON", "GPUS", "NPROC", "SHARD", "PREFLIGHT")
 GRID_SIZES = {
     "default": 12,
+    "quick": 4,
     "datasize": 12,
     "cifar-resnets": 5,
     "augment": 6,
