@@ -881,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock is not None:
             lock.close()  # releases the run's flock (also at once in a process that runs several)
+        if args.preflight and rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def train_config(args: argparse.Namespace, device: torch.device, world: int, rank: int, loaders: tuple,
@@ -1138,13 +1140,12 @@ def restore(state: dict, raw_model, optimizer, scheduler, scaler, device: torch.
 
 
 def preflight_done(args, rank: int, ckpt_path: Path, state: dict, meta: dict) -> int:
-    """--preflight: the checkpoint written and read back, the temporary folder removed, one line."""
+    """--preflight: the checkpoint written and read back, and one line (main removes the folder)."""
     if rank == 0:
         save_checkpoint(ckpt_path, state)
         load_checkpoint(ckpt_path, args, meta)
-        shutil.rmtree(args.out, ignore_errors=True)
-    print(f"preflight ok: {args.name} ({args.arch}, batch {args.batch_size}) ran data, model, switches, "
-          "2 training steps, 1 eval batch and a checkpoint round trip")
+        print(f"preflight ok: {args.name} ({args.arch}, batch {args.batch_size}) ran data, model, switches, "
+              "2 training steps, 1 eval batch and a checkpoint round trip")
     return 0
 
 

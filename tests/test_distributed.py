@@ -74,3 +74,33 @@ def test_three_ranks_with_a_rank_whose_last_eval_batch_is_all_padding(tmp_path, 
     assert final["test_acc"] == pytest.approx(accuracy)
     val = run["history"][0]["val_acc"]
     assert round(val * 48) == pytest.approx(val * 48, abs=1e-9)  # a whole number of the 48 val images
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_on_loopback_make_one_record_in_the_two_process_order(runs, tmp_path, synthetic_data):
+    """Scale-out on the engine itself: two launches of torchrun --nnodes=2 (c10d rendezvous on
+    127.0.0.1), one process each, train one config as the 2-process run does: one JSON, the same
+    global batches (so the same first-step loss), every test image counted once."""
+    _, two = runs
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=nodes",
+               str(ROOT / "train.py"), *FLAGS, "--data-dir", str(synthetic_data), "--out", str(tmp_path),
+               "--name", "nodes"]
+    env = run_env()
+    env["OMP_NUM_THREADS"] = "1"
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert [p.name for p in tmp_path.glob("*.json")] == ["nodes.json"]
+    run = json.loads((tmp_path / "nodes.json").read_text())
+    assert run["status"] == "finished" and run["run"]["world_size"] == 2
+    assert sum(map(sum, run["final"]["confusion"])) == 10 * TEST_PER_CLASS
+    assert run["history"][0]["first_step_loss"] == pytest.approx(two["history"][0]["first_step_loss"], rel=1e-5)
