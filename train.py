@@ -55,7 +55,7 @@ CUSTOM_OPTIONS = ("blocks", "channels", "kernel_size", "avgpool_size", "head", "
 # other values of these may still be resumed (--tta changes only the evaluation; the data is checked
 # by its checksum, not by the spelling of --data-dir).
 RUN_CONTROL = ("resume", "quiet", "out", "name", "workers", "from_json", "device", "early_stop", "compile",
-               "overwrite", "preflight", "tta", "data_dir")
+               "overwrite", "preflight", "tta", "data_dir", "eval_only", "eval_weights")
 # Resolved from --opt, --batch-size and --epochs when not given; a --from replay derives them again.
 DERIVED = ("lr", "momentum", "nesterov", "wd", "betas", "schedule", "warmup_epochs", "milestones")
 # The default name spells these out; any other flag that changes the run adds a short hash of them.
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--quiet", action="store_true", help="no progress bars (for sweeps)")
+    e = p.add_argument_group("evaluate a finished run")
+    e.add_argument("--eval-only", action="store_true",
+                   help="with --from RESULT.json: evaluate the run's kept weights on the test set (eager, with the "
+                        "run's amp, layout and --tta unless --tta is given) and print accuracy, per-class accuracy "
+                        "and the confusion matrix; writes nothing")
+    e.add_argument("--weights", dest="eval_weights", default="final", choices=("final", "best-val"),
+                   help="--eval-only: the last epoch's weights, or the best val epoch's (runs with --val-split)")
     return p
 
 
@@ -817,6 +824,8 @@ def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[obje
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(argv)
+    if args.eval_only:
+        return evaluate_saved(args)
     world, local_rank, local_world = distributed_env()
     device = resolve_device(args.device, local_rank)
     rank = init_distributed(world, device)
@@ -1053,7 +1062,8 @@ def new_record(args, device, world, train_loader, steps_per_epoch, params, flops
     return {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
             "started_at": now(), "ended_at": None,
             "config": {k: v for k, v in vars(args).items()
-                       if k not in ("resume", "from_json", "batch_size_per_rank", "given", "overwrite", "preflight")},
+                       if k not in ("resume", "from_json", "batch_size_per_rank", "given", "overwrite", "preflight",
+                                    "eval_only", "eval_weights")},
             "given": args.given, "from": args.from_json,
             "run": {"device": str(device), "world_size": world,
                     "backend": torch.distributed.get_backend() if world > 1 else None,
@@ -1139,7 +1149,7 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     test = progress["best_test"] if chosen_by_val else results["test"]
     reported_epoch = progress["best"]["epoch"] if chosen_by_val else history[-1]["epoch"]
     confusion = test["confusion"]
-    per_class = {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
+    per_class = per_class_accuracy(confusion, classes)
     sample = preview_indices(test["labels"])
     steady = [h for h in history if not h.get("pays_jit")] or history
     final = {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
@@ -1171,6 +1181,101 @@ def preview_indices(labels: list[int], count: int = PREDICTIONS_KEPT, seed: int 
     by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
     turns = itertools.zip_longest(*by_class)
     return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval-only: a finished run's kept weights on the test set again
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_saved(args: argparse.Namespace) -> int:
+    """Evaluate the weights a finished run kept and print what the record's `final` shows; write nothing.
+
+    Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device
+    and torch build this gives the record's test accuracy exactly (a compiled run's evaluation used
+    other kernels, which may round differently)."""
+    if not args.from_json:
+        build_parser().error("--eval-only evaluates a finished run: pass --from results/<name>.json")
+    source = Path(args.from_json)
+    record = json.loads(source.read_text())  # parse_config has read it already: it is a record
+    weights = kept_weights(record, source, args.eval_weights)
+    device = resolve_device(args.device, None)
+    switches = {"amp": record["run"].get("amp", "off"), "channels_last": record["run"].get("channels_last", False)}
+    amp, memory = autocast_dtype(switches), memory_format(switches)
+    args.batch_size_per_rank = args.batch_size // record["run"].get("world_size", 1)
+    workers, _ = data.check_workers(args.workers, 1)
+    meta, _, _, test_loader = make_loaders(args, device, 1, workers)
+    classes = record["classes"]
+    if meta["classes"] != classes:
+        raise SystemExit(f"error: {args.data_dir} holds the classes {meta['classes']}, the run was trained on "
+                         f"{classes}: pass the run's --data-dir")
+    model = models.build_from_config(record["config"], num_classes=len(classes))
+    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    model = model.to(device, memory_format=memory)
+    result = evaluate(model, test_loader, device, amp, memory, len(classes), args.batch_size_per_rank, args.tta, 1)
+    print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {switches['amp']}, "
+          f"{'channels-last' if switches['channels_last'] else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
+          f"{'tta' if args.tta else 'no tta'}]")
+    print(evaluation_report(result, classes, recorded_test(record, args.eval_weights, args.tta)))
+    return 0
+
+
+def kept_weights(record: dict, source: Path, which: str) -> Path:
+    """The weights file --eval-only evaluates; refuses in one line, naming the fix, when there is none."""
+    again = f"python train.py --from {source} --name {record.get('name')}"
+    kept = (record.get("final") or {}).get("weights")
+    if record.get("status") != "finished" or not kept:
+        fix = {"running": f"finish it first: {again} --resume",
+               "diverged": f"it diverged: train it again with a lower --lr ({again} --lr LR --overwrite)"}
+        raise SystemExit(f"error: {source} keeps no weights (status {record.get('status')}): "
+                         + fix.get(record.get("status"), f"run it again to completion: {again} --overwrite"))
+    key = which.replace("-", "_")
+    if key not in kept:
+        raise SystemExit(f"error: {source} has no {which} weights (it was trained without --val-split): "
+                         "use --weights final")
+    path = source.parent / kept[key]
+    if not path.exists():
+        raise SystemExit(f"error: {path}, the {which} weights of {source}, is missing: "
+                         f"run it again to completion: {again} --overwrite")
+    return path
+
+
+def recorded_test(record: dict, which: str, tta: bool) -> dict | None:
+    """The record's test accuracy and loss of these weights, or None when it has none to compare (the
+    evaluation is of another --tta than the run's)."""
+    if tta != record["config"].get("tta", False):
+        return None
+    final = record["final"]
+    epoch = final["best_val_epoch"] if which == "best-val" else record["history"][-1]["epoch"]
+    row = next(r for r in record["history"] if r["epoch"] == epoch)
+    return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"]}
+
+
+def per_class_accuracy(confusion: list[list[int]], classes: list[str]) -> dict[str, float]:
+    return {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
+
+
+def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -> str:
+    """Accuracy (and how it compares with the record's), per-class accuracy, and the confusion matrix
+    with rows true and columns predicted, as text."""
+    confusion = result["confusion"]
+    total = sum(map(sum, confusion))
+    lines = [f"test acc {result['acc']:.2%} ({sum(confusion[i][i] for i in range(len(classes)))}/{total}), "
+             f"loss {result['loss']:.4f}"]
+    if recorded is not None:
+        verdict = ("identical" if (result["acc"], result["loss"]) == (recorded["acc"], recorded["loss"]) else
+                   f"the same accuracy, loss off by {result['loss'] - recorded['loss']:.2g}"
+                   if result["acc"] == recorded["acc"] else "differs: another device, torch build or data?")
+        lines.append(f"the record, epoch {recorded['epoch']}: test acc {recorded['acc']:.2%}, loss "
+                     f"{recorded['loss']:.4f}: {verdict}")
+    width = max(6, len(str(total)) + 1)
+    name_width = max(map(len, classes))
+    lines.append("per-class accuracy:")
+    lines += [f"  {c:<{name_width}}  {acc:7.2%}" for c, acc in per_class_accuracy(confusion, classes).items()]
+    lines.append("confusion matrix (rows: true class, columns: predicted):")
+    lines.append("  " + " " * name_width + "".join(f"{c[:width - 1]:>{width}}" for c in classes))
+    lines += [f"  {c:<{name_width}}" + "".join(f"{n:>{width}}" for n in row)
+              for c, row in zip(classes, confusion, strict=True)]
+    return "\n".join(lines)
 
 
 def stop_on_signals() -> None:
