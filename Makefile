@@ -64,8 +64,8 @@ lint: setup
 
 # Says what it deletes: results/ holds the trained weights too, which only training again brings back.
 clean:
-	@echo "removing results/ (every run's JSON record, checkpoint and kept weights, results/models/*.pt),"
-	@echo "  figures/ and the caches .pytest_cache .ruff_cache __pycache__"
+	@echo "removing results/ (every run's JSON record, checkpoint, kept weights results/models/*.pt and"
+	@echo "  TensorBoard logs results/tensorboard/), figures/ and the caches .pytest_cache .ruff_cache __pycache__"
 	rm -rf results figures .pytest_cache .ruff_cache __pycache__ tests/__pycache__
 
 distclean: clean

@@ -895,6 +895,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
     record["run"].update(switches, compile_time_s=compile_time)
     if rank == 0:
         data.save_json_atomic(json_path, record)
+    board = open_tensorboard(out, record, progress["epoch"], say) if rank == 0 and not args.preflight else None
     say(start_line(args, device, world, params, train_loader, switches, compile_time))
     total_steps = args.epochs * steps_per_epoch
     if total_steps < FEW_STEPS and not args.preflight:
@@ -943,6 +944,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
                                               for k, v in raw_model.state_dict().items()})
             progress["epoch"] = epoch
             say(epoch_line(row, args.epochs))
+            board = log_epoch_to_tensorboard(board, row, say)
             stop_early = (args.early_stop is not None and progress["best"]["epoch"] is not None
                           and epoch - progress["best"]["epoch"] >= args.early_stop)
             if args.preflight:
@@ -974,6 +976,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
             record["final"]["weights"] = save_weights(out, args.name, raw_model, progress["best_weights"])
         data.save_json_atomic(json_path, record)
         ckpt_path.unlink(missing_ok=True)  # the JSON and the kept weights hold the result
+        close_tensorboard(board, record, say)
     if status == "diverged":
         say(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
         return EXIT_DIVERGED
@@ -1181,6 +1184,111 @@ def preview_indices(labels: list[int], count: int = PREDICTIONS_KEPT, seed: int 
     by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
     turns = itertools.zip_longest(*by_class)
     return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT`
+# ---------------------------------------------------------------------------------------------
+
+# The history's columns as TensorBoard tags: a quantity's train, val and test curves share a chart.
+BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
+              "train_acc": "accuracy/train", "val_acc": "accuracy/val", "test_acc": "accuracy/test",
+              "lr": "lr", "epoch_time_s": "time/epoch_s", "eval_time_s": "time/eval_s",
+              "train_img_per_s": "time/train_img_per_s"}
+# The record's final figures, as final/<key>: what the HParams view compares configs by.
+BOARD_FINAL = ("test_acc", "test_loss", "best_val_acc", "mean_epoch_time_s", "train_img_per_s")
+
+
+def open_tensorboard(out: Path, record: dict, resumed_after: int, say):
+    """A SummaryWriter on OUT/tensorboard/NAME/, one TensorBoard run per config, which starts with the
+    run's HParams session (its config); None if it cannot be written.
+
+    A fresh run starts the folder anew (the events of a run it replaces would mix in); a resumed one
+    appends to it, and its purge_step tells readers to drop any epoch logged after the checkpoint it
+    resumes from, so that no epoch shows twice."""
+    folder = out / "tensorboard" / record["name"]
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        if not resumed_after:
+            shutil.rmtree(folder, ignore_errors=True)
+        started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
+        writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
+        if not started:
+            writer.file_writer.add_summary(hparams_summary(record))
+        writer.flush()
+        return writer
+    except Exception as error:  # of any type: see tensorboard_failed
+        return tensorboard_failed(error, say)
+
+
+def log_epoch_to_tensorboard(writer, row: dict, say):
+    """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
+    if writer is None:
+        return None
+    try:
+        for key, tag in BOARD_TAGS.items():
+            if row.get(key) is not None:
+                writer.add_scalar(tag, row[key], row["epoch"])
+        writer.flush()
+        return writer
+    except Exception as error:
+        return tensorboard_failed(error, say)
+
+
+def close_tensorboard(writer, record: dict, say) -> None:
+    """The final figures and the HParams session's end (finished or diverged), then close the files."""
+    if writer is None:
+        return
+    try:
+        step = record["history"][-1]["epoch"] if record["history"] else 0
+        for key in BOARD_FINAL:
+            if (record.get("final") or {}).get(key) is not None:
+                writer.add_scalar(f"final/{key}", record["final"][key], step)
+        writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
+        writer.close()
+    except Exception as error:
+        tensorboard_failed(error, say)
+
+
+def tensorboard_failed(error: Exception, say) -> None:
+    """Say once that the event files stopped; the run goes on. The writer's thread re-raises whatever
+    stopped it (a full disk, a deleted folder) at the next call, as any exception type."""
+    say(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and its "
+        "JSON record, the source of truth, is complete")
+    return None
+
+
+def hparams_of(record: dict) -> dict:
+    """The config as HParams columns: what decides the result (the run-control flags left out, but --tta
+    and --early-stop), the speed switches as the run resolved them, lists as text, unset options out."""
+    config = {k: v for k, v in record["config"].items() if k not in RUN_CONTROL or k in ("tta", "early_stop")}
+    config.update({k: record["run"].get(k) for k in ("amp", "channels_last", "compile", "device", "world_size")})
+    return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in config.items()
+            if v is not None}
+
+
+def hparams_summary(record: dict, ended: bool = False):
+    """The HParams plugin's session start (the run's hyperparameters) or end (its status), as a Summary.
+
+    Only the sessions are written, no experiment: TensorBoard then builds one from every run under
+    --logdir, so a sweep's configs line up in one table. (tensorboard's own hparams summary module
+    needs TensorFlow; its metadata and protos, used here, do not.)"""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    if ended:
+        status = api_pb2.STATUS_SUCCESS if record["status"] == "finished" else api_pb2.STATUS_FAILURE
+        data_pb = plugin_data_pb2.HParamsPluginData(
+            session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time()))
+        tag = metadata.SESSION_END_INFO_TAG
+    else:
+        data_pb = plugin_data_pb2.HParamsPluginData(
+            session_start_info=plugin_data_pb2.SessionStartInfo(start_time_secs=time.time()))
+        for key, value in hparams_of(record).items():
+            kind = ("bool_value" if isinstance(value, bool) else
+                    "number_value" if isinstance(value, (int, float)) else "string_value")
+            setattr(data_pb.session_start_info.hparams[key], kind, value)
+        tag = metadata.SESSION_START_INFO_TAG
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data_pb))])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import data
 import models
+import numpy as np
 import pytest
 import torch
 import train
@@ -132,3 +133,96 @@ def test_eval_only_refuses_in_one_line_what_it_cannot_evaluate(kept_run, tmp_pat
     with pytest.raises(SystemExit) as bad_usage:
         train.main(["--eval-only"])
     assert bad_usage.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def board(out, name: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(out / "tensorboard" / name))
+    accumulator.Reload()
+    return accumulator
+
+
+def assert_scalars_are_the_history(accumulator, record: dict) -> None:
+    """Every history column at step = epoch, as the float32 TensorBoard stores, and nothing else."""
+    logged = accumulator.Tags()["scalars"]
+    for key, tag in train.BOARD_TAGS.items():
+        expected = [(row["epoch"], np.float32(row[key])) for row in record["history"] if row.get(key) is not None]
+        found = [(e.step, np.float32(e.value)) for e in accumulator.Scalars(tag)] if tag in logged else []
+        assert found == expected, tag
+
+
+def test_tensorboard_scalars_are_the_records_history_and_hparams_its_config(kept_run):
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    out, record = kept_run
+    accumulator = board(out, "kept")
+    assert_scalars_are_the_history(accumulator, record)
+    last = record["history"][-1]["epoch"]
+    for key in train.BOARD_FINAL:
+        assert [(e.step, e.value) for e in accumulator.Scalars(f"final/{key}")] == [
+            (last, np.float32(record["final"][key]))]
+    sessions = accumulator.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(sessions[metadata.SESSION_START_INFO_TAG])
+    hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert hparams["arch"] == "resnet20" and hparams["lr"] == record["config"]["lr"] and hparams["seed"] == 0
+    assert hparams["amp"] == "off" and hparams["channels_last"] is True and hparams["compile"] is False
+    assert not {"name", "out", "data_dir", "quiet", "workers"} & set(hparams)
+    end = metadata.parse_session_end_info_plugin_data(sessions[metadata.SESSION_END_INFO_TAG])
+    assert end.status == api_pb2.STATUS_SUCCESS
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_appends_to_its_tensorboard_folder_with_no_epoch_twice(monkeypatch, tmp_path, synthetic_data):
+    """Killed after epoch 2 was logged but before its checkpoint was written: the resumed run redoes
+    epoch 2, and TensorBoard's readers keep only the redone one (the writer's purge_step)."""
+    out, flags = tmp_path / "results", ["--epochs", "3", "--fraction", "0.5", "--name", "cut"]
+    save, saved = train.save_checkpoint, []
+
+    def die_at_second_checkpoint(path, state):
+        if len(saved) == 1:
+            raise Killed
+        saved.append(path)
+        save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", die_at_second_checkpoint)
+    with pytest.raises(Killed):
+        run(out, synthetic_data, *flags)
+    monkeypatch.undo()
+    assert [e.step for e in board(out, "cut").Scalars("loss/train")] == [1, 2]
+    assert run(out, synthetic_data, *flags, "--resume") == 0
+    record = json.loads((out / "cut.json").read_text())
+    assert [row["epoch"] for row in record["history"]] == [1, 2, 3]
+    assert len(list((out / "tensorboard" / "cut").glob("events.out.tfevents.*"))) == 2  # appended, one per process
+    assert_scalars_are_the_history(board(out, "cut"), record)
+    # a fresh run of the same name (--overwrite) starts the folder anew
+    assert run(out, synthetic_data, "--epochs", "1", "--fraction", "0.5", "--name", "cut", "--overwrite") == 0
+    assert [e.step for e in board(out, "cut").Scalars("loss/train")] == [1]
+
+
+# tensorboard's writer thread also prints its error's traceback (threading's excepthook) as it dies
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_event_writer_says_so_once_and_the_run_finishes(monkeypatch, tmp_path, synthetic_data, capsys):
+    """The disk fills after the run's first few events: the writer's thread fails, and the next call
+    re-raises its error."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    write, written = RecordWriter.write, []
+
+    def fill_up(self, data):
+        if len(written) > 3:
+            raise OSError(28, "No space left on device")
+        written.append(data)
+        write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", fill_up)
+    assert run(tmp_path / "results", synthetic_data, "--epochs", "2", "--fraction", "0.5", "--name", "full") == 0
+    printed = capsys.readouterr().out
+    assert printed.count("warning: TensorBoard logging stopped (OSError") == 1 and "JSON record" in printed
+    record = json.loads((tmp_path / "results" / "full.json").read_text())
+    assert record["status"] == "finished" and len(record["history"]) == 2
+    assert (tmp_path / "results" / record["final"]["weights"]["final"]).exists()
