@@ -3,10 +3,12 @@
     python train.py --arch resnet34 --pool avg --opt sgd
     python train.py --from results/resnet34-avg-sgd-s0.json          # the exact config again
     torchrun --nproc_per_node=2 train.py --arch resnet18               # data-parallel, same flags
+    python train.py --eval-only --from results/resnet34-avg-sgd-s0.json  # its kept weights on the test set
 
 The run writes results/<name>.json at the start and after every epoch (status "running", then
-"finished" or "diverged") and a checkpoint results/checkpoints/<name>.pt that --resume continues
-from. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 diverged, 130 interrupted.
+"finished" or "diverged"), TensorBoard event files in results/tensorboard/<name>/, and a checkpoint
+results/checkpoints/<name>.pt that --resume continues from; a finished run keeps its weights in
+results/models/ instead. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 diverged, 130 interrupted.
 """
 from __future__ import annotations
 
