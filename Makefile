@@ -72,7 +72,10 @@ test: setup
 lint: setup
 	$(PYTHON) -m pip install -q ruff && .venv/bin/ruff check .
 
+# Says what it deletes: results/ holds the trained weights too, which only training again brings back.
 clean:
+	@echo "removing results/ (every run's JSON record, checkpoint, kept weights results/models/*.pt and"
+	@echo "  TensorBoard logs results/tensorboard/), figures/ and the caches .pytest_cache .ruff_cache __pycache__"
 	rm -rf results figures .pytest_cache .ruff_cache __pycache__ tests/__pycache__
 
 distclean: clean

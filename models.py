@@ -234,6 +234,16 @@ def build_model(arch: str, num_classes: int = 10, pool: str = "avg", stem: str =
     return spec.build(num_classes=num_classes, pool=pool, **options)
 
 
+def build_from_config(config: dict, num_classes: int) -> nn.Module:
+    """The untrained network of a train.py record's `config`, ready for its kept state dict:
+        model = build_from_config(record["config"], num_classes=len(record["classes"]))
+        model.load_state_dict(torch.load(weights_path, weights_only=True))
+    pretrained is left off: the kept weights replace ImageNet's, so nothing is downloaded."""
+    options = {k: config[k] for k in ARCHS[config["arch"]].options if config.get(k) is not None}
+    return build_model(config["arch"], num_classes=num_classes, pool=config.get("pool", "avg"),
+                       stem=config.get("stem", "cifar"), **options)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

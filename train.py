@@ -3,10 +3,12 @@
     python train.py --arch resnet34 --pool avg --opt sgd
     python train.py --from results/resnet34-avg-sgd-s0.json          # the exact config again
     torchrun --nproc_per_node=2 train.py --arch resnet18               # data-parallel, same flags
+    python train.py --eval-only --from results/resnet34-avg-sgd-s0.json  # its kept weights on the test set
 
 The run writes results/<name>.json at the start and after every epoch (status "running", then
-"finished" or "diverged") and a checkpoint results/checkpoints/<name>.pt that --resume continues
-from. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 diverged, 130 interrupted.
+"finished" or "diverged"), TensorBoard event files in results/tensorboard/<name>/, and a checkpoint
+results/checkpoints/<name>.pt that --resume continues from; a finished run keeps its weights in
+results/models/ instead. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 diverged, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ CUSTOM_OPTIONS = ("blocks", "channels", "kernel_size", "avgpool_size", "head", "
 # other values of these may still be resumed (--tta changes only the evaluation; the data is checked
 # by its checksum, not by the spelling of --data-dir).
 RUN_CONTROL = ("resume", "quiet", "out", "name", "workers", "from_json", "device", "early_stop", "compile",
-               "overwrite", "preflight", "tta", "data_dir")
+               "overwrite", "preflight", "tta", "data_dir", "eval_only", "eval_weights")
 # Resolved from --opt, --batch-size and --epochs when not given; a --from replay derives them again.
 DERIVED = ("lr", "momentum", "nesterov", "wd", "betas", "schedule", "warmup_epochs", "milestones")
 # The default name spells these out; any other flag that changes the run adds a short hash of them.
@@ -149,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--quiet", action="store_true", help="no progress bars (for sweeps)")
+    e = p.add_argument_group("evaluate a finished run")
+    e.add_argument("--eval-only", action="store_true",
+                   help="with --from RESULT.json: evaluate the run's kept weights on the test set (eager, with the "
+                        "run's amp, layout and --tta unless --tta is given) and print accuracy, per-class accuracy "
+                        "and the confusion matrix; writes nothing")
+    e.add_argument("--weights", dest="eval_weights", default="final", choices=("final", "best-val"),
+                   help="--eval-only: the last epoch's weights, or the best val epoch's (runs with --val-split)")
     return p
 
 
@@ -857,6 +866,8 @@ def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[obje
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(argv)
+    if args.eval_only:
+        return evaluate_saved(args)
     world, local_rank, local_world = distributed_env()
     device = resolve_device(args.device, local_rank)
     rank = init_distributed(world, device)
@@ -929,6 +940,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
     record["run"].update(switches, compile_time_s=compile_time)
     if rank == 0:
         data.save_json_atomic(json_path, record)
+    board = open_tensorboard(out, record, progress["epoch"], say) if rank == 0 and not args.preflight else None
     say(start_line(args, device, world, params, train_loader, switches, compile_time))
     total_steps = args.epochs * steps_per_epoch
     if total_steps < FEW_STEPS and not args.preflight:
@@ -977,6 +989,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
                                               for k, v in raw_model.state_dict().items()})
             progress["epoch"] = epoch
             say(epoch_line(row, args.epochs))
+            board = log_epoch_to_tensorboard(board, row, say)
             stop_early = (args.early_stop is not None and progress["best"]["epoch"] is not None
                           and epoch - progress["best"]["epoch"] >= args.early_stop)
             if args.preflight:
@@ -1008,6 +1021,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
             record["final"]["weights"] = save_weights(out, args.name, raw_model, progress["best_weights"])
         data.save_json_atomic(json_path, record)
         ckpt_path.unlink(missing_ok=True)  # the JSON and the kept weights hold the result
+        close_tensorboard(board, record, say)
     if status == "diverged":
         say(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
         return EXIT_DIVERGED
@@ -1111,7 +1125,8 @@ def new_record(args, device, world, train_loader, steps_per_epoch, params, flops
     return {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
             "started_at": now(), "ended_at": None,
             "config": {k: v for k, v in vars(args).items()
-                       if k not in ("resume", "from_json", "batch_size_per_rank", "given", "overwrite", "preflight")},
+                       if k not in ("resume", "from_json", "batch_size_per_rank", "given", "overwrite", "preflight",
+                                    "eval_only", "eval_weights")},
             "given": args.given, "from": args.from_json,
             "run": {"device": str(device), "world_size": world,
                     "backend": torch.distributed.get_backend() if world > 1 else None,
@@ -1196,7 +1211,7 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     test = progress["best_test"] if chosen_by_val else results["test"]
     reported_epoch = progress["best"]["epoch"] if chosen_by_val else history[-1]["epoch"]
     confusion = test["confusion"]
-    per_class = {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
+    per_class = per_class_accuracy(confusion, classes)
     sample = preview_indices(test["labels"])
     steady = [h for h in history if not h.get("pays_jit")] or history
     final = {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
@@ -1228,6 +1243,206 @@ def preview_indices(labels: list[int], count: int = PREDICTIONS_KEPT, seed: int 
     by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
     turns = itertools.zip_longest(*by_class)
     return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT`
+# ---------------------------------------------------------------------------------------------
+
+# The history's columns as TensorBoard tags: a quantity's train, val and test curves share a chart.
+BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
+              "train_acc": "accuracy/train", "val_acc": "accuracy/val", "test_acc": "accuracy/test",
+              "lr": "lr", "epoch_time_s": "time/epoch_s", "eval_time_s": "time/eval_s",
+              "train_img_per_s": "time/train_img_per_s"}
+# The record's final figures, as final/<key>: what the HParams view compares configs by.
+BOARD_FINAL = ("test_acc", "test_loss", "best_val_acc", "mean_epoch_time_s", "train_img_per_s")
+
+
+def open_tensorboard(out: Path, record: dict, resumed_after: int, say):
+    """A SummaryWriter on OUT/tensorboard/NAME/, one TensorBoard run per config, which starts with the
+    run's HParams session (its config); None if it cannot be written.
+
+    A fresh run starts the folder anew (the events of a run it replaces would mix in); a resumed one
+    appends to it, and its purge_step tells readers to drop any epoch logged after the checkpoint it
+    resumes from, so that no epoch shows twice."""
+    folder = out / "tensorboard" / record["name"]
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        if not resumed_after:
+            shutil.rmtree(folder, ignore_errors=True)
+        started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
+        writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
+        if not started:
+            writer.file_writer.add_summary(hparams_summary(record))
+        writer.flush()
+        return writer
+    except Exception as error:  # of any type: see tensorboard_failed
+        return tensorboard_failed(error, say)
+
+
+def log_epoch_to_tensorboard(writer, row: dict, say):
+    """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
+    if writer is None:
+        return None
+    try:
+        for key, tag in BOARD_TAGS.items():
+            if row.get(key) is not None:
+                writer.add_scalar(tag, row[key], row["epoch"])
+        writer.flush()
+        return writer
+    except Exception as error:
+        return tensorboard_failed(error, say)
+
+
+def close_tensorboard(writer, record: dict, say) -> None:
+    """The final figures and the HParams session's end (finished or diverged), then close the files."""
+    if writer is None:
+        return
+    try:
+        step = record["history"][-1]["epoch"] if record["history"] else 0
+        for key in BOARD_FINAL:
+            if (record.get("final") or {}).get(key) is not None:
+                writer.add_scalar(f"final/{key}", record["final"][key], step)
+        writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
+        writer.close()
+    except Exception as error:
+        tensorboard_failed(error, say)
+
+
+def tensorboard_failed(error: Exception, say) -> None:
+    """Say once that the event files stopped; the run goes on. The writer's thread re-raises whatever
+    stopped it (a full disk, a deleted folder) at the next call, as any exception type."""
+    say(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and its "
+        "JSON record, the source of truth, is complete")
+    return None
+
+
+def hparams_of(record: dict) -> dict:
+    """The config as HParams columns: what decides the result (the run-control flags left out, but --tta
+    and --early-stop), the speed switches as the run resolved them, lists as text, unset options out."""
+    config = {k: v for k, v in record["config"].items() if k not in RUN_CONTROL or k in ("tta", "early_stop")}
+    config.update({k: record["run"].get(k) for k in ("amp", "channels_last", "compile", "device", "world_size")})
+    return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in config.items()
+            if v is not None}
+
+
+def hparams_summary(record: dict, ended: bool = False):
+    """The HParams plugin's session start (the run's hyperparameters) or end (its status), as a Summary.
+
+    Only the sessions are written, no experiment: TensorBoard then builds one from every run under
+    --logdir, so a sweep's configs line up in one table. (tensorboard's own hparams summary module
+    needs TensorFlow; its metadata and protos, used here, do not.)"""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    if ended:
+        status = api_pb2.STATUS_SUCCESS if record["status"] == "finished" else api_pb2.STATUS_FAILURE
+        data_pb = plugin_data_pb2.HParamsPluginData(
+            session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time()))
+        tag = metadata.SESSION_END_INFO_TAG
+    else:
+        data_pb = plugin_data_pb2.HParamsPluginData(
+            session_start_info=plugin_data_pb2.SessionStartInfo(start_time_secs=time.time()))
+        for key, value in hparams_of(record).items():
+            kind = ("bool_value" if isinstance(value, bool) else
+                    "number_value" if isinstance(value, (int, float)) else "string_value")
+            setattr(data_pb.session_start_info.hparams[key], kind, value)
+        tag = metadata.SESSION_START_INFO_TAG
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data_pb))])
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval-only: a finished run's kept weights on the test set again
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_saved(args: argparse.Namespace) -> int:
+    """Evaluate the weights a finished run kept and print what the record's `final` shows; write nothing.
+
+    Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device
+    and torch build this gives the record's test accuracy exactly (a compiled run's evaluation used
+    other kernels, which may round differently)."""
+    if not args.from_json:
+        build_parser().error("--eval-only evaluates a finished run: pass --from results/<name>.json")
+    source = Path(args.from_json)
+    record = json.loads(source.read_text())  # parse_config has read it already: it is a record
+    weights = kept_weights(record, source, args.eval_weights)
+    device = resolve_device(args.device, None)
+    switches = {"amp": record["run"].get("amp", "off"), "channels_last": record["run"].get("channels_last", False)}
+    amp, memory = autocast_dtype(switches), memory_format(switches)
+    args.batch_size_per_rank = args.batch_size // record["run"].get("world_size", 1)
+    workers, _ = data.check_workers(args.workers, 1)
+    meta, _, _, test_loader = make_loaders(args, device, 1, workers)
+    classes = record["classes"]
+    if meta["classes"] != classes:
+        raise SystemExit(f"error: {args.data_dir} holds the classes {meta['classes']}, the run was trained on "
+                         f"{classes}: pass the run's --data-dir")
+    model = models.build_from_config(record["config"], num_classes=len(classes))
+    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    model = model.to(device, memory_format=memory)
+    result = evaluate(model, test_loader, device, amp, memory, len(classes), args.batch_size_per_rank, args.tta, 1)
+    print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {switches['amp']}, "
+          f"{'channels-last' if switches['channels_last'] else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
+          f"{'tta' if args.tta else 'no tta'}]")
+    print(evaluation_report(result, classes, recorded_test(record, args.eval_weights, args.tta)))
+    return 0
+
+
+def kept_weights(record: dict, source: Path, which: str) -> Path:
+    """The weights file --eval-only evaluates; refuses in one line, naming the fix, when there is none."""
+    again = f"python train.py --from {source} --name {record.get('name')}"
+    kept = (record.get("final") or {}).get("weights")
+    if record.get("status") != "finished" or not kept:
+        fix = {"running": f"finish it first: {again} --resume",
+               "diverged": f"it diverged: train it again with a lower --lr ({again} --lr LR --overwrite)"}
+        raise SystemExit(f"error: {source} keeps no weights (status {record.get('status')}): "
+                         + fix.get(record.get("status"), f"run it again to completion: {again} --overwrite"))
+    key = which.replace("-", "_")
+    if key not in kept:
+        raise SystemExit(f"error: {source} has no {which} weights (it was trained without --val-split): "
+                         "use --weights final")
+    path = source.parent / kept[key]
+    if not path.exists():
+        raise SystemExit(f"error: {path}, the {which} weights of {source}, is missing: "
+                         f"run it again to completion: {again} --overwrite")
+    return path
+
+
+def recorded_test(record: dict, which: str, tta: bool) -> dict | None:
+    """The record's test accuracy and loss of these weights, or None when it has none to compare (the
+    evaluation is of another --tta than the run's)."""
+    if tta != record["config"].get("tta", False):
+        return None
+    final = record["final"]
+    epoch = final["best_val_epoch"] if which == "best-val" else record["history"][-1]["epoch"]
+    row = next(r for r in record["history"] if r["epoch"] == epoch)
+    return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"]}
+
+
+def per_class_accuracy(confusion: list[list[int]], classes: list[str]) -> dict[str, float]:
+    return {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
+
+
+def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -> str:
+    """Accuracy (and how it compares with the record's), per-class accuracy, and the confusion matrix
+    with rows true and columns predicted, as text."""
+    confusion = result["confusion"]
+    total = sum(map(sum, confusion))
+    lines = [f"test acc {result['acc']:.2%} ({sum(confusion[i][i] for i in range(len(classes)))}/{total}), "
+             f"loss {result['loss']:.4f}"]
+    if recorded is not None:
+        verdict = ("identical" if (result["acc"], result["loss"]) == (recorded["acc"], recorded["loss"]) else
+                   f"the same accuracy, loss off by {result['loss'] - recorded['loss']:.2g}"
+                   if result["acc"] == recorded["acc"] else "differs: another device, torch build or data?")
+        lines.append(f"the record, epoch {recorded['epoch']}: test acc {recorded['acc']:.2%}, loss "
+                     f"{recorded['loss']:.4f}: {verdict}")
+    width = max(6, len(str(total)) + 1)
+    name_width = max(map(len, classes))
+    lines.append("per-class accuracy:")
+    lines += [f"  {c:<{name_width}}  {acc:7.2%}" for c, acc in per_class_accuracy(confusion, classes).items()]
+    lines.append("confusion matrix (rows: true class, columns: predicted):")
+    lines.append("  " + " " * name_width + "".join(f"{c[:width - 1]:>{width}}" for c in classes))
+    lines += [f"  {c:<{name_width}}" + "".join(f"{n:>{width}}" for n in row)
+              for c, row in zip(classes, confusion, strict=True)]
+    return "\n".join(lines)
 
 
 def stop_on_signals() -> None:
