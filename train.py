@@ -171,8 +171,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     what a later --from replays: derived values (the lr scaled to the batch, the warm-up) are derived
     again for the new config, never frozen."""
     parser = build_parser()
+    args = parser.parse_args(argv)  # first: --help and argparse's own errors speak with the real defaults
     given = given_flags(argv)
-    args = parser.parse_args(argv)
     if args.from_json:
         inherited = flags_of_record(args.from_json, parser)
         parser.set_defaults(**inherited)

@@ -332,3 +332,17 @@ def test_records_are_strict_json_even_when_a_loss_is_not_finite(tmp_path):
     data.save_json_atomic(tmp_path / "r.json", {"test_loss": math.nan, "h": [{"x": math.inf}], "t": (1.0, -math.inf)})
     assert json.loads((tmp_path / "r.json").read_text(), **STRICT) == {"test_loss": None, "h": [{"x": None}],
                                                                       "t": [1.0, None]}
+
+
+def test_help_shows_the_real_defaults_and_the_conventional_aliases(capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert exit.value.code == 0 and "object at" not in text
+    for shown in ("--model", "-b BATCH_SIZE, --batch-size BATCH_SIZE",
+                  "-j WORKERS, --workers WORKERS", "--weight-decay", "--output-dir", "(default: 512)"):
+        assert shown in text, shown
+    aliased = train.parse_config(["--model", "resnet20", "-b", "64", "-j", "1", "--weight-decay", "0.001",
+                                  "--output-dir", "elsewhere"])
+    assert (aliased.arch, aliased.batch_size, aliased.workers, aliased.wd, aliased.out) == \
+        ("resnet20", 64, 1, 0.001, "elsewhere")
