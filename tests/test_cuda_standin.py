@@ -13,6 +13,12 @@ import torch
 
 from cuda_standin import PROFILES, GpuProfile, standin
 
+import data
+
+# FFCV decides IS_CUDA once, when it is first imported: import it here, outside any stand-in, or a
+# test that first imports it under one would leave every later loader of this process on "CUDA".
+data.import_ffcv()
+
 CAPABILITY = {"T4": (7, 5), "A100": (8, 0), "H100": (9, 0)}
 NAME = {"T4": "Tesla T4", "A100": "NVIDIA A100-SXM4-80GB", "H100": "NVIDIA H100 80GB HBM3"}
 NATIVE_BF16 = {"T4": False, "A100": True, "H100": True}
