@@ -38,8 +38,11 @@ def test_two_process_run_counts_every_test_image_once(runs):
     assert sum(map(sum, two["final"]["confusion"])) == 10 * TEST_PER_CLASS
     assert [sum(row) for row in two["final"]["confusion"]] == [TEST_PER_CLASS] * 10
     assert len(two["final"]["predictions"]["labels"]) == 64
-    # The test beton is written class by class, so the first 64 labels are known.
-    assert two["final"]["predictions"]["labels"] == [i // TEST_PER_CLASS for i in range(64)]
+    # The test beton is written class by class, so image i's label is i // TEST_PER_CLASS; the kept sample
+    # is class-balanced: one image of each class in turn.
+    sample = two["final"]["predictions"]
+    assert sample["labels"] == [i // TEST_PER_CLASS for i in sample["indices"]]
+    assert sample["labels"][:10] == list(range(10))
 
 
 def test_two_processes_match_one_process(runs):
@@ -73,7 +76,7 @@ def test_three_ranks_with_a_rank_whose_last_eval_batch_is_all_padding(tmp_path, 
     accuracy = sum(p == t for p, t in zip(final["test_preds"], final["test_labels"], strict=True)) / 100
     assert final["test_acc"] == pytest.approx(accuracy)
     val = run["history"][0]["val_acc"]
-    assert round(val * 48) == pytest.approx(val * 48, abs=1e-9)  # a whole number of the 48 val images
+    assert round(val * 50) == pytest.approx(val * 50, abs=1e-9)  # a whole number of the 50 val images (5 a class)
 
 
 def free_port() -> int:
