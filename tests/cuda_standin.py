@@ -395,22 +395,19 @@ class FakeGpu:
         self._c10_set_device(device, force=True)
 
     def exchangeDevice(self, device: Any) -> int:
-        if not _is_int(device):
-            raise RuntimeError("invalid argument to exchangeDevice")
-        if device < 0:
-            return -1
-        torch.cuda._lazy_init()
-        self._record("_cuda_exchangeDevice", (device,))
-        return self._c10_exchange_device(device)
+        return self._exchange("_cuda_exchangeDevice", device, self._c10_exchange_device)
 
     def maybeExchangeDevice(self, device: Any) -> int:
+        return self._exchange("_cuda_maybeExchangeDevice", device, self._c10_maybe_exchange_device)
+
+    def _exchange(self, name: str, device: Any, exchange) -> int:  # both bindings check their argument alike
         if not _is_int(device):
             raise RuntimeError("invalid argument to exchangeDevice")
         if device < 0:
             return -1
         torch.cuda._lazy_init()
-        self._record("_cuda_maybeExchangeDevice", (device,))
-        return self._c10_maybe_exchange_device(device)
+        self._record(name, (device,))
+        return exchange(device)
 
     def hasPrimaryContext(self, device: int) -> bool:
         return device in self.contexts

@@ -147,3 +147,11 @@ def test_loader_workers_follow_the_cpus_this_process_may_use(monkeypatch, cpus, 
     lines = []
     assert train.check_run(args, torch.device("cpu"), 1, local_ranks, lines.append) == workers
     assert bool(lines) == said and all("--workers" in line for line in lines)
+
+
+def test_asked_bf16_on_a_gpu_that_only_emulates_it_is_warned_about(fake_gpu):
+    device = train.resolve_device("auto", None)
+    lines = []
+    train.check_run(train.parse_config(["--amp", "bf16"]), device, 1, 1, lines.append)
+    emulated = fake_gpu.profile.name == "Tesla T4"
+    assert bool(lines) == emulated and all("emulated" in line and "--amp fp16" in line for line in lines)
