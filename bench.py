@@ -59,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import models
+import speed
 import train
 
 ARCHS = ("resnet18", "resnet18-imagenet", "resnet34", "resnet50", "resnet20", "resnet9")
@@ -74,7 +75,6 @@ OUT = Path("results/bench")
 # What --quick changes, each unless its own flag is given.
 QUICK = {"batch_size": 64, "reps": 3, "steps_per_rep": 2, "warmup_steps": 1,
          "archs": ("resnet20", "resnet18-imagenet"), "epoch_fraction": 0.1}
-DTYPE_NAMES = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Mode(NamedTuple):
     channels_last: bool
-    amp: torch.dtype | None
+    amp: str  # "fp32", "bf16" or "fp16", as train.py's --amp
     compile: bool
 
 
@@ -125,11 +125,11 @@ AUTO = Mode(None, None, None)  # the default mode before train.py's auto has dec
 
 def modes_for(device: torch.device) -> dict[str, Mode]:
     """The usual way, each switch alone, and train.py's default, in the order the table shows them."""
-    modes = {"eager_fp32": Mode(False, None, False), "channels_last": Mode(True, None, False),
-             "amp_bf16": Mode(False, torch.bfloat16, False)}
-    if device.type == "cuda" and not train.has_real_bf16():
-        modes["amp_fp16"] = Mode(False, torch.float16, False)
-    modes["compile"] = Mode(False, None, True)
+    modes = {"eager_fp32": Mode(False, "fp32", False), "channels_last": Mode(True, "fp32", False),
+             "amp_bf16": Mode(False, "bf16", False)}
+    if device.type == "cuda" and not speed.has_real_bf16():
+        modes["amp_fp16"] = Mode(False, "fp16", False)
+    modes["compile"] = Mode(False, "fp32", True)
     modes["default"] = AUTO
     return modes
 
@@ -138,12 +138,12 @@ def default_mode(label: str, device: torch.device, args: argparse.Namespace, bat
     """What train.py runs by default for this arch here, decided by train.py's own functions: fixed on
     CUDA; on CPU its eager probes of dtype x layout, then its compiled-vs-eager probe at this batch."""
     model = build(label, device)
-    switches = train.choose_switches(args, model, device)
+    switches = speed.choose_switches(args, model, device)
     if switches["compile"] is None:
-        memory = train.memory_format(switches)
+        memory = speed.memory_format(switches["channels_last"])
         model = model.to(memory_format=memory)
-        train.compile_pays(switches, torch.compile(model, dynamic=False), model, model, device, batch_size)
-    return Mode(switches["channels_last"], train.autocast_dtype(switches), switches["compile"]), switches
+        speed.keep_compile_if_faster(switches, torch.compile(model, dynamic=False), model, model, device, batch_size)
+    return Mode(switches["channels_last"], switches["amp"], switches["compile"]), switches
 
 
 def parse_label(label: str) -> tuple[str, str]:
@@ -162,31 +162,22 @@ def build(label: str, device: torch.device) -> torch.nn.Module:
 
 def make_setup(label: str, mode: Mode, device: torch.device, args: argparse.Namespace,
                steps_per_epoch: int) -> Setup:
-    raw = build(label, device).to(memory_format=memory_of(mode))
+    raw = build(label, device).to(memory_format=speed.memory_format(mode.channels_last))
     model = torch.compile(raw, dynamic=False) if mode.compile else raw
     optimizer = train.make_optimizer(raw, args)
     scheduler = train.make_scheduler(optimizer, args, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == "fp16")
     return Setup(model, mode, optimizer, scheduler, scaler)
-
-
-def memory_of(mode: Mode) -> torch.memory_format:
-    return torch.channels_last if mode.channels_last else torch.contiguous_format
-
-
-def synthetic_batch(mode: Mode, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, device=device, generator=g).contiguous(memory_format=memory_of(mode))
-    return images, torch.randint(0, 10, (batch_size,), device=device, generator=g)
 
 
 def timed_epoch(setup: Setup, batches, device: torch.device, args: argparse.Namespace) -> float:
     """Seconds for train.py's epoch over `batches`, the device synchronised at both ends."""
-    train.synchronize(device)
+    memory = speed.memory_format(setup.mode.channels_last)
+    speed.synchronize(device)
     start = time.perf_counter()
     loss = train.train_one_epoch(setup.model, batches, setup.optimizer, setup.scheduler, setup.scaler,
-                                 setup.mode.amp, memory_of(setup.mode), device, args, 1, "bench")[0]  # the mean loss
-    train.synchronize(device)
+                                 setup.mode.amp, memory, device, args, 1, "bench")[0]  # the mean loss
+    speed.synchronize(device)
     elapsed = time.perf_counter() - start
     if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
         raise RuntimeError("the loss diverged while timing: the figure would be of a shortened epoch")
@@ -196,7 +187,7 @@ def timed_epoch(setup: Setup, batches, device: torch.device, args: argparse.Name
 def time_train_step(setup: Setup, batch_size: int, device: torch.device, args: argparse.Namespace,
                     plan: dict) -> dict:
     """img/s of the steady step (median over reps) and the first step's time (compiling, if any)."""
-    batch = synthetic_batch(setup.mode, batch_size, device)
+    batch = speed.dummy_batch(batch_size, device, speed.memory_format(setup.mode.channels_last))
     first = timed_epoch(setup, [batch], device, args)
     timed_epoch(setup, [batch] * plan["warmup_steps"], device, args)
     reps = [timed_epoch(setup, [batch] * plan["steps_per_rep"], device, args) / plan["steps_per_rep"]
@@ -223,11 +214,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int) -> float:
     out = torch.empty(n, n, device=device, dtype=dtype)
 
     def run(count: int) -> float:
-        train.synchronize(device)
+        speed.synchronize(device)
         start = time.perf_counter()
         for _ in range(count):
             torch.matmul(a, b, out=out)
-        train.synchronize(device)
+        speed.synchronize(device)
         return time.perf_counter() - start
 
     run(1)
@@ -275,7 +266,7 @@ def measure_label(label: str, modes: dict[str, Mode], device: torch.device, args
             continue
         finally:
             setup = None
-        results[name] = {**result, "dtype": DTYPE_NAMES[mode.amp], "channels_last": mode.channels_last,
+        results[name] = {**result, "dtype": mode.amp, "channels_last": mode.channels_last,
                          "compile": mode.compile}
         print(f"{label:<18} {name:<14} {result['img_per_s']:>10,.0f} img/s  first step {result['first_step_s']:.1f} s",
               flush=True)
@@ -402,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = plan_problem(plan)
     if problem:
         parser.error(problem)
-    device = train.resolve_device(args.device, None)
+    device = speed.resolve_device(args.device, None)
     all_modes = modes_for(device)
     unknown = [m for m in args.modes or () if m not in all_modes]
     if unknown:
@@ -486,9 +477,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. The device's peak, for the efficiency figures.
     release_memory(device)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     used = {result["dtype"] for label in details.values() for result in label["modes"].values()} | {"fp32"}
-    peak = {name: matmul_peak(device, dtypes[name], plan["reps"]) for name in sorted(used)}
+    peak = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, plan["reps"]) for name in sorted(used)}
 
     record = {"created_at": train.now(), "host": platform.node(), "device": str(device),
               "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
@@ -496,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average": {"start": load, "end": os.getloadavg()[0]},
               "env": env, "command": sys.argv[1:] if argv is None else argv,
               "modes": {name: {"channels_last": "auto", "dtype": "auto", "compile": "auto"} if m == AUTO else
-                        {"channels_last": m.channels_last, "dtype": DTYPE_NAMES[m.amp], "compile": m.compile}
+                        {"channels_last": m.channels_last, "dtype": m.amp, "compile": m.compile}
                         for name, m in modes.items()},
               "loader": loader_result, "train_step": train_step, "compile_time_s": compile_time,
               "flops_per_image": flops, "peak_flops": peak, "epoch": epoch,

@@ -13,8 +13,6 @@ results/models/ instead. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 div
 from __future__ import annotations
 
 import argparse
-import copy
-import ctypes
 import datetime
 import fcntl
 import hashlib
@@ -25,7 +23,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -41,6 +38,7 @@ from tqdm import tqdm
 
 import data
 import models
+import speed
 
 SCHEMA_VERSION = 1
 # Published CIFAR-10 recipes, one per optimiser; see the README's "Defaults" section for sources.
@@ -126,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="seed of weights, data order, subsets and splits")
     r.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
-    r.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="autocast dtype; auto: bf16 on CUDA (fp16 on GPUs without bf16), on CPU the faster of fp32 "
-                        "and bf16 in a few timed steps")
+    r.add_argument("--amp", default="auto", type=speed.amp_name, choices=("auto", *speed.AMP_DTYPES),
+                   help="autocast dtype (fp32: autocast off; 'off' is read as fp32); auto: bf16 on CUDA (fp16 on "
+                        "GPUs without bf16), on CPU the faster of fp32 and bf16 in a few timed steps")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model; unset: on for CUDA, on CPU only if compiled steps time faster")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -308,205 +306,13 @@ def model_options(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in CUSTOM_OPTIONS if getattr(args, k) is not None}
 
 
-def resolve_device(name: str, local_rank: int | None) -> torch.device:
-    """An indexed device: "auto" and "cuda" mean cuda:LOCAL_RANK under torchrun, else cuda:0.
-
-    torch.cuda.set_device refuses a device without an index, so every CUDA device is given one
-    here, checked against the devices this process can see."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            unusable = cuda_unusable_reason()
-            if unusable:
-                raise SystemExit(f"error: {unusable}")
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise SystemExit(f"error: --device {name}: this trainer runs on cpu or cuda devices only")
-    if not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} but {cuda_unusable_reason() or 'no CUDA device is visible'}: "
-                         "use --device cpu or auto")
-    index = device.index if device.index is not None else (local_rank or 0)
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise SystemExit(f"error: --device cuda:{index} but this process sees {count} CUDA device(s) "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
-                         f"use cuda:0 to cuda:{count - 1}")
-    device = torch.device("cuda", index)
-    torch.cuda.set_device(device)
-    torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN time its kernels once, keep the best
-    return device
-
-
-# The pinned torch wheel is built for CUDA 13.0; a CUDA 13 runtime needs an NVIDIA driver of the
-# 580 branch or newer on Linux (a driver serves runtimes of its own CUDA major version and older).
-CUDA_BUILD_MIN_DRIVER = "580"
-
-
-def driver_cuda_version() -> int | None:
-    """The CUDA version the installed NVIDIA driver supports (12080 = 12.8), or None without a driver.
-
-    Asked of libcuda, which comes with the driver, not with torch: torch itself only warns and
-    reports no GPU when the driver is too old for its CUDA."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int(0)
-    return (version.value or None) if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
-
-
-def cuda_unusable_reason() -> str | None:
-    """Why this machine's NVIDIA GPU cannot be used by this torch build; None when CUDA works or when
-    there is no NVIDIA driver at all (a CPU machine: nothing to explain)."""
-    if torch.cuda.is_available():
-        return None
-    found = driver_cuda_version()
-    if found is None:
-        return None
-    if torch.version.cuda is None:
-        return (f"this machine has an NVIDIA driver but torch {torch.__version__} is a CPU-only build: install the "
-                "CUDA build (README, 'On a GPU'), or pass --device cpu")
-    need = int(torch.version.cuda.split(".")[0])
-    if found // 1000 < need:
-        return (f"the NVIDIA driver supports CUDA {found // 1000}.{found % 1000 // 10}, but torch {torch.__version__} "
-                f"is built for CUDA {torch.version.cuda}: update the driver ({CUDA_BUILD_MIN_DRIVER} or newer), or "
-                f"install a torch build for CUDA {found // 1000}.x (README, 'On a GPU'), or pass --device cpu")
-    return (f"the NVIDIA driver works (CUDA {found // 1000}.{found % 1000 // 10}) but CUDA sees no GPU "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check it, or pass --device cpu")
-
-
-AMP_FLAGS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROBE_BATCH = 128  # eager probes of dtype x layout: the modes ranked the same at batch 64 and 512 here
-PROBE_STEPS = 2  # timed steps per probe, after an untimed one; the fastest step counts
-# A switch is turned on by auto only if it is this much faster than without: below that, the probes
-# are within this machine's step-to-step noise, and the plain fp32 NCHW eager step is the safer bet
-# (no compile time, no recompiles, fp32 numerics).
-PROBE_MARGIN = 1.05
-
-
-def dtype_name(dtype: torch.dtype | None) -> str:
-    """The record's name of an autocast dtype: "bfloat16", "float16", or "off"."""
-    return str(dtype).replace("torch.", "") if dtype else "off"
-
-
-def autocast_dtype(switches: dict) -> torch.dtype | None:
-    return None if switches["amp"] == "off" else getattr(torch, switches["amp"])
-
-
-def memory_format(switches: dict) -> torch.memory_format:
-    return torch.channels_last if switches["channels_last"] else torch.contiguous_format
-
-
-def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> dict:
-    """Autocast dtype, channels-last and torch.compile for this run, each with its reason.
-
-    Switches given on the command line are taken as given. On CUDA, auto turns all three on: tensor
-    cores want half precision in NHWC, and compile fuses BatchNorm and ReLU into fewer kernels.
-    On CPU each may pay or cost, by processor and network: on this project's 2-core AMX Xeon at
-    batch 512, bf16 autocast trains resnet18 (cifar stem) 1.8x faster and resnet18 with the
-    imagenet stem 2x slower; compile gains 1.3x for resnet20 and loses 0.8x for resnet18-imagenet.
-    So auto on CPU times eager steps of every dtype x layout left open and takes the fastest if it
-    beats plain fp32 NCHW by PROBE_MARGIN, and leaves "compile" None for compile_pays to decide after
-    the compiled warm-up, at the run's batch."""
-    amps = [AMP_FLAGS[args.amp]] if args.amp != "auto" else None
-    layouts = [args.channels_last] if args.channels_last is not None else None
-    probes = {}
-    if device.type == "cuda":
-        amps = amps or [torch.bfloat16 if has_real_bf16() else torch.float16]
-        layouts = layouts or [True]
-        compiled, auto = (True if args.compile is None else args.compile), "auto on CUDA"
-    else:
-        amps, layouts = amps or [None, torch.bfloat16], layouts or [False, True]
-        compiled, auto = args.compile, f"auto on CPU: the fastest eager probe, if {PROBE_MARGIN}x fp32 NCHW or faster"
-        if len(amps) * len(layouts) > 1:
-            batch = min(args.batch_size_per_rank, PROBE_BATCH)
-            for amp in amps:
-                for channels_last in layouts:
-                    memory = torch.channels_last if channels_last else torch.contiguous_format
-                    probe = copy.deepcopy(model).to(memory_format=memory)
-                    probes[probe_name(amp, channels_last)] = round(step_rate(probe, probe, amp, batch, device, memory))
-    amp, channels_last = max(((a, c) for a in amps for c in layouts), key=lambda ac: probes.get(probe_name(*ac), 0))
-    plain = probes.get(probe_name(None, False))
-    if plain and probes[probe_name(amp, channels_last)] < PROBE_MARGIN * plain:
-        amp, channels_last = None, False
-    compile_reason = "asked" if args.compile is not None else auto
-    if args.sync_bn and args.compile is None:
-        compiled, compile_reason = False, SYNC_BN_NO_COMPILE
-    return {"amp": dtype_name(amp), "amp_reason": "asked" if args.amp != "auto" else auto,
-            "channels_last": channels_last, "channels_last_reason": "asked" if args.channels_last is not None else auto,
-            "compile": compiled, "compile_reason": compile_reason, "probe_img_per_s": probes}
-
-
-SYNC_BN_NO_COMPILE = ("auto with --sync-bn: off, because SyncBatchNorm's forward calls torch.distributed "
-                      "collectives that torch.compile cannot trace (graph breaks at every BatchNorm layer, open "
-                      "upstream issues); --compile forces it on")
-
-
-def has_real_bf16() -> bool:
-    """bf16 in hardware on the current GPU (compute capability 8.0 or later). is_bf16_supported() also
-    counts emulation, which a T4 or RTX 20xx (7.5) has without bf16 tensor cores or cuDNN bf16
-    convolutions: fp16 with a GradScaler is what runs fast there."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def probe_name(amp: torch.dtype | None, channels_last: bool) -> str:
-    return f"{dtype_name(amp)} {'channels-last' if channels_last else 'NCHW'}"
-
-
-def compile_pays(switches: dict, compiled, model, raw_model: torch.nn.Module, device: torch.device,
-                 batch_size: int) -> None:
-    """Auto on CPU: keep torch.compile only if compiled steps beat eager ones by PROBE_MARGIN at the
-    run's batch."""
-    amp, memory = autocast_dtype(switches), memory_format(switches)
-    rates = {"compiled": round(step_rate(compiled, raw_model, amp, batch_size, device, memory)),
-             "eager": round(step_rate(model, raw_model, amp, batch_size, device, memory))}
-    switches.update(compile=rates["compiled"] > PROBE_MARGIN * rates["eager"], compile_probe_img_per_s=rates,
-                    compile_reason=f"auto on CPU: compiled steps at the run's batch, after the compiled warm-up, "
-                                   f"kept if {PROBE_MARGIN}x the eager ones or faster")
-
-
-def step_rate(model, raw_model: torch.nn.Module, dtype: torch.dtype | None, batch_size: int, device: torch.device,
-              memory: torch.memory_format, steps: int = PROBE_STEPS) -> float:
-    """Images/s of plain SGD training steps of `model`, which trains raw_model's weights (raw_model
-    itself, or a compiled or DDP wrapper of it). Weights, buffers and the RNG are restored after:
-    the run then starts as if it had never been probed."""
-    saved = {k: v.clone() for k, v in raw_model.state_dict().items()}
-    rng = torch.get_rng_state()
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=1e-3)
-    generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn((batch_size, 3, 32, 32), device=device, generator=generator).contiguous(memory_format=memory)
-    labels = torch.randint(0, 10, (batch_size,), device=device, generator=generator)
-    model.train()
-    times = []
-    for _ in range(steps + 1):  # the first step warms up allocators and kernels
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    raw_model.load_state_dict(saved)
-    raw_model.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng)
-    return batch_size / min(times[1:])
-
-
-def agree(switches: dict, keys: tuple[str, ...], world: int, device: torch.device) -> None:
-    """Under torchrun, every rank takes rank 0's measured choices (each rank's timings differ)."""
+def rank0_value(value, world: int, device: torch.device):
+    """Rank 0's value, on every rank: measured choices (each rank's timings differ) and rank 0's findings."""
     if world == 1:
-        return
-    for key in keys:
-        box = [switches[key]]
-        torch.distributed.broadcast_object_list(box, 0, device=device)
-        switches[key] = box[0]
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, 0, device=device)
+    return holder[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +399,7 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Names
 # Training and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memory, device, args, world,
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                     progress_desc, max_steps: int | None = None):
     """One pass; loss and correct counts stay on the device and are read once, at the end.
 
@@ -610,7 +416,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memo
         if step == max_steps:  # --preflight
             break
         images = images.contiguous(memory_format=memory)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with speed.autocast(device, amp):
             logits = model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -634,7 +440,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp_dtype, memo
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype, memory, num_classes: int, batch_size: int, tta: bool,
+def evaluate(model, loader, device, amp, memory, num_classes: int, batch_size: int, tta: bool,
              world: int, max_batches: int | None = None) -> dict:
     """Loss (without label smoothing), accuracy, confusion matrix and every image's prediction.
 
@@ -653,7 +459,7 @@ def evaluate(model, loader, device, amp_dtype, memory, num_classes: int, batch_s
         if n < batch_size:
             images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
         images = images.contiguous(memory_format=memory)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with speed.autocast(device, amp):
             logits = model(images)
             if tta:
                 logits = (logits + model(images.flip(3))) / 2
@@ -692,53 +498,6 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
     kept = interleaved[:, interleaved[0] >= 0].long()
     return (everything[:, 0].sum().item(), everything[:, 1:1 + n_conf].sum(0).long(), kept[0].tolist(),
             kept[1].tolist())
-
-
-def warm_up(train_model, eval_model, raw_model, optimizer, scaler, amp_dtype, memory, device,
-            train_batch: int, eval_batch: int) -> float:
-    """Compile the train and eval graphs on a dummy batch, then restore every state it touched.
-
-    The compile time is reported on its own and kept out of the epoch times."""
-    saved = {"model": {k: v.clone() for k, v in raw_model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-    generator = torch.Generator(device=device).manual_seed(0)
-    start = time.perf_counter()
-    for model, training, size in ((train_model, True, train_batch), (eval_model, False, eval_batch)):
-        images = torch.randn((size, 3, 32, 32), device=device, generator=generator).contiguous(memory_format=memory)
-        model.train(training)
-        with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                             enabled=amp_dtype is not None):
-            logits = model(images)
-        if training:
-            scaler.scale(logits.float().logsumexp(1).mean()).backward()
-            optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    raw_model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
-    return elapsed
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def compiled_graphs() -> int:
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """After compiling: the peak to report is training's, not the compiler's."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of the process (KiB on Linux)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -814,6 +573,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
                          "pass --overwrite to start the run over, or another --name")
     mine, theirs = fingerprint(args, meta), as_json(state["fingerprint"])
     theirs.setdefault("data_sha256", mine["data_sha256"])  # checkpoints before the data's checksum was kept
+    theirs["amp"] = speed.amp_name(theirs.get("amp", mine["amp"]))  # and before one name per dtype ("off")
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
         k = differs[0]
@@ -869,10 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         return evaluate_saved(args)
     world, local_rank, local_world = distributed_env()
-    device = resolve_device(args.device, local_rank)
+    device = speed.resolve_device(args.device, local_rank)
     rank = init_distributed(world, device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    workers = check_run(args, device, world, local_world, say)
+    print0 = print if rank == 0 else (lambda *a, **k: None)  # print on rank 0 only
+    workers = check_run(args, device, world, local_world, print0)
     # Data first: loaders check the betons against meta.json, so bad data is refused before the run's
     # name is claimed or anything is written.
     torch.manual_seed(args.seed)
@@ -885,10 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     lock, done = claim_run(out, args.name, args.resume, args.overwrite) if rank == 0 else (None, None)
     try:
-        if agree_on(done is not None, world, device):
-            say(f"{args.name}: already {(done or {}).get('status')} ({out / args.name}.json); nothing to resume")
+        if rank0_value(done is not None, world, device):
+            print0(f"{args.name}: already {(done or {}).get('status')} ({out / args.name}.json); nothing to resume")
             return 0
-        return train_config(args, device, world, rank, loaders, say)
+        return train_config(args, device, world, rank, loaders, print0)
     finally:
         if lock is not None:
             lock.close()  # releases the run's flock (also at once in a process that runs several)
@@ -897,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_config(args: argparse.Namespace, device: torch.device, world: int, rank: int, loaders: tuple,
-                 say) -> int:
+                 print0) -> int:
     """The run itself, once its name is claimed: model, switches, compile, the epochs, the record."""
     out = Path(args.out)
     json_path, ckpt_path = out / f"{args.name}.json", out / "checkpoints" / f"{args.name}.pt"
@@ -910,7 +670,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
     raw_model = raw_model.to(device)
     state = load_checkpoint(ckpt_path, args, meta) if args.resume else None
     switches = restore_or_choose_switches(args, state, raw_model, device, world)
-    amp, memory = autocast_dtype(switches), memory_format(switches)
+    amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
     raw_model = raw_model.to(memory_format=memory)
     if args.sync_bn:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
@@ -918,37 +678,37 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
         raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(raw_model, args)
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     # The record, and the state to resume from.
     record = new_record(args, device, world, train_loader, steps_per_epoch, params, flops, classes)
     progress = {"epoch": 0, "best": {"acc": None, "epoch": None}, "best_test": None, "best_weights": None}
     if args.resume and state is None:
-        say(f"{args.name}: no checkpoint at {ckpt_path}; starting from scratch")
+        print0(f"{args.name}: no checkpoint at {ckpt_path}; starting from scratch")
     if state is not None:
         restore(state, raw_model, optimizer, scheduler, scaler, device)
         progress.update({k: state[k] for k in ("epoch", "best", "best_test", "best_weights") if k in state})
         record.update(history=state["history"], started_at=state["started_at"])
-        say(f"{args.name}: resuming after epoch {progress['epoch']}/{args.epochs}")
+        print0(f"{args.name}: resuming after epoch {progress['epoch']}/{args.epochs}")
     train_loader.epoch = progress["epoch"]  # the data order of the next epoch, as in an uninterrupted run
 
     # Compile before the clock starts; a second build of the same graphs would show as recompiles.
     model, eval_model, compile_time = compile_if_chosen(switches, model, raw_model, optimizer, scaler, device,
                                                         args, eval_batch, world)
-    graphs_after_warm_up = compiled_graphs()
-    reset_peak_memory(device)
+    graphs_after_warm_up = speed.compiled_graphs()
+    speed.reset_peak_memory(device)
     record["run"].update(switches, compile_time_s=compile_time)
     if rank == 0:
         data.save_json_atomic(json_path, record)
-    board = open_tensorboard(out, record, progress["epoch"], say) if rank == 0 and not args.preflight else None
-    say(start_line(args, device, world, params, train_loader, switches, compile_time))
+    board = open_tensorboard(out, record, progress["epoch"], print0) if rank == 0 and not args.preflight else None
+    print0(start_line(args, device, world, params, train_loader, switches, compile_time))
     total_steps = args.epochs * steps_per_epoch
     if total_steps < FEW_STEPS and not args.preflight:
         warning = (f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag "
-                   f"behind, so the accuracies say little; lower --batch-size or raise --fraction or --epochs to "
+                   f"behind, so the accuracies print0 little; lower --batch-size or raise --fraction or --epochs to "
                    f"reach {FEW_STEPS}+ steps")
         record["run"]["warnings"] = [warning]
-        say(f"warning: {warning}")
+        print0(f"warning: {warning}")
 
     status, epoch, first_epoch_here = "finished", progress["epoch"], progress["epoch"] + 1
     steps, batches = (2, 1) if args.preflight else (None, None)
@@ -956,12 +716,12 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
         for epoch in range(progress["epoch"] + 1, args.epochs + 1):
             stop_if_interrupted()
             lr = optimizer.param_groups[0]["lr"]
-            synchronize(device)
+            speed.synchronize(device)
             start = time.perf_counter()
             train_loss, train_acc, first_loss = train_one_epoch(
                 model, train_loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                 f"epoch {epoch}/{args.epochs}", max_steps=steps)
-            synchronize(device)
+            speed.synchronize(device)
             epoch_time = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "first_step_loss": first_loss,
                    "lr": lr, "epoch_time_s": epoch_time,
@@ -977,7 +737,7 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
             results = {split: evaluate(eval_model, loader, device, amp, memory, len(classes), eval_batch, args.tta,
                                        world, max_batches=batches)
                        for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None}
-            synchronize(device)
+            speed.synchronize(device)
             row["eval_time_s"] = time.perf_counter() - start
             for split, result in results.items():
                 row.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
@@ -988,8 +748,8 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
                                 best_weights={k: v.detach().to("cpu", copy=True)
                                               for k, v in raw_model.state_dict().items()})
             progress["epoch"] = epoch
-            say(epoch_line(row, args.epochs))
-            board = log_epoch_to_tensorboard(board, row, say)
+            print0(epoch_line(row, args.epochs))
+            board = log_epoch_to_tensorboard(board, row, print0)
             stop_early = (args.early_stop is not None and progress["best"]["epoch"] is not None
                           and epoch - progress["best"]["epoch"] >= args.early_stop)
             if args.preflight:
@@ -997,14 +757,14 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
                                       raw_model, optimizer, scheduler, scaler, switches, device), meta)
             if epoch == args.epochs or stop_early:
                 record["final"] = final_summary(record, results, progress, stop_early, classes, compile_time,
-                                                compiled_graphs() - graphs_after_warm_up, device)
+                                                speed.compiled_graphs() - graphs_after_warm_up, device)
                 break
             if rank == 0:
                 save_checkpoint(ckpt_path, checkpoint_state(args, meta, progress, record, raw_model, optimizer,
                                                             scheduler, scaler, switches, device))
                 data.save_json_atomic(json_path, record)
     except KeyboardInterrupt:
-        say(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
+        print0(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
             "run the same command with --resume to continue")
         leave_interrupted()
     except OSError as error:
@@ -1021,17 +781,17 @@ def train_config(args: argparse.Namespace, device: torch.device, world: int, ran
             record["final"]["weights"] = save_weights(out, args.name, raw_model, progress["best_weights"])
         data.save_json_atomic(json_path, record)
         ckpt_path.unlink(missing_ok=True)  # the JSON and the kept weights hold the result
-        close_tensorboard(board, record, say)
+        close_tensorboard(board, record, print0)
     if status == "diverged":
-        say(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
+        print0(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
         return EXIT_DIVERGED
     final = record["final"]
-    say(f"{args.name}: finished: test acc {final['test_acc']:.2%}, mean epoch {final['mean_epoch_time_s']:.1f} s, "
+    print0(f"{args.name}: finished: test acc {final['test_acc']:.2%}, mean epoch {final['mean_epoch_time_s']:.1f} s, "
         f"{final['train_img_per_s']:,.0f} img/s -> {json_path}")
     return 0
 
 
-def check_run(args: argparse.Namespace, device: torch.device, world: int, local_world: int, say) -> int:
+def check_run(args: argparse.Namespace, device: torch.device, world: int, local_world: int, print0) -> int:
     """Refuse what cannot run on this device and world; returns the loader workers to use."""
     if args.sync_bn and (world == 1 or device.type != "cuda"):
         raise SystemExit("error: --sync-bn needs torchrun with CUDA devices (SyncBatchNorm does not run on CPU)")
@@ -1040,25 +800,16 @@ def check_run(args: argparse.Namespace, device: torch.device, world: int, local_
                          f"use a multiple of {world}")
     if args.amp == "fp16" and device.type == "cpu":
         raise SystemExit("error: --amp fp16 on a CPU is emulated: it trains ~10x slower than bf16 (and evaluated "
-                         "10,000 images in 4 minutes here): use --amp bf16, off or auto")
-    if args.amp == "bf16" and device.type == "cuda" and not has_real_bf16():
-        say(f"warning: --amp bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+                         "10,000 images in 4 minutes here): use --amp bf16, fp32 or auto")
+    if args.amp == "bf16" and device.type == "cuda" and not speed.has_real_bf16():
+        print0(f"warning: --amp bf16 on {torch.cuda.get_device_name(device)} (compute capability "
             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated, without bf16 tensor "
             "cores or cuDNN bf16 convolutions: --amp fp16 (or auto) trains much faster there")
     args.batch_size_per_rank = args.batch_size // world
     workers, message = data.check_workers(args.workers, local_world)
     if message:
-        say(f"note: {message}")
+        print0(f"note: {message}")
     return workers
-
-
-def agree_on(flag: bool, world: int, device: torch.device) -> bool:
-    """Rank 0's flag, on every rank."""
-    if world == 1:
-        return flag
-    box = [flag]
-    torch.distributed.broadcast_object_list(box, 0, device=device)
-    return box[0]
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
@@ -1071,14 +822,14 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
 
 def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int):
     """meta.json and the train, val (None without --val-split) and test loaders."""
-    common = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
+    shared = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
     try:
         meta = data.ensure_valid(args.data_dir)
         train_loader = data.make_loader("train", args.batch_size_per_rank, aug=args.aug, fraction=args.fraction,
-                                        val_split=args.val_split, **common)
+                                        val_split=args.val_split, **shared)
         val_loader = (data.make_loader("val", args.batch_size_per_rank, aug="none", val_split=args.val_split,
-                                       **common) if args.val_split > 0 else None)
-        test_loader = data.make_loader("test", args.batch_size_per_rank, aug="none", **common)
+                                       **shared) if args.val_split > 0 else None)
+        test_loader = data.make_loader("test", args.batch_size_per_rank, aug="none", **shared)
     except (data.DataError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     return meta, train_loader, val_loader, test_loader
@@ -1092,8 +843,8 @@ def restore_or_choose_switches(args, state: dict | None, raw_model, device: torc
             switches.update(compile=args.compile, compile_reason="asked")
         return switches
     probe_start = time.perf_counter()
-    switches = choose_switches(args, raw_model, device)
-    agree(switches, ("amp", "channels_last"), world, device)
+    switches = speed.choose_switches(args, raw_model, device)
+    switches.update(rank0_value({k: switches[k] for k in ("amp", "channels_last")}, world, device))
     switches["probe_time_s"] = time.perf_counter() - probe_start
     return switches
 
@@ -1104,16 +855,16 @@ def compile_if_chosen(switches: dict, model, raw_model, optimizer, scaler, devic
     own under torchrun, so that evaluation holds no DDP collective."""
     if switches["compile"] is False:
         return model, raw_model, 0.0
-    amp, memory = autocast_dtype(switches), memory_format(switches)
+    amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
     # dynamic=False: shapes never change (drop_last in training, padded eval batches).
     compiled = torch.compile(model, dynamic=False)
     compiled_eval = compiled if world == 1 else torch.compile(raw_model, dynamic=False)
-    compile_time = warm_up(compiled, compiled_eval, raw_model, optimizer, scaler, amp, memory, device,
-                           args.batch_size_per_rank, eval_batch)
+    compile_time = speed.compile_on_dummy_batches(compiled, compiled_eval, raw_model, optimizer, scaler, amp, memory,
+                                                  device, args.batch_size_per_rank, eval_batch)
     if switches["compile"] is None:
         probe_start = time.perf_counter()
-        compile_pays(switches, compiled, model, raw_model, device, args.batch_size_per_rank)
-        agree(switches, ("compile",), world, device)
+        speed.keep_compile_if_faster(switches, compiled, model, raw_model, device, args.batch_size_per_rank)
+        switches["compile"] = rank0_value(switches["compile"], world, device)
         switches["probe_time_s"] += time.perf_counter() - probe_start
         if not switches["compile"]:  # compiled for nothing: the time was spent probing
             switches["probe_time_s"] += compile_time
@@ -1226,7 +977,7 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
              "mean_epoch_time_s": sum(h["epoch_time_s"] for h in steady) / len(steady),
              "train_time_s": sum(h["epoch_time_s"] for h in history),
              "train_img_per_s": sum(h["train_img_per_s"] for h in steady) / len(steady),
-             "eval_time_s": sum(h["eval_time_s"] for h in history), "peak_memory_mb": peak_memory_mb(device),
+             "eval_time_s": sum(h["eval_time_s"] for h in history), "peak_memory_mb": speed.peak_memory_mb(device),
              "recompiles": recompiles}
     if len(classes) <= 10:  # one digit per test image: what paired tests between runs (McNemar) need
         final["test_preds"] = "".join(map(str, test["preds"]))
@@ -1258,7 +1009,7 @@ BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "
 BOARD_FINAL = ("test_acc", "test_loss", "best_val_acc", "mean_epoch_time_s", "train_img_per_s")
 
 
-def open_tensorboard(out: Path, record: dict, resumed_after: int, say):
+def open_tensorboard(out: Path, record: dict, resumed_after: int, print0):
     """A SummaryWriter on OUT/tensorboard/NAME/, one TensorBoard run per config, which starts with the
     run's HParams session (its config); None if it cannot be written.
 
@@ -1277,10 +1028,10 @@ def open_tensorboard(out: Path, record: dict, resumed_after: int, say):
         writer.flush()
         return writer
     except Exception as error:  # of any type: see tensorboard_failed
-        return tensorboard_failed(error, say)
+        return tensorboard_failed(error, print0)
 
 
-def log_epoch_to_tensorboard(writer, row: dict, say):
+def log_epoch_to_tensorboard(writer, row: dict, print0):
     """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
     if writer is None:
         return None
@@ -1291,10 +1042,10 @@ def log_epoch_to_tensorboard(writer, row: dict, say):
         writer.flush()
         return writer
     except Exception as error:
-        return tensorboard_failed(error, say)
+        return tensorboard_failed(error, print0)
 
 
-def close_tensorboard(writer, record: dict, say) -> None:
+def close_tensorboard(writer, record: dict, print0) -> None:
     """The final figures and the HParams session's end (finished or diverged), then close the files."""
     if writer is None:
         return
@@ -1306,13 +1057,13 @@ def close_tensorboard(writer, record: dict, say) -> None:
         writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
         writer.close()
     except Exception as error:
-        tensorboard_failed(error, say)
+        tensorboard_failed(error, print0)
 
 
-def tensorboard_failed(error: Exception, say) -> None:
+def tensorboard_failed(error: Exception, print0) -> None:
     """Say once that the event files stopped; the run goes on. The writer's thread re-raises whatever
     stopped it (a full disk, a deleted folder) at the next call, as any exception type."""
-    say(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and its "
+    print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and its "
         "JSON record, the source of truth, is complete")
     return None
 
@@ -1365,9 +1116,10 @@ def evaluate_saved(args: argparse.Namespace) -> int:
     source = Path(args.from_json)
     record = json.loads(source.read_text())  # parse_config has read it already: it is a record
     weights = kept_weights(record, source, args.eval_weights)
-    device = resolve_device(args.device, None)
-    switches = {"amp": record["run"].get("amp", "off"), "channels_last": record["run"].get("channels_last", False)}
-    amp, memory = autocast_dtype(switches), memory_format(switches)
+    device = speed.resolve_device(args.device, None)
+    switches = {"amp": speed.amp_name(record["run"].get("amp", "fp32")),
+                "channels_last": record["run"].get("channels_last", False)}
+    amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
     args.batch_size_per_rank = args.batch_size // record["run"].get("world_size", 1)
     workers, _ = data.check_workers(args.workers, 1)
     meta, _, _, test_loader = make_loaders(args, device, 1, workers)

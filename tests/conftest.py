@@ -58,7 +58,7 @@ def run_env() -> dict:
 # a test is about those: left to auto, the speed switches are decided by timing steps on CPU (two runs
 # could choose differently), and numba spends ~20 s compiling FFCV's flip/translate pipeline in every
 # new process.
-FIXED_SWITCHES = ("--no-compile", "--amp", "off", "--channels-last")
+FIXED_SWITCHES = ("--no-compile", "--amp", "fp32", "--channels-last")
 TINY_CONFIG = ["--arch", "resnet20", "--batch-size", "32", "--aug", "none", "--quiet"]
 TINY = [*TINY_CONFIG, *FIXED_SWITCHES]
 

@@ -245,7 +245,7 @@ ROWS = [
 
 
 TRAIN = ["train.py", "--data-dir", DIR, "--out", "{tmp}/results", "--quiet", "--device", "cpu"]
-TINY_RUN = [*TRAIN, "--arch", "resnet20", "--batch-size", "32", "--aug", "none", "--no-compile", "--amp", "off"]
+TINY_RUN = [*TRAIN, "--arch", "resnet20", "--batch-size", "32", "--aug", "none", "--no-compile", "--amp", "fp32"]
 
 
 def record_file(i: Inputs, text: str) -> None:

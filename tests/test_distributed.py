@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, TEST_PER_CLASS, run_env
 
 FLAGS = ["--arch", "resnet20", "--batch-size", "32", "--epochs", "1", "--aug", "none", "--no-compile", "--quiet",
-         "--device", "cpu", "--lr", "0.05", "--amp", "off",
+         "--device", "cpu", "--lr", "0.05", "--amp", "fp32",
          "--channels-last"]
 
 

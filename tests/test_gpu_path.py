@@ -7,10 +7,11 @@ import threading
 
 import data
 import pytest
+import speed
 import torch
 import train
 
-EXPECTED_AMP = {"Tesla T4": "float16", "NVIDIA A100-SXM4-80GB": "bfloat16", "NVIDIA H100 80GB HBM3": "bfloat16"}
+EXPECTED_AMP = {"Tesla T4": "fp16", "NVIDIA A100-SXM4-80GB": "bf16", "NVIDIA H100 80GB HBM3": "bf16"}
 
 
 def tiny_model():
@@ -28,7 +29,7 @@ def keep_cudnn_benchmark():
 
 @pytest.mark.parametrize("name", ["auto", "cuda", "cuda:0"])
 def test_auto_and_cuda_resolve_to_an_indexed_device_and_set_it(fake_gpu, name):
-    device = train.resolve_device(name, None)
+    device = speed.resolve_device(name, None)
     assert device == torch.device("cuda", 0)
     assert fake_gpu.set_device_calls == [(0, threading.current_thread().name)]
     assert torch.backends.cudnn.benchmark is True  # shapes never change
@@ -36,76 +37,76 @@ def test_auto_and_cuda_resolve_to_an_indexed_device_and_set_it(fake_gpu, name):
 
 def test_torchrun_local_rank_picks_the_rank_gpu(fake_gpus):
     gpu = fake_gpus("H100", count=4)
-    assert train.resolve_device("auto", 2) == torch.device("cuda", 2)
-    assert train.resolve_device("cuda", 3) == torch.device("cuda", 3)
+    assert speed.resolve_device("auto", 2) == torch.device("cuda", 2)
+    assert speed.resolve_device("cuda", 3) == torch.device("cuda", 3)
     assert [index for index, _ in gpu.set_device_calls] == [2, 3]
 
 
 @pytest.mark.parametrize("fake_gpu", [("A100", 2)], indirect=True)
 def test_a_gpu_index_beyond_the_visible_ones_is_one_line(fake_gpu):
-    assert train.resolve_device("cuda:1", None) == torch.device("cuda", 1)
+    assert speed.resolve_device("cuda:1", None) == torch.device("cuda", 1)
     with pytest.raises(SystemExit, match=r"cuda:2 but this process sees 2 CUDA device\(s\).*cuda:0 to cuda:1"):
-        train.resolve_device("cuda:2", None)
+        speed.resolve_device("cuda:2", None)
 
 
 @pytest.mark.parametrize("fake_gpu", [{"profile": "A100", "driver_cuda_version": 12080}], indirect=True)
 def test_a_driver_too_old_for_the_wheel_stops_auto_instead_of_training_on_cpu(fake_gpu, monkeypatch):
-    monkeypatch.setattr(train, "driver_cuda_version", fake_gpu.driver_cuda_version)
+    monkeypatch.setattr(speed, "driver_cuda_version", fake_gpu.driver_cuda_version)
     with pytest.warns(UserWarning, match="too old"):
         assert not torch.cuda.is_available()
     for name in ("auto", "cuda"):
         with pytest.raises(SystemExit, match=r"driver supports CUDA 12\.8, but torch .* built for CUDA 13\.0.*580"):
-            train.resolve_device(name, None)
-    assert train.resolve_device("cpu", None) == torch.device("cpu")  # asked for: allowed
+            speed.resolve_device(name, None)
+    assert speed.resolve_device("cpu", None) == torch.device("cpu")  # asked for: allowed
 
 
 @pytest.mark.parametrize("fake_gpu", [{"profile": "A100", "driver_cuda_version": 0}], indirect=True)
 def test_a_machine_without_a_driver_trains_on_cpu(fake_gpu, monkeypatch):
-    monkeypatch.setattr(train, "driver_cuda_version", fake_gpu.driver_cuda_version)
-    assert train.resolve_device("auto", None) == torch.device("cpu")
+    monkeypatch.setattr(speed, "driver_cuda_version", fake_gpu.driver_cuda_version)
+    assert speed.resolve_device("auto", None) == torch.device("cpu")
     with pytest.raises(SystemExit, match="--device cuda but no CUDA device is visible"):
-        train.resolve_device("cuda", None)
+        speed.resolve_device("cuda", None)
 
 
 def test_amp_auto_takes_real_bf16_only_and_all_switches_on(fake_gpu):
-    device = train.resolve_device("auto", None)
+    device = speed.resolve_device("auto", None)
     args = train.parse_config([])
     args.batch_size_per_rank = 512
-    switches = train.choose_switches(args, tiny_model(), device)
+    switches = speed.choose_switches(args, tiny_model(), device)
     assert switches["amp"] == EXPECTED_AMP[fake_gpu.profile.name]
     assert (switches["channels_last"], switches["compile"], switches["probe_img_per_s"]) == (True, True, {})
-    scaler = torch.amp.GradScaler("cuda", enabled=train.autocast_dtype(switches) == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=switches["amp"] == "fp16")
     assert scaler.is_enabled() == (fake_gpu.profile.name == "Tesla T4")  # fp16 needs loss scaling
-    with torch.autocast("cuda", dtype=train.autocast_dtype(switches)):
+    with speed.autocast(torch.device("cuda", 0), switches["amp"]):
         pass  # torch's own autocast accepts the choice on that GPU
 
 
 def test_sync_bn_leaves_compile_off_unless_asked_and_says_why(fake_gpu):
-    device = train.resolve_device("auto", None)
+    device = speed.resolve_device("auto", None)
     cases = ((["--sync-bn"], False, "SyncBatchNorm"), (["--sync-bn", "--compile"], True, "asked"),
              ([], True, "auto on CUDA"))
     for argv, compiled, reason in cases:
         args = train.parse_config(argv)
         args.batch_size_per_rank = 64
-        switches = train.choose_switches(args, tiny_model(), device)
+        switches = speed.choose_switches(args, tiny_model(), device)
         assert switches["compile"] is compiled and reason in switches["compile_reason"]
 
 
 def test_cuda_runs_are_recorded_with_the_gpu_and_its_peak_memory_after_compiling(fake_gpu):
-    device = train.resolve_device("auto", None)
+    device = speed.resolve_device("auto", None)
     env = train.environment(device)
     assert env["device_name"] == fake_gpu.profile.name and env["cuda"] == torch.version.cuda
     fake_gpu.allocate(0, 900 * 2**20)  # what compiling held
     fake_gpu.free(0, 900 * 2**20)
-    train.reset_peak_memory(device)
+    speed.reset_peak_memory(device)
     fake_gpu.allocate(0, 100 * 2**20)
-    assert train.peak_memory_mb(device) == pytest.approx(100)
-    train.synchronize(device)
+    assert speed.peak_memory_mb(device) == pytest.approx(100)
+    speed.synchronize(device)
     assert fake_gpu.synchronize_calls[-1][0] == 0
 
 
 def test_checkpoint_keeps_and_restores_the_gpu_rng(fake_gpu, tmp_path):
-    device = train.resolve_device("auto", None)
+    device = speed.resolve_device("auto", None)
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -127,7 +128,7 @@ def test_nccl_process_group_is_bound_to_the_rank_gpu(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, **kw: seen.update(kw, backend=backend))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
-    device = train.resolve_device("auto", 1)
+    device = speed.resolve_device("auto", 1)
     assert train.init_distributed(2, device) == 1
     assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 1)
     assert train.init_distributed(1, device) == 0
@@ -150,7 +151,7 @@ def test_loader_workers_follow_the_cpus_this_process_may_use(monkeypatch, cpus, 
 
 
 def test_asked_bf16_on_a_gpu_that_only_emulates_it_is_warned_about(fake_gpu):
-    device = train.resolve_device("auto", None)
+    device = speed.resolve_device("auto", None)
     lines = []
     train.check_run(train.parse_config(["--amp", "bf16"]), device, 1, 1, lines.append)
     emulated = fake_gpu.profile.name == "Tesla T4"

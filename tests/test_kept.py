@@ -99,13 +99,13 @@ def test_eval_only_matches_a_bf16_run_exactly(tmp_path, synthetic_data, capsys):
     out = tmp_path / "results"
     assert run(out, synthetic_data, "--epochs", "1", "--amp", "bf16", "--name", "bf16") == 0
     record = json.loads((out / "bf16.json").read_text())
-    assert record["run"]["amp"] == "bfloat16"
+    assert record["run"]["amp"] == "bf16"
     state = torch.load(out / record["final"]["weights"]["final"], weights_only=True)
     assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())  # autocast keeps fp32
     capsys.readouterr()
     assert evaluate_saved(out / "bf16.json") == 0
     printed = capsys.readouterr().out
-    assert "[amp bfloat16, channels-last, eager" in printed and ": identical" in printed
+    assert "[amp bf16, channels-last, eager" in printed and ": identical" in printed
 
 
 def planted(tmp_path, record: dict, **changes) -> str:
@@ -168,7 +168,7 @@ def test_tensorboard_scalars_are_the_records_history_and_hparams_its_config(kept
     start = metadata.parse_session_start_info_plugin_data(sessions[metadata.SESSION_START_INFO_TAG])
     hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     assert hparams["arch"] == "resnet20" and hparams["lr"] == record["config"]["lr"] and hparams["seed"] == 0
-    assert hparams["amp"] == "off" and hparams["channels_last"] is True and hparams["compile"] is False
+    assert hparams["amp"] == "fp32" and hparams["channels_last"] is True and hparams["compile"] is False
     assert not {"name", "out", "data_dir", "quiet", "workers"} & set(hparams)
     end = metadata.parse_session_end_info_plugin_data(sessions[metadata.SESSION_END_INFO_TAG])
     assert end.status == api_pb2.STATUS_SUCCESS

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import speed
 import train as train_module
 from conftest import ROOT, TEST_PER_CLASS, TINY, record, run_env, train
 
@@ -78,11 +79,11 @@ def test_auto_switches_on_cpu_take_the_fastest_probe_and_record_it(finished_run)
     _, run = finished_run
     assert (run["config"]["amp"], run["config"]["channels_last"], run["config"]["compile"]) == ("auto", None, False)
     probes = run["run"]["probe_img_per_s"]
-    assert set(probes) == {"off NCHW", "off channels-last", "bfloat16 NCHW", "bfloat16 channels-last"}
+    assert set(probes) == {"fp32 NCHW", "fp32 channels-last", "bf16 NCHW", "bf16 channels-last"}
     assert all(rate > 0 for rate in probes.values())
     chosen = f"{run['run']['amp']} {'channels-last' if run['run']['channels_last'] else 'NCHW'}"
     fastest = max(probes.values())
-    assert probes[chosen] == fastest if fastest >= 1.05 * probes["off NCHW"] else chosen == "off NCHW"
+    assert probes[chosen] == fastest if fastest >= 1.05 * probes["fp32 NCHW"] else chosen == "fp32 NCHW"
     assert run["run"]["amp_reason"].startswith("auto on CPU") and run["run"]["compile_reason"] == "asked"
     assert run["run"]["compile"] is False
 
@@ -94,26 +95,26 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("rates, chosen", [
-    ({(None, False): 100, (None, True): 104, (torch.bfloat16, False): 90, (torch.bfloat16, True): 103},
-     ("off", False)),  # nothing beats fp32 NCHW by 5%: within the noise, keep the plain step
-    ({(None, False): 100, (None, True): 120, (torch.bfloat16, False): 90, (torch.bfloat16, True): 150},
-     ("bfloat16", True)),
-    ({(None, False): 100, (None, True): 110, (torch.bfloat16, False): 50, (torch.bfloat16, True): 60},
-     ("off", True)),
+    ({("fp32", False): 100, ("fp32", True): 104, ("bf16", False): 90, ("bf16", True): 103},
+     ("fp32", False)),  # nothing beats fp32 NCHW by 5%: within the noise, keep the plain step
+    ({("fp32", False): 100, ("fp32", True): 120, ("bf16", False): 90, ("bf16", True): 150},
+     ("bf16", True)),
+    ({("fp32", False): 100, ("fp32", True): 110, ("bf16", False): 50, ("bf16", True): 60},
+     ("fp32", True)),
 ])
 def test_auto_on_cpu_takes_a_switch_only_if_it_pays_by_the_margin(monkeypatch, rates, chosen):
-    def fake_rate(model, raw_model, dtype, batch_size, device, memory):
-        return rates[(dtype, memory == torch.channels_last)]
-    monkeypatch.setattr(train_module, "step_rate", fake_rate)
+    def fake_rate(model, raw_model, amp, batch_size, device, memory):
+        return rates[(amp, memory == torch.channels_last)]
+    monkeypatch.setattr(speed, "step_rate", fake_rate)
     args = train_module.parse_config([])
     args.batch_size_per_rank = 512
-    switches = train_module.choose_switches(args, tiny_model(), torch.device("cpu"))
+    switches = speed.choose_switches(args, tiny_model(), torch.device("cpu"))
     assert (switches["amp"], switches["channels_last"]) == chosen and switches["compile"] is None
     assert len(switches["probe_img_per_s"]) == 4
     for compiled, kept in ((104, False), (120, True)):
-        monkeypatch.setattr(train_module, "step_rate",
+        monkeypatch.setattr(speed, "step_rate",
                             lambda model, *rest, rate=compiled: rate if model == "compiled" else 100)
-        train_module.compile_pays(switches, "compiled", "eager", tiny_model(), torch.device("cpu"), 512)
+        speed.keep_compile_if_faster(switches, "compiled", "eager", tiny_model(), torch.device("cpu"), 512)
         assert switches["compile"] is kept and switches["compile_probe_img_per_s"] == {"compiled": compiled,
                                                                                        "eager": 100}
 
@@ -134,8 +135,8 @@ def test_compile_auto_on_cpu_keeps_eager_when_compiled_steps_are_slower_and_leav
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    switches = {"amp": "off", "channels_last": True, "compile": None}
-    train_module.compile_pays(switches, Slow(model), model, model, torch.device("cpu"), batch_size=8)
+    switches = {"amp": "fp32", "channels_last": True, "compile": None}
+    speed.keep_compile_if_faster(switches, Slow(model), model, model, torch.device("cpu"), batch_size=8)
     assert switches["compile"] is False
     rates = switches["compile_probe_img_per_s"]
     assert rates["compiled"] < rates["eager"]
@@ -147,14 +148,14 @@ def test_compile_auto_on_cpu_keeps_eager_when_compiled_steps_are_slower_and_leav
 def test_asked_switches_are_not_probed_and_cuda_auto_turns_all_on(monkeypatch):
     args = train_module.parse_config(["--amp", "bf16", "--no-channels-last", "--compile"])
     args.batch_size_per_rank = 8
-    switches = train_module.choose_switches(args, tiny_model(), torch.device("cpu"))
-    assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("bfloat16", False, True)
+    switches = speed.choose_switches(args, tiny_model(), torch.device("cpu"))
+    assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("bf16", False, True)
     assert switches["probe_img_per_s"] == {} and switches["amp_reason"] == "asked"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     auto = train_module.parse_config([])
     auto.batch_size_per_rank = 8
-    switches = train_module.choose_switches(auto, tiny_model(), torch.device("cuda"))  # nothing runs on it
-    assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("float16", True, True)
+    switches = speed.choose_switches(auto, tiny_model(), torch.device("cuda"))  # nothing runs on it
+    assert (switches["amp"], switches["channels_last"], switches["compile"]) == ("fp16", True, True)
 
 
 def test_preflight_runs_the_real_path_in_a_temporary_folder_and_says_ok(tmp_path, synthetic_data):
@@ -177,3 +178,13 @@ def test_default_workers_run_on_a_single_allowed_cpu(tmp_path, synthetic_data):
     result = subprocess.run(command, capture_output=True, text=True, env=run_env(), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert record(tmp_path, "one-cpu")["status"] == "finished"
+
+
+def test_one_name_per_autocast_dtype_and_older_spellings_still_read():
+    assert train_module.parse_config(["--amp", "off"]).amp == "fp32"  # the flag's older spelling
+    older = {"off": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "bf16": "bf16"}
+    assert {name: speed.amp_name(name) for name in older} == older  # records written before one vocabulary
+    with speed.autocast(torch.device("cpu"), "bfloat16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with speed.autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")

@@ -1,0 +1,274 @@
+"""How fast a run trains: the device, the speed switches (autocast dtype, channels-last, torch.compile)
+and the timing helpers, shared by train.py and bench.py.
+
+    device = resolve_device("auto", None)        # cuda:N or cpu, with the reason when a GPU is unusable
+    switches = choose_switches(args, model, device)   # each switch with its reason and its probes
+    with autocast(device, switches["amp"]):
+        loss = model(images.contiguous(memory_format=memory_format(switches["channels_last"])))
+
+On CUDA the switches are fixed (all on); on CPU they are timed on this machine (step_rate), and
+torch.compile is kept only if compiled steps beat eager ones (keep_compile_if_faster).
+
+Autocast dtypes have one name each, everywhere (flags, records, bench tables): "fp32" (autocast off),
+"bf16", "fp16".
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import os
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def resolve_device(name: str, local_rank: int | None) -> torch.device:
+    """An indexed device: "auto" and "cuda" mean cuda:LOCAL_RANK under torchrun, else cuda:0.
+
+    torch.cuda.set_device refuses a device without an index, so every CUDA device is given one
+    here, checked against the devices this process can see."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            unusable = cuda_unusable_reason()
+            if unusable:
+                raise SystemExit(f"error: {unusable}")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise SystemExit(f"error: --device {name}: this trainer runs on cpu or cuda devices only")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} but {cuda_unusable_reason() or 'no CUDA device is visible'}: "
+                         "use --device cpu or auto")
+    index = device.index if device.index is not None else (local_rank or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise SystemExit(f"error: --device cuda:{index} but this process sees {count} CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                         f"use cuda:0 to cuda:{count - 1}")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN time its kernels once, keep the best
+    return device
+
+
+# The pinned torch wheel is built for CUDA 13.0; a CUDA 13 runtime needs an NVIDIA driver of the
+# 580 branch or newer on Linux (a driver serves runtimes of its own CUDA major version and older).
+CUDA_BUILD_MIN_DRIVER = "580"
+
+
+def driver_cuda_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports (12080 = 12.8), or None without a driver.
+
+    Asked of libcuda, which comes with the driver, not with torch: torch itself only warns and
+    reports no GPU when the driver is too old for its CUDA."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    return (version.value or None) if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why this machine's NVIDIA GPU cannot be used by this torch build; None when CUDA works or when
+    there is no NVIDIA driver at all (a CPU machine: nothing to explain)."""
+    if torch.cuda.is_available():
+        return None
+    found = driver_cuda_version()
+    if found is None:
+        return None
+    if torch.version.cuda is None:
+        return (f"this machine has an NVIDIA driver but torch {torch.__version__} is a CPU-only build: install the "
+                "CUDA build (README, 'On a GPU'), or pass --device cpu")
+    need = int(torch.version.cuda.split(".")[0])
+    if found // 1000 < need:
+        return (f"the NVIDIA driver supports CUDA {found // 1000}.{found % 1000 // 10}, but torch {torch.__version__} "
+                f"is built for CUDA {torch.version.cuda}: update the driver ({CUDA_BUILD_MIN_DRIVER} or newer), or "
+                f"install a torch build for CUDA {found // 1000}.x (README, 'On a GPU'), or pass --device cpu")
+    return (f"the NVIDIA driver works (CUDA {found // 1000}.{found % 1000 // 10}) but CUDA sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check it, or pass --device cpu")
+
+
+# The one vocabulary of autocast dtypes; records before 2026-11 wrote torch's names and "off".
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OLD_AMP_NAMES = {"off": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+PROBE_BATCH = 128  # eager probes of dtype x layout: the modes ranked the same at batch 64 and 512 here
+PROBE_STEPS = 2  # timed steps per probe, after an untimed one; the fastest step counts
+# A switch is turned on by auto only if it is this much faster than without: below that, the probes
+# are within this machine's step-to-step noise, and the plain fp32 NCHW eager step is the safer bet
+# (no compile time, no recompiles, fp32 numerics).
+PROBE_MARGIN = 1.05
+
+
+def amp_name(name: str) -> str:
+    """An autocast dtype's name in the one vocabulary, from a flag or a record of any age."""
+    return OLD_AMP_NAMES.get(name, name)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context of a step: amp is "fp32" (off), "bf16" or "fp16"."""
+    dtype = AMP_DTYPES[amp_name(amp)]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def dummy_batch(batch_size: int, device: torch.device, memory: torch.memory_format,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random CIFAR-shaped images and labels: what probes, compiling and benchmarks step on."""
+    generator = generator or torch.Generator(device=device).manual_seed(0)
+    images = torch.randn((batch_size, 3, 32, 32), device=device, generator=generator)
+    return images.contiguous(memory_format=memory), torch.randint(0, 10, (batch_size,), device=device,
+                                                                   generator=generator)
+
+
+def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> dict:
+    """Autocast dtype, channels-last and torch.compile for this run, each with its reason.
+
+    Switches given on the command line are taken as given. On CUDA, auto turns all three on: tensor
+    cores want half precision in NHWC, and compile fuses BatchNorm and ReLU into fewer kernels.
+    On CPU each may pay or cost, by processor and network: on this project's 2-core AMX Xeon at
+    batch 512, bf16 autocast trains resnet18 (cifar stem) 1.8x faster and resnet18 with the
+    imagenet stem 2x slower; compile gains 1.3x for resnet20 and loses 0.8x for resnet18-imagenet.
+    So auto on CPU times eager steps of every dtype x layout left open and takes the fastest if it
+    beats plain fp32 NCHW by PROBE_MARGIN, and leaves "compile" None for keep_compile_if_faster to
+    decide after compiling, at the run's batch."""
+    amps = [amp_name(args.amp)] if args.amp != "auto" else None
+    layouts = [args.channels_last] if args.channels_last is not None else None
+    probes = {}
+    if device.type == "cuda":
+        amps = amps or ["bf16" if has_real_bf16() else "fp16"]
+        layouts = layouts or [True]
+        compiled, auto = (True if args.compile is None else args.compile), "auto on CUDA"
+    else:
+        amps, layouts = amps or ["fp32", "bf16"], layouts or [False, True]
+        compiled, auto = args.compile, f"auto on CPU: the fastest eager probe, if {PROBE_MARGIN}x fp32 NCHW or faster"
+        if len(amps) * len(layouts) > 1:
+            batch = min(args.batch_size_per_rank, PROBE_BATCH)
+            for amp in amps:
+                for channels_last in layouts:
+                    memory = memory_format(channels_last)
+                    probe = copy.deepcopy(model).to(memory_format=memory)
+                    probes[probe_name(amp, channels_last)] = round(step_rate(probe, probe, amp, batch, device, memory))
+    amp, channels_last = max(((a, c) for a in amps for c in layouts), key=lambda ac: probes.get(probe_name(*ac), 0))
+    plain = probes.get(probe_name("fp32", False))
+    if plain and probes[probe_name(amp, channels_last)] < PROBE_MARGIN * plain:
+        amp, channels_last = "fp32", False
+    compile_reason = "asked" if args.compile is not None else auto
+    if args.sync_bn and args.compile is None:
+        compiled, compile_reason = False, SYNC_BN_NO_COMPILE
+    return {"amp": amp, "amp_reason": "asked" if args.amp != "auto" else auto,
+            "channels_last": channels_last, "channels_last_reason": "asked" if args.channels_last is not None else auto,
+            "compile": compiled, "compile_reason": compile_reason, "probe_img_per_s": probes}
+
+
+SYNC_BN_NO_COMPILE = ("auto with --sync-bn: off, because SyncBatchNorm's forward calls torch.distributed "
+                      "collectives that torch.compile cannot trace (graph breaks at every BatchNorm layer, open "
+                      "upstream issues); --compile forces it on")
+
+
+def has_real_bf16() -> bool:
+    """bf16 in hardware on the current GPU (compute capability 8.0 or later). is_bf16_supported() also
+    counts emulation, which a T4 or RTX 20xx (7.5) has without bf16 tensor cores or cuDNN bf16
+    convolutions: fp16 with a GradScaler is what runs fast there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def probe_name(amp: str, channels_last: bool) -> str:
+    return f"{amp} {'channels-last' if channels_last else 'NCHW'}"
+
+
+def keep_compile_if_faster(switches: dict, compiled, model, raw_model: torch.nn.Module, device: torch.device,
+                           batch_size: int) -> None:
+    """Auto on CPU: sets switches["compile"] to whether compiled steps beat eager ones by PROBE_MARGIN
+    at the run's batch, with the rates measured and the reason."""
+    memory = memory_format(switches["channels_last"])
+    rates = {"compiled": round(step_rate(compiled, raw_model, switches["amp"], batch_size, device, memory)),
+             "eager": round(step_rate(model, raw_model, switches["amp"], batch_size, device, memory))}
+    switches.update(compile=rates["compiled"] > PROBE_MARGIN * rates["eager"], compile_probe_img_per_s=rates,
+                    compile_reason=f"auto on CPU: compiled steps at the run's batch, after compiling, "
+                                   f"kept if {PROBE_MARGIN}x the eager ones or faster")
+
+
+def step_rate(model, raw_model: torch.nn.Module, amp: str, batch_size: int, device: torch.device,
+              memory: torch.memory_format, steps: int = PROBE_STEPS) -> float:
+    """Images/s of plain SGD training steps of `model`, which trains raw_model's weights (raw_model
+    itself, or a compiled or DDP wrapper of it). Weights, buffers and the RNG are restored after:
+    the run then starts as if it had never been probed."""
+    saved = {k: v.clone() for k, v in raw_model.state_dict().items()}
+    rng = torch.get_rng_state()
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=1e-3)
+    images, labels = dummy_batch(batch_size, device, memory)
+    model.train()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocators and kernels
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    raw_model.load_state_dict(saved)
+    raw_model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    return batch_size / min(times[1:])
+
+
+def compile_on_dummy_batches(train_model, eval_model, raw_model, optimizer, scaler, amp: str, memory, device,
+                             train_batch: int, eval_batch: int) -> float:
+    """Run the compiled train and eval models once on a dummy batch each, which compiles them (the
+    seconds it took are returned, reported on their own and kept out of the epoch times), then
+    restore every state it touched."""
+    saved = {"model": {k: v.clone() for k, v in raw_model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+    generator = torch.Generator(device=device).manual_seed(0)
+    start = time.perf_counter()
+    for model, training, size in ((train_model, True, train_batch), (eval_model, False, eval_batch)):
+        images, _ = dummy_batch(size, device, memory, generator)
+        model.train(training)
+        with torch.set_grad_enabled(training), autocast(device, amp):
+            logits = model(images)
+        if training:
+            scaler.scale(logits.float().logsumexp(1).mean()).backward()
+            optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    raw_model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    return elapsed
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compiled_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """After compiling: the peak to report is training's, not the compiler's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of the process (KiB on Linux)
+
