@@ -3,11 +3,13 @@
     python bench.py                        # everything, batch 512 (meant for a GPU; long on a CPU)
     python bench.py --quick                # a few minutes on a laptop CPU (see --help)
     python bench.py --archs resnet18,resnet18-imagenet --device cuda:1
+    python bench.py --loader-only          # our loader against the torchvision DataLoader way, alone
 
 One run measures, on the same machine and data, and writes results/bench/<host>-<date>.json:
 
-1. Loader alone (data.benchmark): our FFCV loader, the usual torchvision DataLoader over PIL
-   images, and an in-memory ceiling, in images/s. `loader_ratio` = ours / torchvision.
+1. Loader alone (benchmark_loader; `--loader-only` runs only this part): our FFCV loader, the usual
+   torchvision DataLoader over PIL images, and an in-memory ceiling, in images/s. `loader_ratio` =
+   ours / torchvision.
 2. Training step per architecture label ("resnet18" is the cifar stem, "resnet18-imagenet" the
    imagenet stem), in images/s of train.py's own step (train.train_one_epoch: forward, loss,
    backward, SGD step) on synthetic batches already on the device. The columns are modes:
@@ -53,6 +55,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -70,6 +73,7 @@ WARMUP_STEPS = 3  # untimed steps after the first (compiling) one
 EPOCH_ARCH, EPOCH_MODE = "resnet20", "default"
 FLOP_COUNT_BATCH = 8  # FLOPs are linear in the batch: a small one counts the same per image
 PEAK_MATMUL_SIZE = 2048
+LOADER_REPS = 3  # timed passes per loader; the median is reported
 PEAK_REP_S = 0.1  # enough matmuls per repetition to last this long (a GPU does one in well under 1 ms)
 OUT = Path("results/bench")
 # What --quick changes, each unless its own flag is given.
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="FFCV loader workers (default: the CPUs this process may use, at most 8)")
     p.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {quick}")
+    p.add_argument("--loader-only", action="store_true",
+                   help="time only the loaders (part 1); writes OUT/loader/<host>-<YYYY-MM-DD>.json")
     p.add_argument("--out", type=Path, default=OUT, help=f"folder for <host>-<YYYY-MM-DD>.json (default {OUT})")
     return p
 
@@ -287,6 +293,85 @@ def release_memory(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 1. The loader alone: ours against the way such comparisons are usually written.
+# ---------------------------------------------------------------------------------------------
+
+def time_epoch(batches, device: torch.device, limit: int | None = None) -> float:
+    """Images per second over one pass (or the first `limit` images), until `device` has them all."""
+    start, seen = time.perf_counter(), 0
+    for images, _ in batches:
+        seen += len(images)
+        if limit and seen >= limit:
+            break
+    if device.type == "cuda":  # this device only: another GPU's work is not the benchmark's
+        torch.cuda.synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], workers: int,
+                    batch_size: int, device: torch.device):
+    """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them, with the workers, batch
+    size and transfer to `device` ours gets: pinned memory on CUDA, copies with non_blocking."""
+    import torchvision.transforms as T  # only here: the usual way is what this measures
+    from PIL import Image
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+    class PILDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return transform(Image.fromarray(images[i])), int(labels[i])
+
+    return torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
+def moved_to(batches, device: torch.device):
+    """The batches on `device`, copied as our loader's ToDevice copies them."""
+    for images, labels in batches:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int):
+    """The same augmentation as batched tensor ops on data already on the device: an upper bound."""
+    n = len(images)
+    for _ in range(n // batch_size):
+        x = images[torch.randint(0, n, (batch_size,), device=images.device)]
+        x = torch.nn.functional.pad(x, (data.TRANSLATE_PX,) * 4)
+        dy, dx = np.random.randint(0, 2 * data.TRANSLATE_PX + 1, 2)  # one shift per batch: a generous ceiling
+        x = x[:, :, dy:dy + 32, dx:dx + 32]
+        x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        yield data.device_transform(x, mean, std, (), None), None
+
+
+def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int | None = None,
+              aug: str = data.DEFAULT_AUG) -> dict:
+    meta = data.ensure_valid(data_dir)
+    workers, note = data.check_workers(workers)  # resolved here, so the record holds the count used
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    ours = data.make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
+    time_epoch(ours, device)  # the first epoch pays numba's JIT compilation
+    ours_rate = statistics.median(time_epoch(ours, device) for _ in range(LOADER_REPS))
+    n = meta["counts"]["train"]
+    images = data.read_images(data_dir, "train", list(range(n)))
+    labels = data.beton_labels(data_dir / "train.beton")
+    tv = torchvision_way(images, labels, meta["mean"], meta["std"], workers, batch_size, device)
+    time_epoch(moved_to(tv, device), device, limit=2048)  # start the workers
+    tv_rate = statistics.median(time_epoch(moved_to(tv, device), device, limit=min(n, 20_000))
+                                for _ in range(LOADER_REPS))
+    on_device = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    mean, std = data.channel_tensor(meta["mean"], device), data.channel_tensor(meta["std"], device)
+    ceiling = statistics.median(time_epoch(in_memory_ceiling(on_device, mean, std, batch_size), device)
+                                for _ in range(LOADER_REPS))
+    return {"device": str(device), "host": platform.node(), "images": n, "batch_size": batch_size, "workers": workers,
+            "ours_img_per_s": round(ours_rate), "torchvision_img_per_s": round(tv_rate),
+            "ceiling_img_per_s": round(ceiling),
+            "ratio": round(round(ours_rate) / round(tv_rate), 2)}  # the ratio of the figures shown
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
@@ -315,6 +400,13 @@ def default_name(result: dict | None) -> str:
         return "-"
     return (f"{result['dtype']} {'channels-last' if result['channels_last'] else 'NCHW'} "
             f"{'compiled' if result['compile'] else 'eager'}")
+
+
+def print_loader(record: dict) -> None:
+    loader = record["loader"]
+    print(f"loader, {loader['images']:,} images, batch {loader['batch_size']}, {loader['workers']} workers: ours "
+          f"{loader['ours_img_per_s']:,} img/s | torchvision DataLoader {loader['torchvision_img_per_s']:,} img/s | "
+          f"ratio {loader['ratio']}x | in-memory ceiling {loader['ceiling_img_per_s']:,} img/s")
 
 
 def print_table(record: dict) -> None:
@@ -387,6 +479,33 @@ def plan_problem(plan: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args, plan, device, modes = parse_bench_args(argv)
+    record = start_record(args, plan, device, modes)
+    epoch_loader = make_epoch_loader(args, plan, device)  # first: a bad data dir or fraction fails at once
+    record["loader"] = measure_loader(args, device)
+    if args.loader_only:
+        return save_record(args.out / "loader", {k: record[k] for k in LOADER_ONLY_KEYS}, print_loader)
+    train_args = train_defaults(plan["batch_size"])
+    nominal_steps = record["loader"]["images"] // plan["batch_size"] or 1  # one epoch, for the lr warm-up
+    start_compiler_if_needed(modes, device)
+    measure_archs(record, plan, modes, device, train_args, nominal_steps, epoch_loader)
+    if record["epoch"] is None and f"{EPOCH_ARCH} {EPOCH_MODE}" not in record["failed"]:  # arch or mode left out
+        record["epoch"] = measure_epoch_alone(record, device, train_args, nominal_steps, epoch_loader, plan)
+    if record["epoch"] is not None:
+        record["epoch"].update(batch_size=plan["batch_size"], fraction=plan["epoch_fraction"])
+        print(f"epoch: loader {record['epoch']['loader_s']:.2f} s, in memory {record['epoch']['in_memory_s']:.2f} s",
+              flush=True)
+    record["peak_flops"] = measure_peaks(record, device, plan["reps"])
+    summarise(record)
+    return save_record(args.out, record, print_table)
+
+
+LOADER_ONLY_KEYS = ("created_at", "host", "device", "device_name", "threads", "load_average", "env", "command",
+                    "loader")
+
+
+def parse_bench_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict, torch.device, dict[str, Mode]]:
+    """The flags, the plan they make (--quick and defaults filled in), the device and the modes to time."""
     parser = build_parser()
     args = parser.parse_args(argv)
     plan = resolve_plan(args)
@@ -398,104 +517,121 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.modes or () if m not in all_modes]
     if unknown:
         parser.error(f"--modes {unknown[0]}: choose from {', '.join(all_modes)}")
+    args.command = sys.argv[1:] if argv is None else argv
     modes = {name: mode for name, mode in all_modes.items() if args.modes is None or name in args.modes}
-    bs = plan["batch_size"]
-    # train.py's own defaults: optimiser, lr for this batch size, warm-up, label smoothing.
-    train_args = train.parse_config(["--batch-size", str(bs), "--quiet"])
-    train_args.batch_size_per_rank = bs
-    env = train.environment(device)
-    threads = torch.get_num_threads()
+    return args, plan, device, modes
+
+
+def start_record(args: argparse.Namespace, plan: dict, device: torch.device, modes: dict[str, Mode]) -> dict:
+    """The record's description of this machine and run, printed as the first line (with a warning
+    when the machine is busy)."""
+    env, threads, load, bs = train.environment(device), torch.get_num_threads(), os.getloadavg()[0], plan["batch_size"]
     default = "all on (auto on CUDA)" if device.type == "cuda" else "train.py's auto, probed per arch"
-    load = os.getloadavg()[0]
     print(f"bench: {env['device_name']} ({device}), {threads} threads, batch {bs}, modes {', '.join(modes)}; "
           f"default mode {default}; load average {load:.2f}", flush=True)
     if device.type == "cpu" and load > 0.5:
         print(f"bench: warning: load average {load:.1f} over the last minute: CPU figures will be noisy, and far "
               "too slow whenever another process holds a core that one of torch's threads waits for", flush=True)
+    return {"created_at": train.now(), "host": platform.node(), "device": str(device),
+            "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
+            "reps": plan["reps"], "steps_per_rep": plan["steps_per_rep"], "warmup_steps": plan["warmup_steps"],
+            "load_average": {"start": load, "end": None}, "env": env, "command": args.command,
+            "modes": {name: {"channels_last": "auto", "dtype": "auto", "compile": "auto"} if m == AUTO else
+                      {"channels_last": m.channels_last, "dtype": m.amp, "compile": m.compile}
+                      for name, m in modes.items()},
+            "loader": None, "train_step": {}, "compile_time_s": {}, "flops_per_image": {}, "peak_flops": {},
+            "epoch": None, "peak_memory_mb": {}, "archs": {}, "failed": {}}
 
-    # 1. Loader alone. The epoch's loader is made first: a bad data dir or fraction fails at once.
+
+def make_epoch_loader(args: argparse.Namespace, plan: dict, device: torch.device) -> data.DeviceLoader:
     try:
-        epoch_loader = data.make_loader("train", bs, device, args.aug, fraction=plan["epoch_fraction"],
-                                        workers=args.workers,
-                                        data_dir=args.data_dir)
+        return data.make_loader("train", plan["batch_size"], device, args.aug, fraction=plan["epoch_fraction"],
+                                workers=args.workers, data_dir=args.data_dir)
     except ValueError as error:
         raise SystemExit(f"error: epoch part: {error} (bench.py's flag is --epoch-fraction)") from None
     except data.DataError as error:
         raise SystemExit(f"error: {error}") from None
-    # At the full run's batch even under --quick: the loader part is quick anyway, and a small batch
-    # would time FFCV's per-batch overhead rather than the loader a training run gets.
-    loader_result = data.benchmark(args.data_dir, device, batch_size=args.batch_size or BATCH_SIZE,
-                                   workers=args.workers, aug=args.aug)
-    torch.set_num_threads(threads)
-    print(f"loader: ours {loader_result['ours_img_per_s']:,} img/s, torchvision "
-          f"{loader_result['torchvision_img_per_s']:,} img/s, ceiling {loader_result['ceiling_img_per_s']:,} img/s",
-          flush=True)
 
-    # 2. Training step per label and mode; 3. the epoch, as soon as its model is compiled and warm.
+
+def measure_loader(args: argparse.Namespace, device: torch.device) -> dict:
+    """Part 1. At the full run's batch even under --quick: the loader part is quick anyway, and a small
+    batch would time FFCV's per-batch overhead rather than the loader a training run gets."""
+    threads = torch.get_num_threads()
+    result = benchmark_loader(args.data_dir, device, batch_size=args.batch_size or BATCH_SIZE,
+                              workers=args.workers, aug=args.aug)
+    torch.set_num_threads(threads)  # FFCV resets torch's thread count
+    print(f"loader: ours {result['ours_img_per_s']:,} img/s, torchvision {result['torchvision_img_per_s']:,} img/s, "
+          f"ceiling {result['ceiling_img_per_s']:,} img/s", flush=True)
+    return result
+
+
+def train_defaults(batch_size: int) -> argparse.Namespace:
+    """train.py's own defaults at this batch: optimiser, lr for this batch size, warm-up, label smoothing."""
+    train_args = train.parse_config(["--batch-size", str(batch_size), "--quiet"])
+    train_args.batch_size_per_rank = batch_size
+    return train_args
+
+
+def start_compiler_if_needed(modes: dict[str, Mode], device: torch.device) -> None:
     if any(mode.compile for mode in modes.values()):
         try:
             start_compiler(device)
         except RuntimeError:
             pass  # no working compiler here: each compiled mode reports it as its failure
-    nominal_steps = loader_result["images"] // bs or 1  # one epoch, for the lr schedule's warm-up
-    train_step, details, compile_time, flops, memory, failed = {}, {}, {}, {}, {}, {}
-    epoch = None
+
+
+def measure_archs(record: dict, plan: dict, modes: dict[str, Mode], device: torch.device,
+                  train_args: argparse.Namespace, nominal_steps: int, epoch_loader: data.DeviceLoader) -> None:
+    """Parts 2 and 3: every label in every mode, and the epoch as soon as its model is compiled and warm."""
     for label in plan["archs"]:
         model = build(label, device)
-        flops[label] = train_flops_per_image(model, device)
-        details[label] = {"params": models.count_parameters(model), "forward_flops": models.forward_flops(model)}
+        record["flops_per_image"][label] = train_flops_per_image(model, device)
+        details = {"params": models.count_parameters(model), "forward_flops": models.forward_flops(model)}
         del model
-        results, problems, label_epoch, switches = measure_label(label, modes, device, train_args, plan, nominal_steps,
-                                                       epoch_loader)
-        epoch = epoch or label_epoch
-        details[label]["modes"] = results
-        details[label]["default_switches"] = switches
-        train_step[label] = {name: result["img_per_s"] for name, result in results.items()}
-        failed.update({f"{label} {name}": problem for name, problem in problems.items()})
+        results, problems, epoch, switches = measure_label(label, modes, device, train_args, plan, nominal_steps,
+                                                           epoch_loader)
+        record["epoch"] = record["epoch"] or epoch
+        record["archs"][label] = {**details, "modes": results, "default_switches": switches}
+        record["train_step"][label] = {name: result["img_per_s"] for name, result in results.items()}
+        record["failed"].update({f"{label} {name}": problem for name, problem in problems.items()})
         if device.type == "cuda":
-            memory[label] = {name: result["peak_memory_mb"] for name, result in results.items()}
+            record["peak_memory_mb"][label] = {name: result["peak_memory_mb"] for name, result in results.items()}
         # A compiled mode's first step minus a steady one; the first such mode, as the default's
         # graphs may already sit in Inductor's cache from its compile probe.
         compiled = [r for r in results.values() if r["compile"]]
         if compiled:
-            compile_time[label] = max(0.0, compiled[0]["first_step_s"] - compiled[0]["step_s"])
-    if epoch is None and f"{EPOCH_ARCH} {EPOCH_MODE}" not in failed:  # its arch or mode was left out
-        torch._dynamo.reset()
-        try:
-            mode = all_modes[EPOCH_MODE]
-            if mode == AUTO:
-                mode, _ = default_mode(EPOCH_ARCH, device, train_args, bs)
-                torch._dynamo.reset()
-            setup = make_setup(EPOCH_ARCH, mode, device, train_args, nominal_steps)
-            epoch = time_epochs(setup, epoch_loader, device, train_args, plan["reps"])
-        except RuntimeError as error:
-            failed["epoch"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        setup = None
-    if epoch is not None:
-        epoch.update(batch_size=bs, fraction=plan["epoch_fraction"])
-        print(f"epoch: loader {epoch['loader_s']:.2f} s, in memory {epoch['in_memory_s']:.2f} s", flush=True)
+            record["compile_time_s"][label] = max(0.0, compiled[0]["first_step_s"] - compiled[0]["step_s"])
 
-    # 4. The device's peak, for the efficiency figures.
+
+def measure_epoch_alone(record: dict, device: torch.device, train_args: argparse.Namespace, nominal_steps: int,
+                        epoch_loader: data.DeviceLoader, plan: dict) -> dict | None:
+    """Part 3 when --archs or --modes left out its arch or mode."""
+    torch._dynamo.reset()
+    try:
+        mode = modes_for(device)[EPOCH_MODE]
+        if mode == AUTO:
+            mode, _ = default_mode(EPOCH_ARCH, device, train_args, plan["batch_size"])
+            torch._dynamo.reset()
+        setup = make_setup(EPOCH_ARCH, mode, device, train_args, nominal_steps)
+        return time_epochs(setup, epoch_loader, device, train_args, plan["reps"])
+    except RuntimeError as error:
+        record["failed"]["epoch"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        return None
+
+
+def measure_peaks(record: dict, device: torch.device, reps: int) -> dict:
+    """Part 4: the device's matmul peak in each dtype timed, for the efficiency figures."""
     release_memory(device)
-    used = {result["dtype"] for label in details.values() for result in label["modes"].values()} | {"fp32"}
-    peak = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, plan["reps"]) for name in sorted(used)}
+    used = {result["dtype"] for label in record["archs"].values() for result in label["modes"].values()} | {"fp32"}
+    return {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, reps) for name in sorted(used)}
 
-    record = {"created_at": train.now(), "host": platform.node(), "device": str(device),
-              "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
-              "reps": plan["reps"], "steps_per_rep": plan["steps_per_rep"], "warmup_steps": plan["warmup_steps"],
-              "load_average": {"start": load, "end": os.getloadavg()[0]},
-              "env": env, "command": sys.argv[1:] if argv is None else argv,
-              "modes": {name: {"channels_last": "auto", "dtype": "auto", "compile": "auto"} if m == AUTO else
-                        {"channels_last": m.channels_last, "dtype": m.amp, "compile": m.compile}
-                        for name, m in modes.items()},
-              "loader": loader_result, "train_step": train_step, "compile_time_s": compile_time,
-              "flops_per_image": flops, "peak_flops": peak, "epoch": epoch,
-              "peak_memory_mb": memory, "archs": details, "failed": failed}
-    summarise(record)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
+
+def save_record(folder: Path, record: dict, show) -> int:
+    record["load_average"]["end"] = os.getloadavg()[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
     data.save_json_atomic(path, record)
-    print_table(record)
+    show(record)
     print(f"\n-> {path}")
     return 0
 
