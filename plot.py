@@ -104,6 +104,7 @@ def load_runs(dirs: list[Path]) -> list[dict]:
             print(f"skipped {path}: duplicate run name {run['name']!r} (also in {seen[run['name']]})")
             continue
         seen[run["name"]] = path
+        run["_file"] = path  # where the record lies: files it names (the preview images) are relative to it
         if not is_finished(run):
             status = run.get("status") if run.get("status") != "finished" else "finished without final.test_acc"
             print(f"{path}: {status}: drawn as curves, left out of final-accuracy figures and the table")
@@ -285,8 +286,16 @@ NOT_FACTORS = {"seed", "name", "out", "data_dir", "device", "amp", "compile", "c
                "resume", "from_json", "batch_size_per_rank"}
 
 
-def design_factors(cfg: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in NOT_FACTORS}
+# train.py derives these from --opt, --batch-size and --epochs unless they are given: when derived they
+# are part of that choice (adam's recipe is its lr, betas, wd and schedule), not factors of their own
+DERIVED = {"lr", "momentum", "nesterov", "wd", "betas", "schedule", "warmup_epochs", "milestones"}
+
+
+def design_factors(cfg: dict, given: dict | None) -> dict:
+    """The choices a config made: its config less how it was run, and less the values train.py derived
+    (records before `given` was kept count every value as a choice)."""
+    derived = DERIVED - set(given) if isinstance(given, dict) else set()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in NOT_FACTORS | derived}
 
 
 def summarize(configs: dict[str, list[dict]]) -> list[dict]:
@@ -321,7 +330,7 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
             "img_per_s": mean_of([r["final"].get("train_img_per_s") for r in done]),
             "train_time_s": mean_of([r["final"].get("train_time_s") for r in done]),
             "device": " / ".join(sorted({device_name(r) for r in done})),
-            "factors": design_factors(cfg),
+            "factors": design_factors(cfg, done[0].get("given")),
             "runs": done,
         })
     return rows
@@ -598,15 +607,28 @@ def plot_confusion(run: dict, classes: list[str], path: Path) -> str | None:
     save_figure(fig, path)
 
 
+def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
+    """The test images at `indices` from the preview file the record names (train.py keeps it in
+    RESULTS_DIR/previews/), or why they cannot be had. Figures need nothing but the results folder."""
+    name = run["final"]["predictions"].get("images")
+    if not name:
+        return "the record names no preview images (trained before train.py kept them): train it again"
+    try:
+        with np.load(Path(run["_file"]).parent / name) as preview:
+            position = {int(i): k for k, i in enumerate(preview["indices"])}
+            return preview["images"][[position[i] for i in indices]]
+    except (OSError, ValueError, KeyError) as e:
+        return f"preview images unavailable ({type(e).__name__}: {e})"
+
+
 def plot_predictions(run: dict, classes: list[str], path: Path) -> str | None:
     pred = run["final"].get("predictions")
     if not pred:
         return f"shown run {run['name']} has no final.predictions"
     n = min(N_PREDICTIONS, len(pred["indices"]))
-    try:
-        images = data.read_images(run["config"].get("data_dir", "data"), "test", list(pred["indices"][:n]))
-    except (ImportError, OSError) as e:
-        return f"test images unavailable ({type(e).__name__}: {e})"
+    images = preview_images(run, list(pred["indices"][:n]))
+    if isinstance(images, str):
+        return images
     cols = 8
     fig = Figure(figsize=(cols * 1.5, math.ceil(n / cols) * 1.75), layout="constrained")
     for ax in fig.subplots(math.ceil(n / cols), cols, squeeze=False).flat:
@@ -616,7 +638,8 @@ def plot_predictions(run: dict, classes: list[str], path: Path) -> str | None:
         ax.imshow(images[k])
         ax.set_title(f"true: {true}\npred: {guess}", fontsize=7, color="green" if true == guess else "red",
                      fontweight="normal" if true == guess else "bold")  # bold: wrong ones show in greyscale too
-    fig.suptitle(f"First {n} test images, {run['name']} (green = right, red bold = wrong)")
+    fig.suptitle(f"{n} test images (a fixed class-balanced sample, the same for every run), {run['name']} "
+                 "(green = right, red bold = wrong)")
     save_figure(fig, path)
 
 
@@ -798,7 +821,8 @@ def factor_cells(effects: list[dict]) -> list[list[str]]:
 def factor_notes(effects: list[dict], confounded: list[str]) -> list[str]:
     notes = ["Factors: the effect on mean test accuracy (points) of each level against the factor's first level, "
              "averaged over matched pairs (configs equal in every other factor); ± 95% CI: Student t over the pairs' "
-             "differences (none for one pair)."] if effects else []
+             "differences (none for one pair). An optimiser comes with the recipe train.py derives for it (lr, "
+             "schedule, weight decay, momentum or betas) unless those were given."] if effects else []
     if confounded:
         notes.append(f"Not separable: {', '.join(confounded)} never change alone (every config that changes one "
                      "also changes another factor), so no effect is given.")
@@ -838,7 +862,8 @@ FIGURE_CAPTIONS = {
     "per_class.png": "Test accuracy per true class, mean over seeds: which classes each config finds hard.",
     "confusion.png": "Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the "
                      "true class).",
-    "predictions.png": "The first test images with the shown run's predictions (green: right; red bold: wrong).",
+    "predictions.png": "A fixed class-balanced sample of test images, the same for every run, with the shown run's "
+                       "predictions (green: right; red bold: wrong).",
     "datasize.png": "Test accuracy against the fraction of the training set used, one line per design: what more data "
                     "buys.",
     "speed.png": "Mean epoch time and training throughput of each config, and the device they ran on.",

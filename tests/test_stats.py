@@ -247,3 +247,26 @@ def test_run_settings_are_not_factors():
     runs = {"a": [make_run("a-s0", 0.85, device="cuda", workers=8, data_dir="x")],
             "b": [make_run("b-s1", 0.84, device="cpu", workers=2, data_dir="y")]}
     assert plot.varying_factors(plot.summarize(runs)) == []
+
+
+def test_an_optimiser_is_one_factor_with_the_recipe_train_py_derived_for_it():
+    """pool x opt, as GRID=quick: adam's lr, wd and schedule were derived, not given, so they are part of `opt`."""
+    recipes = {"sgd": {"lr": 0.1, "wd": 5e-4, "schedule": "onecycle"},
+               "adam": {"lr": 1e-3, "wd": 0.0, "schedule": "cosine"}}
+    grid = {("avg", "sgd"): 0.41, ("max", "sgd"): 0.29, ("avg", "adam"): 0.38, ("max", "adam"): 0.31}
+    runs = {}
+    for (pool, opt), acc in grid.items():
+        run = make_run(f"{pool}-{opt}-s0", acc, pool=pool, opt=opt, **recipes[opt])
+        run["given"] = {"pool": pool, "opt": opt, "seed": 0}
+        runs[f"{pool}-{opt}"] = [run]
+    effects, confounded = plot.factor_effects(plot.summarize(runs))
+    assert confounded == []
+    by_factor = {e["factor"]: e for e in effects}
+    assert set(by_factor) == {"pool", "opt"}
+    opt = by_factor["opt"]  # sgd vs adam: +3 points with avg pooling, -2 with max -> +0.5
+    assert (opt["level"], opt["reference"], opt["pairs"], opt["over"]) == ("sgd", "adam", 2, ["pool"])
+    assert 100 * opt["effect"] == pytest.approx(0.5)
+    # a record without `given` (older train.py) keeps every value as a choice: opt is then confounded
+    for [run] in runs.values():
+        del run["given"]
+    assert "opt" in plot.factor_effects(plot.summarize(runs))[1]
