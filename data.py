@@ -4,7 +4,6 @@
     python data.py --source cifar-10-python.tar.gz  # or a local copy (offline machines)
     python data.py --source ../shared/data/cifar10-jpeg.tar.gz   # or an image-folder tree / its .tar.gz
     python data.py --check                          # is the data dir what training will accept?
-    python data.py --bench                          # our loader vs the torchvision DataLoader way
 
 Conversion writes DIR/train.beton, DIR/test.beton and DIR/meta.json (classes, counts, mean/std of
 the train split, source, sizes and sha256 of the betons, what was skipped). It is idempotent and
@@ -38,12 +37,11 @@ import argparse
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import pickle
-import platform
-import statistics
 import sys
 import tarfile
 import tempfile
@@ -62,6 +60,10 @@ if TYPE_CHECKING:
 DATA_DIR = "data"
 SPLITS = ("train", "test")
 META_VERSION = 1
+# Test images whose predictions every run keeps, and predictions.png shows: a fixed class-balanced
+# sample, saved at conversion (images, indices, labels) so that figures never need the betons.
+PREVIEW_COUNT = 64
+PREVIEW_FILE = "preview.npz"
 # Augmentations a run can ask for. flip and translate run in FFCV's CPU pipeline; the rest are
 # batched tensor ops on the training device.
 AUGMENTATIONS = ("flip", "translate", "cutout", "rotate", "affine", "jitter", "vflip")
@@ -76,7 +78,6 @@ JITTER = 0.2  # brightness, contrast and saturation each drawn from [1 - JITTER,
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 TORCH_THREADS: int | None = None  # torch's thread count before FFCV changed it
-BENCH_REPS = 3  # timed passes per loader in the benchmark; the median is reported
 SOURCE_KINDS = ("cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree (train/<class>/*, "
                 "test/<class>/*) or its .tar.gz")
 MISSING_DATA_HINT = "run 'make data' (or 'python data.py --source PATH' offline) or pass --data-dir"
@@ -635,6 +636,7 @@ def convert(source: str | None, data_dir: Path, workers: int | None = None, skip
             path = data_dir / f"{split}.beton"
             write_beton(path, *splits[split], workers or default_workers())
             meta["betons"][split] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        write_preview(data_dir / PREVIEW_FILE, *splits["test"])
         save_json_atomic(data_dir / "meta.json", meta)
     except OSError as error:  # a full disk, a read-only folder: the temporary files are already gone
         raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
@@ -700,6 +702,39 @@ def beton_labels(path: Path) -> np.ndarray:
     import_ffcv()
     from ffcv.reader import Reader
     return np.asarray(Reader(str(path)).metadata["f1"], dtype=np.int64)
+
+
+def preview_indices(labels, count: int = PREVIEW_COUNT, seed: int = 0) -> list[int]:
+    """A fixed, seeded, class-balanced sample of a split's images, the same for every run (so figures
+    compare): one image of each class in turn. Image folders store the test set in class order, so
+    the first images would all be of one class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    turns = itertools.zip_longest(*by_class)
+    return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
+
+
+def write_preview(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The preview sample of a test split (uint8 images N×32×32×3, their indices and labels) as .npz."""
+    indices = np.asarray(preview_indices(labels), dtype=np.int64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
+            np.savez_compressed(f, indices=indices, labels=np.asarray(labels)[indices], images=images[indices])
+    write_atomically(path, write)
+
+
+def preview_path(data_dir: str | Path) -> Path:
+    """DATA_DIR/preview.npz, written now from the test beton if the data was converted before previews were."""
+    path = Path(data_dir) / PREVIEW_FILE
+    if not path.exists():
+        labels = beton_labels(Path(data_dir) / "test.beton")
+        indices = preview_indices(labels)
+        images = np.zeros((len(labels), 32, 32, 3), np.uint8)  # only the sampled rows are read and kept
+        images[indices] = read_images(data_dir, "test", indices)
+        write_preview(path, images, labels)
+    return path
 
 
 def split_indices(labels: np.ndarray, fraction: float = 1.0, val_split: float = 0.0,
@@ -964,94 +999,6 @@ def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndar
     return images[np.argsort(order)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Benchmark: our loader against the way such comparisons are usually written.
-# ---------------------------------------------------------------------------------------------
-
-def time_epoch(batches, device: torch.device, limit: int | None = None) -> float:
-    """Images per second over one pass (or the first `limit` images), until `device` has them all."""
-    import torch
-    start, seen = time.perf_counter(), 0
-    for images, _ in batches:
-        seen += len(images)
-        if limit and seen >= limit:
-            break
-    if device.type == "cuda":  # this device only: another GPU's work is not the benchmark's
-        torch.cuda.synchronize(device)
-    return seen / (time.perf_counter() - start)
-
-
-def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], workers: int,
-                    batch_size: int, device: torch.device):
-    """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them, with the workers, batch
-    size and transfer to `device` ours gets: pinned memory on CUDA, copies with non_blocking."""
-    import torch
-    import torchvision.transforms as T
-    from PIL import Image
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-    class PILDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(labels)
-
-        def __getitem__(self, i):
-            return transform(Image.fromarray(images[i])), int(labels[i])
-
-    return torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-
-
-def moved_to(batches, device: torch.device):
-    """The batches on `device`, copied as our loader's ToDevice copies them."""
-    for images, labels in batches:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
-def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int):
-    """The same augmentation as batched tensor ops on data already on the device: an upper bound."""
-    import torch
-    n = len(images)
-    for _ in range(n // batch_size):
-        x = images[torch.randint(0, n, (batch_size,), device=images.device)]
-        x = torch.nn.functional.pad(x, (TRANSLATE_PX,) * 4)
-        dy, dx = np.random.randint(0, 2 * TRANSLATE_PX + 1, 2)  # one shift per batch: a generous ceiling
-        x = x[:, :, dy:dy + 32, dx:dx + 32]
-        x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-        yield device_transform(x, mean, std, (), None), None
-
-
-def benchmark(data_dir: Path, device: torch.device, batch_size: int = 512, workers: int | None = None,
-              aug: str = DEFAULT_AUG) -> dict:
-    import torch
-    meta = ensure_valid(data_dir)
-    workers, note = check_workers(workers)  # resolved here, so the record holds the count used
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    ours = make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
-    time_epoch(ours, device)  # the first epoch pays numba's JIT compilation
-    ours_rate = statistics.median(time_epoch(ours, device) for _ in range(BENCH_REPS))
-    n = meta["counts"]["train"]
-    images = read_images(data_dir, "train", list(range(n)))
-    labels = beton_labels(data_dir / "train.beton")
-    tv = torchvision_way(images, labels, meta["mean"], meta["std"], workers, batch_size, device)
-    time_epoch(moved_to(tv, device), device, limit=2048)  # start the workers
-    tv_rate = statistics.median(time_epoch(moved_to(tv, device), device, limit=min(n, 20_000))
-                                for _ in range(BENCH_REPS))
-    on_device = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-    mean, std = channel_tensor(meta["mean"], device), channel_tensor(meta["std"], device)
-    ceiling = statistics.median(time_epoch(in_memory_ceiling(on_device, mean, std, batch_size), device)
-                                for _ in range(BENCH_REPS))
-    return {"device": str(device), "host": platform.node(), "images": n, "batch_size": batch_size, "workers": workers,
-            "ours_img_per_s": round(ours_rate), "torchvision_img_per_s": round(tv_rate),
-            "ceiling_img_per_s": round(ceiling), "ratio": round(ours_rate / tv_rate, 2)}
-
-
-def positive_int(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1065,25 +1012,12 @@ def main() -> None:
                         help="skip images that cannot be decoded (listed in meta.json) instead of stopping")
     parser.add_argument("--check", action="store_true",
                         help="check the data dir as training does (meta.json, betons, their headers) and exit")
-    parser.add_argument("--bench", action="store_true", help="time our loader against the torchvision way")
-    parser.add_argument("--device", default="auto", help="benchmark device: auto (cuda if there is one), cpu, cuda:N")
-    parser.add_argument("--workers", type=positive_int, default=None,
-                        help="loader workers for --bench (default: the CPUs this process may use, at most 8)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the benchmark figures here")
+    parser.add_argument("--bench", action="store_true", help=argparse.SUPPRESS)  # moved to bench.py
     args = parser.parse_args()
+    if args.bench:
+        parser.error("the loader benchmark moved: run 'python bench.py --loader-only'")
     try:
-        if args.bench:
-            import torch
-            auto = "cuda" if torch.cuda.is_available() else "cpu"
-            device = torch.device(auto if args.device == "auto" else args.device)
-            result = benchmark(args.data_dir, device, workers=args.workers)
-            print(f"ours {result['ours_img_per_s']:,} img/s | torchvision DataLoader "
-                  f"{result['torchvision_img_per_s']:,} img/s | ratio {result['ratio']}x | "
-                  f"in-memory ceiling {result['ceiling_img_per_s']:,} img/s")
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                save_json_atomic(args.json, result)
-        elif args.check:
+        if args.check:
             meta = ensure_valid(args.data_dir)
             print(f"{args.data_dir}: valid: {meta['counts']['train']:,} train and {meta['counts']['test']:,} test "
                   f"images of {len(meta['classes'])} classes ({meta['source']})")

@@ -124,6 +124,19 @@ def cifar_resnet(depth: int, num_classes: int, pool: str) -> nn.Module:
     return basic_resnet(num_classes, pool, blocks=(n, n, n), channels=(16, 32, 64), zero_pad=True)
 
 
+def custom_problem(blocks: tuple[int, ...] = (2, 2, 2, 2), channels: tuple[int, ...] = (64, 128, 256, 512),
+                   kernel_size: int = 3, dropout: float = 0.0, **other_options) -> str | None:
+    """What is wrong with resnet_custom's options, or None: checked without building the model."""
+    if len(blocks) != len(channels) or min(blocks, default=0) < 1 or min(channels, default=0) < 1:
+        return (f"resnet_custom: blocks {blocks} and channels {channels} need one positive entry per stage, "
+                "e.g. blocks=(2, 2, 2), channels=(32, 64, 128)")
+    if kernel_size % 2 == 0:
+        return f"resnet_custom: kernel_size={kernel_size} must be odd to keep 'same' padding"
+    if not 0 <= dropout < 1:
+        return f"resnet_custom: dropout={dropout} must be in [0, 1)"
+    return None
+
+
 def custom_resnet(num_classes: int, pool: str, blocks: tuple[int, ...] = (2, 2, 2, 2),
                   channels: tuple[int, ...] = (64, 128, 256, 512), kernel_size: int = 3,
                   avgpool_size: int = 1, head: tuple[int, ...] = (), dropout: float = 0.0) -> nn.Module:
@@ -134,13 +147,9 @@ def custom_resnet(num_classes: int, pool: str, blocks: tuple[int, ...] = (2, 2, 
       blocks=(3, 4, 4, 3), channels=(32, 64, 128, 256), head=(256, 128)   4,833,066 params
       blocks=(2, 2, 2), channels=(32, 64, 96)                               481,962 params
     """
-    if len(blocks) != len(channels) or min(blocks) < 1 or min(channels) < 1:
-        raise ValueError(f"resnet_custom: blocks {blocks} and channels {channels} need one positive "
-                         "entry per stage, e.g. blocks=(2, 2, 2), channels=(32, 64, 128)")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"resnet_custom: kernel_size={kernel_size} must be odd to keep 'same' padding")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"resnet_custom: dropout={dropout} must be in [0, 1)")
+    problem = custom_problem(blocks, channels, kernel_size, dropout)
+    if problem:
+        raise ValueError(problem)
     return basic_resnet(num_classes, pool, tuple(blocks), tuple(channels), kernel_size,
                         avgpool_size=avgpool_size, head=tuple(head), dropout=dropout)
 

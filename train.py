@@ -13,11 +13,11 @@ results/models/ instead. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 div
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import fcntl
 import hashlib
 import importlib.metadata
-import itertools
 import json
 import math
 import os
@@ -30,8 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -69,7 +69,6 @@ WARMUP_MIN_STEPS = 50
 # behind the weights: its evaluation says little about the config, and the run warns.
 FEW_STEPS = WARMUP_MIN_STEPS
 LOG_EVERY = 25  # steps between progress-bar updates: each reads the loss back, a host sync
-PREDICTIONS_KEPT = 64
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
 INTERRUPTED = False  # set by stop_on_signals' handler
 
@@ -633,161 +632,236 @@ def main(argv: list[str] | None = None) -> int:
     rank = init_distributed(world, device)
     print0 = print if rank == 0 else (lambda *a, **k: None)  # print on rank 0 only
     workers = check_run(args, device, world, local_world, print0)
-    # Data first: loaders check the betons against meta.json, so bad data is refused before the run's
-    # name is claimed or anything is written.
+    # Data and model options are checked before the run's name is claimed or anything is written.
     torch.manual_seed(args.seed)
     loaders = make_loaders(args, device, world, workers)
-    if args.arch == "resnet_custom":  # its lists are checked by building it: now, before anything is written
-        build_model(args, len(loaders[0]["classes"]))
-        torch.manual_seed(args.seed)
+    check_model_options(args)
     if args.preflight:  # the real path, into a folder that is thrown away
         args.out = tempfile.mkdtemp(prefix="preflight-")
-    out = Path(args.out)
-    lock, done = claim_run(out, args.name, args.resume, args.overwrite) if rank == 0 else (None, None)
+    lock, done = claim_run(Path(args.out), args.name, args.resume, args.overwrite) if rank == 0 else (None, None)
     try:
         if rank0_value(done is not None, world, device):
-            print0(f"{args.name}: already {(done or {}).get('status')} ({out / args.name}.json); nothing to resume")
+            print0(f"{args.name}: already {(done or {}).get('status')} ({json_path_of(args)}); nothing to resume")
             return 0
-        return train_config(args, device, world, rank, loaders, print0)
+        training, state = build_training(args, device, world, loaders.meta, len(loaders.train))
+        progress = resume_progress(args, state, training, loaders.train, device, print0)
+        compile_if_chosen(training, device, args, world)
+        record = start_record(args, device, world, training, loaders, progress, rank, print0)
+        board = TensorBoardLog(Path(args.out), record, progress["epoch"], print0, rank == 0 and not args.preflight)
+        status, epoch = train_epochs(args, training, record, progress, loaders, device, world, rank, board, print0)
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return finish_run(args, training, record, progress, status, epoch, loaders.meta, rank, board, print0)
     finally:
         if lock is not None:
             lock.close()  # releases the run's flock (also at once in a process that runs several)
         if args.preflight and rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(args.out, ignore_errors=True)
 
 
-def train_config(args: argparse.Namespace, device: torch.device, world: int, rank: int, loaders: tuple,
-                 print0) -> int:
-    """The run itself, once its name is claimed: model, switches, compile, the epochs, the record."""
-    out = Path(args.out)
-    json_path, ckpt_path = out / f"{args.name}.json", out / "checkpoints" / f"{args.name}.pt"
-    meta, train_loader, val_loader, test_loader = loaders
-    classes, steps_per_epoch, eval_batch = meta["classes"], len(train_loader), args.batch_size_per_rank
+@dataclasses.dataclass
+class Training:
+    """What the loop steps: the model in its three roles, the optimiser's state and the speed switches."""
+    raw_model: torch.nn.Module  # the weights: what is saved, restored and probed
+    model: torch.nn.Module  # what trains: raw_model, DDP-wrapped under torchrun, compiled if chosen
+    eval_model: torch.nn.Module  # what evaluates: the bare module (no DDP collective), compiled if chosen
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    switches: dict  # amp, channels_last, compile, each with its reason (speed.choose_switches)
+    params: int
+    flops: float
+    compile_time: float = 0.0
+    graphs_compiled: int = 0  # after compiling: more at the end are recompiles
 
-    # Model, speed switches, optimiser, schedule, loss scaling.
-    raw_model = build_model(args, len(classes))
+    @property
+    def amp(self) -> str:
+        return self.switches["amp"]
+
+    @property
+    def memory(self) -> torch.memory_format:
+        return speed.memory_format(self.switches["channels_last"])
+
+
+def json_path_of(args: argparse.Namespace) -> Path:
+    return Path(args.out) / f"{args.name}.json"
+
+
+def checkpoint_path_of(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "checkpoints" / f"{args.name}.pt"
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """resnet_custom's lists, refused in one line before anything is written."""
+    problem = models.custom_problem(**model_options(args)) if args.arch == "resnet_custom" else None
+    if problem:
+        raise SystemExit(f"error: {problem}")
+
+
+def build_training(args: argparse.Namespace, device: torch.device, world: int, meta: dict,
+                   steps_per_epoch: int) -> tuple[Training, dict | None]:
+    """Model, speed switches, optimiser, schedule and loss scaling; with --resume, the checkpoint's
+    state too (restored by resume_progress)."""
+    raw_model = build_model(args, len(meta["classes"]))
     params, flops = models.count_parameters(raw_model), models.forward_flops(raw_model)
     raw_model = raw_model.to(device)
-    state = load_checkpoint(ckpt_path, args, meta) if args.resume else None
+    state = load_checkpoint(checkpoint_path_of(args), args, meta) if args.resume else None
     switches = restore_or_choose_switches(args, state, raw_model, device, world)
-    amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
-    raw_model = raw_model.to(memory_format=memory)
+    raw_model = raw_model.to(memory_format=speed.memory_format(switches["channels_last"]))
     if args.sync_bn:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     model = raw_model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(raw_model, args)
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=switches["amp"] == "fp16")
+    return Training(raw_model, model, raw_model, optimizer, scheduler, scaler, switches, params, flops), state
 
-    # The record, and the state to resume from.
-    record = new_record(args, device, world, train_loader, steps_per_epoch, params, flops, classes)
-    progress = {"epoch": 0, "best": {"acc": None, "epoch": None}, "best_test": None, "best_weights": None}
+
+def resume_progress(args: argparse.Namespace, state: dict | None, training: Training, train_loader,
+                    device: torch.device, print0) -> dict:
+    """Where the run stands: after the checkpoint's epoch (its weights, optimiser and RNG restored), or
+    at the start."""
+    progress = {"epoch": 0, "best": {"acc": None, "epoch": None}, "best_test": None, "best_weights": None,
+                "history": [], "started_at": now()}
     if args.resume and state is None:
-        print0(f"{args.name}: no checkpoint at {ckpt_path}; starting from scratch")
+        print0(f"{args.name}: no checkpoint at {checkpoint_path_of(args)}; starting from scratch")
     if state is not None:
-        restore(state, raw_model, optimizer, scheduler, scaler, device)
-        progress.update({k: state[k] for k in ("epoch", "best", "best_test", "best_weights") if k in state})
-        record.update(history=state["history"], started_at=state["started_at"])
+        restore(state, training.raw_model, training.optimizer, training.scheduler, training.scaler, device)
+        progress.update({k: state[k] for k in ("epoch", "best", "best_test", "best_weights", "history", "started_at")
+                         if k in state})
         print0(f"{args.name}: resuming after epoch {progress['epoch']}/{args.epochs}")
     train_loader.epoch = progress["epoch"]  # the data order of the next epoch, as in an uninterrupted run
+    return progress
 
-    # Compile before the clock starts; a second build of the same graphs would show as recompiles.
-    model, eval_model, compile_time = compile_if_chosen(switches, model, raw_model, optimizer, scaler, device,
-                                                        args, eval_batch, world)
-    graphs_after_warm_up = speed.compiled_graphs()
-    speed.reset_peak_memory(device)
-    record["run"].update(switches, compile_time_s=compile_time)
-    if rank == 0:
-        data.save_json_atomic(json_path, record)
-    board = open_tensorboard(out, record, progress["epoch"], print0) if rank == 0 and not args.preflight else None
-    print0(start_line(args, device, world, params, train_loader, switches, compile_time))
-    total_steps = args.epochs * steps_per_epoch
+
+def start_record(args: argparse.Namespace, device: torch.device, world: int, training: Training, loaders: Loaders,
+                 progress: dict, rank: int, print0) -> dict:
+    """The run's JSON record as it starts (written at once), and its first line on the terminal."""
+    meta, train_loader = loaders.meta, loaders.train
+    record = new_record(args, device, world, train_loader, len(train_loader), training.params, training.flops,
+                        meta["classes"])
+    record.update(history=progress["history"], started_at=progress["started_at"])
+    record["run"].update(training.switches, compile_time_s=training.compile_time)
+    total_steps = args.epochs * len(train_loader)
     if total_steps < FEW_STEPS and not args.preflight:
-        warning = (f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag "
-                   f"behind, so the accuracies print0 little; lower --batch-size or raise --fraction or --epochs to "
-                   f"reach {FEW_STEPS}+ steps")
-        record["run"]["warnings"] = [warning]
+        record["run"]["warnings"] = [
+            f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag behind, "
+            f"so the accuracies say little; lower --batch-size or raise --fraction or --epochs to reach "
+            f"{FEW_STEPS}+ steps"]
+    if rank == 0:
+        data.save_json_atomic(json_path_of(args), record)
+    print0(start_line(args, device, world, training.params, train_loader, training.switches, training.compile_time))
+    for warning in record["run"].get("warnings", []):
         print0(f"warning: {warning}")
+    return record
 
-    status, epoch, first_epoch_here = "finished", progress["epoch"], progress["epoch"] + 1
-    steps, batches = (2, 1) if args.preflight else (None, None)
+
+def train_epochs(args: argparse.Namespace, training: Training, record: dict, progress: dict, loaders: Loaders,
+                 device: torch.device, world: int, rank: int, board: TensorBoardLog, print0) -> tuple[str, int]:
+    """The epochs left, each followed by its evaluation, the record and a checkpoint; returns the
+    status ("finished", "diverged") and the last epoch. Ctrl-C or SIGTERM keep the last checkpoint."""
+    first_epoch_here, epoch = progress["epoch"] + 1, progress["epoch"]
     try:
-        for epoch in range(progress["epoch"] + 1, args.epochs + 1):
+        for epoch in range(first_epoch_here, args.epochs + 1):
             stop_if_interrupted()
-            lr = optimizer.param_groups[0]["lr"]
-            speed.synchronize(device)
-            start = time.perf_counter()
-            train_loss, train_acc, first_loss = train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
-                f"epoch {epoch}/{args.epochs}", max_steps=steps)
-            speed.synchronize(device)
-            epoch_time = time.perf_counter() - start
-            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "first_step_loss": first_loss,
-                   "lr": lr, "epoch_time_s": epoch_time,
-                   "train_img_per_s": (steps or steps_per_epoch) * args.batch_size / epoch_time,
-                   # FFCV compiles its pipeline in the first epoch of every process, a resumed one too
-                   "pays_jit": epoch == first_epoch_here}
-            if not math.isfinite(train_loss):
-                status = "diverged"
-                row.update(train_loss=None, first_step_loss=first_loss if math.isfinite(first_loss) else None)
-                record["history"].append(row)
-                break
-            start = time.perf_counter()
-            results = {split: evaluate(eval_model, loader, device, amp, memory, len(classes), eval_batch, args.tta,
-                                       world, max_batches=batches)
-                       for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None}
-            speed.synchronize(device)
-            row["eval_time_s"] = time.perf_counter() - start
-            for split, result in results.items():
-                row.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
+            row, results = train_and_evaluate_epoch(args, training, loaders, epoch, device, world)
+            row["pays_jit"] = epoch == first_epoch_here  # FFCV compiles its pipeline in every process's first epoch
             record["history"].append(row)
-            best = progress["best"]
-            if "val" in results and (best["acc"] is None or results["val"]["acc"] > best["acc"]):
-                progress.update(best={"acc": results["val"]["acc"], "epoch": epoch}, best_test=results["test"],
-                                best_weights={k: v.detach().to("cpu", copy=True)
-                                              for k, v in raw_model.state_dict().items()})
+            if row["train_loss"] is None:
+                return "diverged", epoch
+            remember_best_val(progress, results, epoch, training.raw_model)
             progress["epoch"] = epoch
             print0(epoch_line(row, args.epochs))
-            board = log_epoch_to_tensorboard(board, row, print0)
+            board.log_epoch(row)
             stop_early = (args.early_stop is not None and progress["best"]["epoch"] is not None
                           and epoch - progress["best"]["epoch"] >= args.early_stop)
             if args.preflight:
-                return preflight_done(args, rank, ckpt_path, checkpoint_state(args, meta, progress, record,
-                                      raw_model, optimizer, scheduler, scaler, switches, device), meta)
+                preflight_round_trip(args, rank, checkpoint_state(args, loaders.meta, progress, record, training,
+                                                                  device), loaders.meta)
+                return "preflight", epoch
             if epoch == args.epochs or stop_early:
-                record["final"] = final_summary(record, results, progress, stop_early, classes, compile_time,
-                                                speed.compiled_graphs() - graphs_after_warm_up, device)
+                record["final"] = final_summary(record, results, progress, stop_early, loaders.meta["classes"],
+                                                training.compile_time,
+                                                speed.compiled_graphs() - training.graphs_compiled, device)
                 break
             if rank == 0:
-                save_checkpoint(ckpt_path, checkpoint_state(args, meta, progress, record, raw_model, optimizer,
-                                                            scheduler, scaler, switches, device))
-                data.save_json_atomic(json_path, record)
+                save_checkpoint(checkpoint_path_of(args),
+                                checkpoint_state(args, loaders.meta, progress, record, training, device))
+                data.save_json_atomic(json_path_of(args), record)
     except KeyboardInterrupt:
         print0(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
-            "run the same command with --resume to continue")
+               "run the same command with --resume to continue")
         leave_interrupted()
     except OSError as error:
         raise SystemExit(f"error: could not write the record ({error}); the previous JSON and checkpoint are "
                          "intact: free some space and run again with --resume") from None
+    return "finished", epoch
 
-    if world > 1:
-        torch.distributed.destroy_process_group()
+
+def train_and_evaluate_epoch(args: argparse.Namespace, training: Training, loaders: Loaders, epoch: int,
+                             device: torch.device, world: int) -> tuple[dict, dict]:
+    """One epoch of training, timed, then the evaluation of every split: (the history's row, the
+    results by split). A diverged epoch's row has train_loss None and no evaluation."""
+    meta, train_loader, val_loader, test_loader = loaders
+    steps, batches = (2, 1) if args.preflight else (None, None)
+    lr = training.optimizer.param_groups[0]["lr"]
+    speed.synchronize(device)
+    start = time.perf_counter()
+    train_loss, train_acc, first_loss = train_one_epoch(
+        training.model, train_loader, training.optimizer, training.scheduler, training.scaler, training.amp,
+        training.memory, device, args, world, f"epoch {epoch}/{args.epochs}", max_steps=steps)
+    speed.synchronize(device)
+    epoch_time = time.perf_counter() - start
+    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "first_step_loss": first_loss,
+           "lr": lr, "epoch_time_s": epoch_time,
+           "train_img_per_s": (steps or len(train_loader)) * args.batch_size / epoch_time}
+    if not math.isfinite(train_loss):
+        row.update(train_loss=None, first_step_loss=first_loss if math.isfinite(first_loss) else None)
+        return row, {}
+    start = time.perf_counter()
+    results = {split: evaluate(training.eval_model, loader, device, training.amp, training.memory,
+                               len(meta["classes"]), args.batch_size_per_rank, args.tta, world, max_batches=batches)
+               for split, loader in (("val", val_loader), ("test", test_loader)) if loader is not None}
+    speed.synchronize(device)
+    row["eval_time_s"] = time.perf_counter() - start
+    for split, result in results.items():
+        row.update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
+    return row, results
+
+
+def remember_best_val(progress: dict, results: dict, epoch: int, raw_model: torch.nn.Module) -> None:
+    """With a val split: the best val epoch so far, its test results and a copy of its weights."""
+    best = progress["best"]
+    if "val" in results and (best["acc"] is None or results["val"]["acc"] > best["acc"]):
+        progress.update(best={"acc": results["val"]["acc"], "epoch": epoch}, best_test=results["test"],
+                        best_weights={k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()})
+
+
+def finish_run(args: argparse.Namespace, training: Training, record: dict, progress: dict, status: str, epoch: int,
+               meta: dict, rank: int, board: TensorBoardLog, print0) -> int:
+    """The last record (with the kept weights' paths), the checkpoint removed, one line; the exit code."""
+    if status == "preflight":  # checked; main throws its folder away
+        return 0
     record.update(status=status, ended_at=now())
     if status == "diverged":
         record["diverged_epoch"] = epoch
     if rank == 0:
         if status == "finished":
-            record["final"]["weights"] = save_weights(out, args.name, raw_model, progress["best_weights"])
-        data.save_json_atomic(json_path, record)
-        ckpt_path.unlink(missing_ok=True)  # the JSON and the kept weights hold the result
-        close_tensorboard(board, record, print0)
+            record["final"]["weights"] = save_weights(Path(args.out), args.name, training.raw_model,
+                                                      progress["best_weights"])
+            images = keep_preview(Path(args.out), args.data_dir, meta, print0)
+            if images:
+                record["final"]["predictions"]["images"] = images
+        data.save_json_atomic(json_path_of(args), record)
+        checkpoint_path_of(args).unlink(missing_ok=True)  # the JSON and the kept weights hold the result
+        board.close(record)
     if status == "diverged":
         print0(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
         return EXIT_DIVERGED
     final = record["final"]
     print0(f"{args.name}: finished: test acc {final['test_acc']:.2%}, mean epoch {final['mean_epoch_time_s']:.1f} s, "
-        f"{final['train_img_per_s']:,.0f} img/s -> {json_path}")
+           f"{final['train_img_per_s']:,.0f} img/s -> {json_path_of(args)}")
     return 0
 
 
@@ -820,8 +894,15 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
         raise SystemExit(f"error: {error}") from None
 
 
-def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int):
-    """meta.json and the train, val (None without --val-split) and test loaders."""
+class Loaders(NamedTuple):
+    meta: dict  # the data dir's meta.json: classes, counts, mean and std, the betons' checksums
+    train: data.DeviceLoader
+    val: data.DeviceLoader | None  # None without --val-split
+    test: data.DeviceLoader
+
+
+def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int) -> Loaders:
+    """meta.json and the train, val and test loaders."""
     shared = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
     try:
         meta = data.ensure_valid(args.data_dir)
@@ -832,7 +913,7 @@ def make_loaders(args: argparse.Namespace, device: torch.device, world: int, wor
         test_loader = data.make_loader("test", args.batch_size_per_rank, aug="none", **shared)
     except (data.DataError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    return meta, train_loader, val_loader, test_loader
+    return Loaders(meta, train_loader, val_loader, test_loader)
 
 
 def restore_or_choose_switches(args, state: dict | None, raw_model, device: torch.device, world: int) -> dict:
@@ -849,27 +930,30 @@ def restore_or_choose_switches(args, state: dict | None, raw_model, device: torc
     return switches
 
 
-def compile_if_chosen(switches: dict, model, raw_model, optimizer, scaler, device, args, eval_batch: int,
-                      world: int):
-    """(train model, eval model, compile seconds). The eval model is the bare module, compiled on its
-    own under torchrun, so that evaluation holds no DDP collective."""
-    if switches["compile"] is False:
-        return model, raw_model, 0.0
-    amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
-    # dynamic=False: shapes never change (drop_last in training, padded eval batches).
-    compiled = torch.compile(model, dynamic=False)
-    compiled_eval = compiled if world == 1 else torch.compile(raw_model, dynamic=False)
-    compile_time = speed.compile_on_dummy_batches(compiled, compiled_eval, raw_model, optimizer, scaler, amp, memory,
-                                                  device, args.batch_size_per_rank, eval_batch)
-    if switches["compile"] is None:
-        probe_start = time.perf_counter()
-        speed.keep_compile_if_faster(switches, compiled, model, raw_model, device, args.batch_size_per_rank)
-        switches["compile"] = rank0_value(switches["compile"], world, device)
-        switches["probe_time_s"] += time.perf_counter() - probe_start
-        if not switches["compile"]:  # compiled for nothing: the time was spent probing
-            switches["probe_time_s"] += compile_time
-            return model, raw_model, 0.0
-    return compiled, compiled_eval, compile_time
+def compile_if_chosen(training: Training, device: torch.device, args: argparse.Namespace, world: int) -> None:
+    """Compile before the clock starts, on dummy batches; a second build of the same graphs would show
+    as recompiles. Under torchrun the eval model (the bare module) is compiled on its own, so that
+    evaluation holds no DDP collective. Auto on CPU keeps the compiled model only if it is faster."""
+    switches = training.switches
+    if switches["compile"] is not False:
+        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
+        compiled = torch.compile(training.model, dynamic=False)
+        compiled_eval = compiled if world == 1 else torch.compile(training.raw_model, dynamic=False)
+        compile_time = speed.compile_on_dummy_batches(
+            compiled, compiled_eval, training.raw_model, training.optimizer, training.scaler, training.amp,
+            training.memory, device, args.batch_size_per_rank, args.batch_size_per_rank)
+        if switches["compile"] is None:
+            probe_start = time.perf_counter()
+            speed.keep_compile_if_faster(switches, compiled, training.model, training.raw_model, device,
+                                         args.batch_size_per_rank)
+            switches["compile"] = rank0_value(switches["compile"], world, device)
+            switches["probe_time_s"] += time.perf_counter() - probe_start
+            if not switches["compile"]:  # compiled for nothing: the time was spent probing
+                switches["probe_time_s"] += compile_time
+        if switches["compile"]:
+            training.model, training.eval_model, training.compile_time = compiled, compiled_eval, compile_time
+    training.graphs_compiled = speed.compiled_graphs()
+    speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
 
 
 def new_record(args, device, world, train_loader, steps_per_epoch, params, flops, classes) -> dict:
@@ -887,11 +971,11 @@ def new_record(args, device, world, train_loader, steps_per_epoch, params, flops
             "classes": classes, "history": []}
 
 
-def checkpoint_state(args, meta, progress, record, raw_model, optimizer, scheduler, scaler, switches, device) -> dict:
+def checkpoint_state(args, meta: dict, progress: dict, record: dict, training: Training, device) -> dict:
     return {"fingerprint": fingerprint(args, meta), **progress, "history": record["history"],
-            "started_at": record["started_at"], "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "switches": switches,
+            "started_at": record["started_at"], "model": training.raw_model.state_dict(),
+            "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
+            "scaler": training.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "switches": training.switches,
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
@@ -905,14 +989,13 @@ def restore(state: dict, raw_model, optimizer, scheduler, scaler, device: torch.
         torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
-def preflight_done(args, rank: int, ckpt_path: Path, state: dict, meta: dict) -> int:
+def preflight_round_trip(args, rank: int, state: dict, meta: dict) -> None:
     """--preflight: the checkpoint written and read back, and one line (main removes the folder)."""
     if rank == 0:
-        save_checkpoint(ckpt_path, state)
-        load_checkpoint(ckpt_path, args, meta)
+        save_checkpoint(checkpoint_path_of(args), state)
+        load_checkpoint(checkpoint_path_of(args), args, meta)
         print(f"preflight ok: {args.name} ({args.arch}, batch {args.batch_size}) ran data, model, switches, "
               "2 training steps, 1 eval batch and a checkpoint round trip")
-    return 0
 
 
 def save_weights(out: Path, name: str, raw_model: torch.nn.Module, best_weights: dict | None) -> dict:
@@ -925,6 +1008,22 @@ def save_weights(out: Path, name: str, raw_model: torch.nn.Module, best_weights:
         kept["best_val"] = folder / f"{name}-best-val.pt"
         save_checkpoint(kept["best_val"], best_weights)
     return {k: str(v.relative_to(out)) for k, v in kept.items()}
+
+
+def keep_preview(out: Path, data_dir: str, meta: dict, print0) -> str | None:
+    """The data's preview images (data.preview_path) beside the records, in OUT/previews/, one file per
+    test set, so that plot.py draws predictions.png from the results folder alone, on any machine.
+    Returns the file's path relative to OUT, or None (with a warning) if it could not be kept."""
+    name = f"previews/{meta['betons']['test']['sha256'][:12]}.npz"
+    try:
+        if not (out / name).exists():
+            source = data.preview_path(data_dir)
+            (out / "previews").mkdir(parents=True, exist_ok=True)
+            data.write_atomically(out / name, lambda tmp: shutil.copyfile(source, tmp))
+        return name
+    except (OSError, data.DataError) as error:
+        print0(f"warning: the preview images were not kept ({error}): plot.py will skip predictions.png of this run")
+        return None
 
 
 def start_line(args, device, world, params, train_loader, switches, compile_time) -> str:
@@ -963,7 +1062,7 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     reported_epoch = progress["best"]["epoch"] if chosen_by_val else history[-1]["epoch"]
     confusion = test["confusion"]
     per_class = per_class_accuracy(confusion, classes)
-    sample = preview_indices(test["labels"])
+    sample = data.preview_indices(test["labels"])
     steady = [h for h in history if not h.get("pays_jit")] or history
     final = {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
              "reported_epoch": reported_epoch,
@@ -985,17 +1084,6 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     return final
 
 
-def preview_indices(labels: list[int], count: int = PREDICTIONS_KEPT, seed: int = 0) -> list[int]:
-    """A fixed, seeded, class-balanced sample of a split's images, the same for every run (so figures
-    compare): one image of each class in turn. Image folders store the test set in class order, so
-    the first images would all be of one class."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
-    turns = itertools.zip_longest(*by_class)
-    return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
-
-
 # ---------------------------------------------------------------------------------------------
 # TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT`
 # ---------------------------------------------------------------------------------------------
@@ -1009,63 +1097,64 @@ BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "
 BOARD_FINAL = ("test_acc", "test_loss", "best_val_acc", "mean_epoch_time_s", "train_img_per_s")
 
 
-def open_tensorboard(out: Path, record: dict, resumed_after: int, print0):
-    """A SummaryWriter on OUT/tensorboard/NAME/, one TensorBoard run per config, which starts with the
-    run's HParams session (its config); None if it cannot be written.
+class TensorBoardLog:
+    """Event files in OUT/tensorboard/NAME/ (rank 0 only), one TensorBoard run per config, which starts
+    with the run's HParams session (its config). If they cannot be written, it says so once and the run
+    goes on: the JSON record is the source of truth.
 
     A fresh run starts the folder anew (the events of a run it replaces would mix in); a resumed one
     appends to it, and its purge_step tells readers to drop any epoch logged after the checkpoint it
     resumes from, so that no epoch shows twice."""
-    folder = out / "tensorboard" / record["name"]
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        if not resumed_after:
-            shutil.rmtree(folder, ignore_errors=True)
-        started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
-        writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
-        if not started:
-            writer.file_writer.add_summary(hparams_summary(record))
-        writer.flush()
-        return writer
-    except Exception as error:  # of any type: see tensorboard_failed
-        return tensorboard_failed(error, print0)
 
+    def __init__(self, out: Path, record: dict, resumed_after: int, print0, enabled: bool = True):
+        self.print0, self.writer = print0, None
+        if not enabled:
+            return
+        folder = out / "tensorboard" / record["name"]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            if not resumed_after:
+                shutil.rmtree(folder, ignore_errors=True)
+            started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
+            self.writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
+            if not started:
+                self.writer.file_writer.add_summary(hparams_summary(record))
+            self.writer.flush()
+        except Exception as error:  # of any type: see stop
+            self.stop(error)
 
-def log_epoch_to_tensorboard(writer, row: dict, print0):
-    """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
-    if writer is None:
-        return None
-    try:
-        for key, tag in BOARD_TAGS.items():
-            if row.get(key) is not None:
-                writer.add_scalar(tag, row[key], row["epoch"])
-        writer.flush()
-        return writer
-    except Exception as error:
-        return tensorboard_failed(error, print0)
+    def log_epoch(self, row: dict) -> None:
+        """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
+        if self.writer is None:
+            return
+        try:
+            for key, tag in BOARD_TAGS.items():
+                if row.get(key) is not None:
+                    self.writer.add_scalar(tag, row[key], row["epoch"])
+            self.writer.flush()
+        except Exception as error:
+            self.stop(error)
 
+    def close(self, record: dict) -> None:
+        """The final figures and the HParams session's end (finished or diverged), then close the files."""
+        if self.writer is None:
+            return
+        try:
+            step = record["history"][-1]["epoch"] if record["history"] else 0
+            for key in BOARD_FINAL:
+                if (record.get("final") or {}).get(key) is not None:
+                    self.writer.add_scalar(f"final/{key}", record["final"][key], step)
+            self.writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
+            self.writer.close()
+        except Exception as error:
+            self.stop(error)
 
-def close_tensorboard(writer, record: dict, print0) -> None:
-    """The final figures and the HParams session's end (finished or diverged), then close the files."""
-    if writer is None:
-        return
-    try:
-        step = record["history"][-1]["epoch"] if record["history"] else 0
-        for key in BOARD_FINAL:
-            if (record.get("final") or {}).get(key) is not None:
-                writer.add_scalar(f"final/{key}", record["final"][key], step)
-        writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
-        writer.close()
-    except Exception as error:
-        tensorboard_failed(error, print0)
-
-
-def tensorboard_failed(error: Exception, print0) -> None:
-    """Say once that the event files stopped; the run goes on. The writer's thread re-raises whatever
-    stopped it (a full disk, a deleted folder) at the next call, as any exception type."""
-    print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and its "
-        "JSON record, the source of truth, is complete")
-    return None
+    def stop(self, error: Exception) -> None:
+        """Say once that the event files stopped. The writer's thread re-raises whatever stopped it (a
+        full disk, a deleted folder) at the next call, as any exception type."""
+        self.writer = None
+        self.print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and "
+                    "its JSON record, the source of truth, is complete")
 
 
 def hparams_of(record: dict) -> dict:

@@ -233,6 +233,24 @@ def test_read_images_returns_the_raw_pixels_in_the_order_asked(synthetic_data, i
     np.testing.assert_array_equal(images, np.stack(expected))
 
 
+def test_conversion_keeps_a_class_balanced_preview_of_the_test_images(synthetic_data, image_folder, fresh_data):
+    from PIL import Image
+    with np.load(synthetic_data / data.PREVIEW_FILE) as preview:
+        indices, labels, images = preview["indices"], preview["labels"], preview["images"]
+    assert len(indices) == data.PREVIEW_COUNT == 64 and len(set(indices.tolist())) == 64
+    assert np.bincount(labels, minlength=10).tolist() == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6]  # one class after another
+    assert labels.tolist() == [i // TEST_PER_CLASS for i in indices]  # an image folder's test set: class by class
+    first = int(indices[0])
+    folder = image_folder / "test" / CLASSES[first // TEST_PER_CLASS]
+    expected = Image.open(folder / f"{first % TEST_PER_CLASS:04d}.png")
+    np.testing.assert_array_equal(images[0], np.asarray(expected))
+    # a data dir converted before previews existed gets one from its test beton, the same
+    (fresh_data / data.PREVIEW_FILE).unlink()
+    with np.load(data.preview_path(fresh_data)) as rebuilt:
+        np.testing.assert_array_equal(rebuilt["images"], images)
+        np.testing.assert_array_equal(rebuilt["indices"], indices)
+
+
 @pytest.mark.skipif(not SHARED_JPEG.exists(), reason="../shared/data/cifar10-jpeg.tar.gz not present")
 def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
     result = run_data_py("--source", str(SHARED_JPEG), "--data-dir", str(tmp_path))
@@ -382,43 +400,3 @@ def test_loader_on_one_allowed_cpu_runs_with_default_and_too_many_workers(synthe
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["None 1 (8, 3, 32, 32)", "8 1 (8, 3, 32, 32)"]
     assert "note: --workers 8 is more than the 1 CPU this process may use" in result.stderr
-
-
-# --- data.py --bench: a fair comparison (issue 12 item 11) --------------------------------------------
-
-def test_time_epoch_synchronises_the_benchmarks_device_only(monkeypatch):
-    synchronised = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
-    batches = [(torch.zeros(4, 3, 32, 32), torch.zeros(4))] * 3
-    assert data.time_epoch(batches, torch.device("cpu")) > 0
-    assert synchronised == []
-    data.time_epoch(batches, torch.device("cuda", 1))
-    assert synchronised == [torch.device("cuda", 1)]
-
-
-def test_torchvision_way_pins_memory_for_cuda_only():
-    images, labels = np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int64)
-    def loader(device):
-        return data.torchvision_way(images, labels, [0.5] * 3, [0.25] * 3, 0, 2, torch.device(device))
-    assert loader("cuda").pin_memory and not loader("cpu").pin_memory
-    assert loader("cpu").batch_size == 2
-
-
-def test_benchmark_gives_torchvision_our_workers_batch_size_and_device(synthetic_data, monkeypatch):
-    asked, moved = {}, []
-    real_way, real_moved_to = data.torchvision_way, data.moved_to
-
-    def torchvision_way(images, labels, mean, std, workers, batch_size, device):
-        asked.update(workers=workers, batch_size=batch_size, device=device)
-        return real_way(images, labels, mean, std, workers, batch_size, device)
-
-    def moved_to(batches, device):
-        moved.append(device)
-        return real_moved_to(batches, device)
-    monkeypatch.setattr(data, "torchvision_way", torchvision_way)
-    monkeypatch.setattr(data, "moved_to", moved_to)
-    result = data.benchmark(synthetic_data, torch.device("cpu"), batch_size=16, workers=1, aug="none")
-    assert asked == {"workers": 1, "batch_size": 16, "device": torch.device("cpu")}
-    assert len(moved) == 1 + data.BENCH_REPS and set(moved) == {torch.device("cpu")}  # every pass pays the copy
-    assert result["workers"] == 1 and result["batch_size"] == 16

@@ -47,8 +47,18 @@ def test_kept_weights_load_with_weights_only_and_give_the_recorded_test_accuracy
     # evaluated as the run did (batch 32, channels-last, fp32, eager)
     loader = data.make_loader("test", 32, "cpu", aug="none", data_dir=synthetic_data)
     model = model.to(memory_format=torch.channels_last)
-    result = train.evaluate(model, loader, torch.device("cpu"), None, torch.channels_last, 10, 32, False, 1)
+    result = train.evaluate(model, loader, torch.device("cpu"), "fp32", torch.channels_last, 10, 32, False, 1)
     assert result["acc"] == record["final"]["test_acc"] and result["loss"] == record["final"]["test_loss"]
+
+
+def test_a_finished_run_keeps_the_preview_images_its_predictions_index(kept_run, synthetic_data):
+    out, record = kept_run
+    predictions = record["final"]["predictions"]
+    with np.load(out / predictions["images"]) as preview:
+        assert preview["indices"].tolist() == predictions["indices"]  # the same sample, in the same order
+        assert preview["labels"].tolist() == predictions["labels"]
+        with np.load(synthetic_data / data.PREVIEW_FILE) as source:
+            np.testing.assert_array_equal(preview["images"], source["images"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +81,7 @@ def test_eval_only_gives_the_recorded_accuracy_prints_the_confusion_matrix_and_w
     assert files_of(out) == before  # no record, checkpoint, lock or weights written or touched
     final = record["final"]
     assert f"test acc {final['test_acc']:.2%}" in printed and ": identical" in printed
-    assert "[amp off, channels-last, eager, batch 32, no tta]" in printed
+    assert "[amp fp32, channels-last, eager, batch 32, no tta]" in printed
     lines = printed.splitlines()
     header = lines.index("confusion matrix (rows: true class, columns: predicted):")
     for i, (name, row) in enumerate(zip(record["classes"], final["confusion"], strict=True)):

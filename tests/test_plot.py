@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
@@ -40,23 +41,19 @@ SWEEP = {
     "resnet18-pre-sgd-f0.25": ({"pretrained": True, "stem": "imagenet", "fraction": 0.25}, [0.83]),
     "resnet50-avg-adamw": ({"arch": "resnet50", "opt": "adamw"}, [0.86]),
 }
-STUB_DATA_PY = '''
-import json
-import os
-from pathlib import Path
+# plot.py uses nothing of data.py but its one atomic writer
+STUB_DATA_PY = "import os\nfrom pathlib import Path\n\n" + inspect.getsource(data.write_atomically)
+PREVIEW = "previews/0123456789ab.npz"  # where train.py keeps the preview images, relative to the records
 
-import numpy as np
 
-def read_images(data_dir, split, indices):
-    with open("read_images_call.json", "w") as f:
-        json.dump({"data_dir": data_dir, "split": split, "indices": indices}, f)
-    return np.random.default_rng(0).integers(0, 256, (len(indices), 32, 32, 3), dtype=np.uint8)
-
-''' + inspect.getsource(data.write_atomically)
-# a machine without FFCV: data.read_images raises from its `import ffcv`
-NO_FFCV_DATA_PY = STUB_DATA_PY.replace('    with open("read_images_call.json"',
-                                       '    raise ModuleNotFoundError("No module named \'ffcv\'")\n'
-                                       '    with open("read_images_call.json"')
+def write_preview(results: Path) -> np.ndarray:
+    """A preview file as train.py keeps it, its 64 indices in shuffled order; returns the images by index."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    order = rng.permutation(64)
+    (results / "previews").mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(results / PREVIEW, indices=order, labels=order % 10, images=images[order])
+    return images
 
 
 def make_record(name: str, test_acc: float | None, status: str = "finished", epochs: int = 4, **config) -> dict:
@@ -89,7 +86,7 @@ def make_record(name: str, test_acc: float | None, status: str = "finished", epo
             "confusion": [[int(1000 * test_acc) if i == j else int(1000 * (1 - test_acc) / 9) for j in range(10)]
                           for i in range(10)],
             "best_val_acc": 0.8 if has_val else None, "best_val_epoch": epochs if has_val else None,
-            "predictions": {"indices": list(range(64)), "labels": labels,
+            "predictions": {"indices": list(range(64)), "labels": labels, "images": PREVIEW,
                             "preds": [p if i % 7 else (p + 1) % 10 for i, p in enumerate(labels)]},
             "compile_time_s": 0.0, "mean_epoch_time_s": 30.0 if cfg["arch"] == "resnet18" else 80.0,
             "train_time_s": 30.0 * epochs, "train_img_per_s": 1650.0, "peak_memory_mb": 2100.0, "recompiles": 0}
@@ -133,6 +130,7 @@ def sweep(tmp_path_factory):
                {"loader_ratio": 0.9, "loader_overhead": 0.05, "speedup": {"resnet18": 1.8, "resnet50": 1.5},
                 "train_step": {"resnet18": {"eager_fp32": 900.0, "channels_last": 1000.0, "compile": 1600.0},
                                "resnet50": {"eager_fp32": 300.0, "channels_last": 350.0, "compile": 450.0}}})
+    write_preview(results)
     (project / "data.py").write_text(STUB_DATA_PY)
     proc = run_plot(project)
     return project, proc
@@ -140,14 +138,13 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_seed(tmp_path_factory):
-    """One seed per config, full training set, no val split, no bench and no FFCV; a stale datasize.png."""
+    """One seed per config, full training set, no val split, no bench and no preview file; a stale datasize.png."""
     project = tmp_path_factory.mktemp("one_seed")
     for config, acc in [("resnet18-avg-sgd", 0.83), ("resnet18-max-sgd", 0.81)]:
         write_json(project / "results" / f"{config}-s0.json",
                    make_record(f"{config}-s0", acc, pool=config.split("-")[1]))
     (project / "figs").mkdir()
     (project / "figs" / "datasize.png").write_bytes(b"left from an earlier sweep")
-    (project / "data.py").write_text(NO_FFCV_DATA_PY)
     proc = run_plot(project, "results", "--out", "figs")
     return project, proc
 
@@ -262,10 +259,14 @@ def test_running_and_diverged_runs_are_reported_and_left_out_of_the_table(sweep)
     assert not configs & {"resnet50-avg-sgd", "resnet34-avg-sgd"}
 
 
-def test_predictions_read_the_best_runs_test_images_through_data_read_images(sweep):
+def test_predictions_show_the_preview_images_kept_beside_the_records(sweep, tmp_path):
     project, _ = sweep
-    call = json.loads((project / "read_images_call.json").read_text())
-    assert call == {"data_dir": "cifar-data", "split": "test", "indices": list(range(32))}
+    assert (project / "figures" / "predictions.png").read_bytes().startswith(b"\x89PNG")
+    images = write_preview(tmp_path)
+    run = {"_file": tmp_path / "run.json", "final": {"predictions": {"images": PREVIEW}}}
+    np.testing.assert_array_equal(plot.preview_images(run, [5, 0, 63]), images[[5, 0, 63]])
+    del run["final"]["predictions"]["images"]  # a record from before previews were kept
+    assert "names no preview images" in plot.preview_images(run, [0])
 
 
 def test_outputs_are_written_without_leaving_temp_files(sweep):
@@ -288,11 +289,11 @@ def test_one_seed_without_fraction_sweep_skips_datasize_and_says_why(one_seed):
     assert "run SEEDS=3" in (out / "summary.md").read_text()
 
 
-def test_missing_ffcv_skips_predictions_with_one_line(one_seed):
+def test_a_missing_preview_file_skips_predictions_with_one_line(one_seed):
     project, proc = one_seed
     assert not (project / "figs" / "predictions.png").exists()
     [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped figures")]
-    assert "predictions.png (test images unavailable (ModuleNotFoundError: No module named 'ffcv')" in line
+    assert "predictions.png (preview images unavailable (FileNotFoundError" in line
 
 
 def test_report_html_embeds_every_figure_written_and_every_table_row(sweep):

@@ -269,7 +269,7 @@ def test_tta_logits_are_the_mean_of_both_views_and_eval_loss_has_no_smoothing():
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 10, (12,), generator=g)
     result = train.evaluate(model, Batches([(images[:8], labels[:8]), (images[8:], labels[8:])]),
-                            torch.device("cpu"), None, torch.contiguous_format, 10, 8, True, 1)
+                            torch.device("cpu"), "fp32", torch.contiguous_format, 10, 8, True, 1)
     with torch.no_grad():
         mean = (model(images) + model(images.flip(3))) / 2
     assert result["loss"] == pytest.approx(F.cross_entropy(mean, labels).item(), rel=1e-5)
@@ -287,7 +287,7 @@ def test_training_loss_is_label_smoothed():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with torch.no_grad():
         logits = model.train()(images)
-    loss, _, first = train.train_one_epoch(model, [(images, labels)], optimizer, scheduler, scaler, None,
+    loss, _, first = train.train_one_epoch(model, [(images, labels)], optimizer, scheduler, scaler, "fp32",
                                            torch.contiguous_format, torch.device("cpu"), args, 1, "t")
     assert loss == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.3).item(), rel=1e-5)
     assert loss != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
