@@ -102,13 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-balanced fraction of the train set in the epoch part (default 1)")
     p.add_argument("--aug", default=data.DEFAULT_AUG,
                    help="augmentation of the loader and epoch parts (as train.py's --aug)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="FFCV loader workers (default: the CPUs this process may use, at most 8)")
     p.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {quick}")
     p.add_argument("--loader-only", action="store_true",
                    help="time only the loaders (part 1); writes OUT/loader/<host>-<YYYY-MM-DD>.json")
     p.add_argument("--out", type=Path, default=OUT, help=f"folder for <host>-<YYYY-MM-DD>.json (default {OUT})")
     return p
+
+
+def positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return int(text)
 
 
 class Mode(NamedTuple):

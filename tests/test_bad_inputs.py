@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_env, write_image_folder
 
+import bench
 import data
 import train
 
 # scripts whose main() a row may call in this process
-IN_PROCESS = {"data.py": data.main, "train.py": lambda: sys.exit(train.main())}
+IN_PROCESS = {"data.py": data.main, "train.py": lambda: sys.exit(train.main()),
+              "bench.py": lambda: sys.exit(bench.main())}
 
 
 # --- building bad inputs --------------------------------------------------------------------------
@@ -214,7 +216,8 @@ ROWS = [
     row("source_not_an_archive", lambda i: (i.tmp / "src").write_text("hello"), CONVERT,
         "is not a folder or a .tar.gz"),
     row("data_dir_is_a_file", lambda i: (i.folder(), (i.tmp / "d").write_text("")), CONVERT, "d is a file"),
-    row("workers_zero", lambda i: i.folder(), [*CONVERT, "--workers", "0"], "--workers: must be at least 1", code=2),
+    row("workers_zero", lambda i: i.data_dir(), ["bench.py", "--loader-only", "--data-dir", DIR, "--workers", "0"],
+        "--workers: must be at least 1", code=2),
     # 2. Converted data whose parts disagree: what training would read, checked as training does.
     row("meta_not_json", lambda i: (i.data_dir() / "meta.json").write_text("{"), CHECK, "meta.json is not valid JSON"),
     row("meta_not_an_object", lambda i: (i.data_dir() / "meta.json").write_text("[{}]"), CHECK,
