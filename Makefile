@@ -66,8 +66,9 @@ plot: setup
 bench: data
 	$(PYTHON) bench.py --data-dir $(DATA_DIR) $(if $(QUICK),--quick)
 
+# One worker per CPU (tests sharing a module's fixture stay together); the slowest 15 tests at the end.
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto --dist loadgroup --durations=15 tests
 
 lint: setup
 	$(PYTHON) -m pip install -q ruff && .venv/bin/ruff check .

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cuda_standin import fake_gpu, fake_gpus  # noqa: F401 (fixtures: a strict CUDA stand-in, see cuda_standin.py)
+# `make test` runs one pytest worker per CPU (pytest-xdist). Each worker and every script it starts
+# then computes with one thread: two workers with two threads each on two cores keep torch's
+# OpenMP threads waiting for a busy core, and every step runs several times slower. Set before
+# torch is first imported (cuda_standin imports it), as torch reads it then.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+from cuda_standin import fake_gpu, fake_gpus  # noqa: E402, F401 (fixtures: a strict CUDA stand-in, see cuda_standin.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,3 +107,14 @@ def fresh_data(tmp_path, synthetic_data) -> Path:
     copy = tmp_path / "data"
     shutil.copytree(synthetic_data, copy)
     return copy
+
+
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n N --dist loadgroup`, the tests that share a module-scoped fixture (a finished
+    run, a real sweep) go to one worker, which makes the fixture once; all others are dealt out one
+    by one, so the workers finish together."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs.values() if fixtures else ()
+        if any(d[-1].scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
