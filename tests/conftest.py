@@ -109,6 +109,11 @@ def fresh_data(tmp_path, synthetic_data) -> Path:
     return copy
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker with the group's other tests")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """Under `pytest -n N --dist loadgroup`, the tests that share a module-scoped fixture (a finished
     run, a real sweep) go to one worker, which makes the fixture once; all others are dealt out one

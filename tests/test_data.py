@@ -225,6 +225,16 @@ def test_loader_keeps_torch_thread_count(synthetic_data):
         assert torch.get_num_threads() == threads
 
 
+def test_ffcv_is_imported_without_compiling_numbas_typed_dict():
+    """data.import_ffcv gives FFCV's IMAGE_MODES a plain dict (read by Python code only), which saves
+    every process the compilation of numba's typed dict; conversion and decoding (every test here) work."""
+    data.import_ffcv()
+    from ffcv.fields import rgb_image
+    import numba.typed
+    assert type(rgb_image.IMAGE_MODES) is dict and rgb_image.IMAGE_MODES == {"jpg": 0, "raw": 1}
+    assert numba.typed.Dict is not dict  # numba's own is put back for everyone else
+
+
 def test_read_images_returns_the_raw_pixels_in_the_order_asked(synthetic_data, image_folder):
     from PIL import Image
     images = data.read_images(synthetic_data, "test", [12, 0, 5])
