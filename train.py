@@ -78,6 +78,7 @@ def csv_of(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag with its default and help: a table (one add_argument each, by group), hence its length."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
