@@ -1256,7 +1256,8 @@ def recorded_test(record: dict, which: str, tta: bool) -> dict | None:
     final = record["final"]
     epoch = final["best_val_epoch"] if which == "best-val" else record["history"][-1]["epoch"]
     row = next(r for r in record["history"] if r["epoch"] == epoch)
-    return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"]}
+    return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"],
+            "compiled": bool(record["run"].get("compile"))}
 
 
 def per_class_accuracy(confusion: list[list[int]], classes: list[str]) -> dict[str, float]:
@@ -1273,7 +1274,10 @@ def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -
     if recorded is not None:
         verdict = ("identical" if (result["acc"], result["loss"]) == (recorded["acc"], recorded["loss"]) else
                    f"the same accuracy, loss off by {result['loss'] - recorded['loss']:.2g}"
-                   if result["acc"] == recorded["acc"] else "differs: another device, torch build or data?")
+                   if result["acc"] == recorded["acc"] else
+                   f"{round(abs(result['acc'] - recorded['acc']) * total)} images differ: the run was evaluated by "
+                   "compiled kernels, which round differently from eager ones" if recorded["compiled"] else
+                   "differs: another device, torch build or data?")
         lines.append(f"the record, epoch {recorded['epoch']}: test acc {recorded['acc']:.2%}, loss "
                      f"{recorded['loss']:.4f}: {verdict}")
     width = max(6, len(str(total)) + 1)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterator, NamedTuple
 
 import pytest
@@ -56,13 +56,18 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class GpuProfile:
+class Hardware:
+    """What a GPU model is: the fields torch.cuda.get_device_properties reports of it."""
     name: str
     major: int
     minor: int
     total_memory: int
     multi_processor_count: int
     L2_cache_size: int
+
+
+@dataclass(frozen=True)
+class GpuProfile(Hardware):
     # torch.cuda.is_bf16_supported(including_emulation=True) on a GPU below sm_80 asks whether a bf16
     # tensor can be created (torch/cuda/__init__.py:_check_bf16_tensor_supported); on a T4 it can.
     bf16_tensors: bool = True
@@ -77,15 +82,9 @@ PROFILES = {
 
 
 @dataclass(frozen=True)
-class DeviceProperties:
+class DeviceProperties(Hardware):
     """What torch.cuda.get_device_properties returns here (the real one is a C type)."""
-    name: str
-    major: int
-    minor: int
-    total_memory: int
-    multi_processor_count: int
-    L2_cache_size: int
-    uuid: str
+    uuid: str = ""
     warp_size: int = 32
     is_integrated: bool = False
     is_multi_gpu_board: bool = False
@@ -255,9 +254,8 @@ class FakeGpu:
         m.freed += nbytes
 
     def properties(self, index: int) -> DeviceProperties:
-        p = self.profile
-        return DeviceProperties(p.name, p.major, p.minor, p.total_memory, p.multi_processor_count,
-                                p.L2_cache_size, uuid=f"GPU-00000000-0000-0000-0000-{index:012d}")
+        hardware = {f.name: getattr(self.profile, f.name) for f in fields(Hardware)}
+        return DeviceProperties(**hardware, uuid=f"GPU-00000000-0000-0000-0000-{index:012d}")
 
     # -- the per-thread device model (c10/cuda/CUDAFunctions.cpp, CUDA >= 12) -------------------
 
