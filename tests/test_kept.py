@@ -236,3 +236,13 @@ def test_a_failing_event_writer_says_so_once_and_the_run_finishes(monkeypatch, t
     record = json.loads((tmp_path / "results" / "full.json").read_text())
     assert record["status"] == "finished" and len(record["history"]) == 2
     assert (tmp_path / "results" / record["final"]["weights"]["final"]).exists()
+
+
+def test_eval_report_names_compiled_kernels_when_a_compiled_runs_accuracy_differs():
+    result = {"acc": 0.5, "loss": 0.69, "confusion": [[3, 2], [3, 2]]}  # 5 of 10 right
+    recorded = {"epoch": 2, "acc": 0.7, "loss": 0.6}
+    compiled = train.evaluation_report(result, ["a", "b"], {**recorded, "compiled": True}).splitlines()[1]
+    assert compiled.endswith("2 images differ: the run was evaluated by compiled kernels, which round differently "
+                             "from eager ones")
+    eager = train.evaluation_report(result, ["a", "b"], {**recorded, "compiled": False}).splitlines()[1]
+    assert eager.endswith("differs: another device, torch build or data?")
