@@ -644,7 +644,8 @@ def convert(source: str | None, data_dir: Path, workers: int | None = None, skip
             path = data_dir / f"{split}.beton"
             write_beton(path, *splits[split], workers or default_workers())
             meta["betons"][split] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
-        write_preview(data_dir / PREVIEW_FILE, *splits["test"])
+        test_images, test_labels = splits["test"]
+        write_preview(data_dir / PREVIEW_FILE, test_labels, lambda indices: test_images[indices])
         save_json_atomic(data_dir / "meta.json", meta)
     except OSError as error:  # a full disk, a read-only folder: the temporary files are already gone
         raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
@@ -723,13 +724,15 @@ def preview_indices(labels, count: int = PREVIEW_COUNT, seed: int = 0) -> list[i
     return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
 
 
-def write_preview(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """The preview sample of a test split (uint8 images N×32×32×3, their indices and labels) as .npz."""
+def write_preview(path: Path, labels: np.ndarray, sample_images) -> None:
+    """The preview of a test split as .npz: its indices (preview_indices of the split's labels), their
+    labels, and `sample_images(indices)`, those images (uint8, N×32×32×3)."""
     indices = np.asarray(preview_indices(labels), dtype=np.int64)
+    arrays = {"indices": indices, "labels": np.asarray(labels)[indices], "images": sample_images(indices)}
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
-            np.savez_compressed(f, indices=indices, labels=np.asarray(labels)[indices], images=images[indices])
+            np.savez_compressed(f, **arrays)
     write_atomically(path, write)
 
 
@@ -738,10 +741,7 @@ def preview_path(data_dir: str | Path) -> Path:
     path = Path(data_dir) / PREVIEW_FILE
     if not path.exists():
         labels = beton_labels(Path(data_dir) / "test.beton")
-        indices = preview_indices(labels)
-        images = np.zeros((len(labels), 32, 32, 3), np.uint8)  # only the sampled rows are read and kept
-        images[indices] = read_images(data_dir, "test", indices)
-        write_preview(path, images, labels)
+        write_preview(path, labels, lambda indices: read_images(data_dir, "test", indices.tolist()))
     return path
 
 

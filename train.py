@@ -973,8 +973,8 @@ def new_record(args, device, world, train_loader, steps_per_epoch, params, flops
 
 
 def checkpoint_state(args, meta: dict, progress: dict, record: dict, training: Training, device) -> dict:
-    return {"fingerprint": fingerprint(args, meta), **progress, "history": record["history"],
-            "started_at": record["started_at"], "model": training.raw_model.state_dict(),
+    # progress holds the record's history and start time (the same objects): the checkpoint keeps them
+    return {"fingerprint": fingerprint(args, meta), **progress, "model": training.raw_model.state_dict(),
             "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
             "scaler": training.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "switches": training.switches,
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
