@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stem", default="cifar", choices=models.STEMS,
                    help="cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7 stride-2 conv + max-pool")
     m.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
+    m.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
+                        "see models.pooling); --no-pool-norm: torchvision's plain pool")
     m.add_argument("--blocks", type=csv_of(int), default=None, help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
     m.add_argument("--channels", type=csv_of(int), default=None, help="resnet_custom: channels per stage")
     m.add_argument("--kernel-size", type=int, default=None, help="resnet_custom: convolution kernel size")
@@ -220,6 +223,8 @@ def flags_of_record(path: str, parser: argparse.ArgumentParser) -> dict:
                      f"{SCHEMA_VERSION}): update this checkout (git pull)")
     flags = record["given"] if isinstance(record.get("given"), dict) else {
         k: v for k, v in record["config"].items() if k not in DERIVED + ("name", "out")}
+    if "pool_norm" not in record["config"]:  # records before --pool-norm trained the plain pool
+        flags = {**flags, "pool_norm": False}
     known = {a.dest for a in parser._actions}
     return {k: v for k, v in flags.items()
             if k in known and k not in ("from_json", "resume", "name", "out", "overwrite", "preflight")}
@@ -574,6 +579,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     mine, theirs = fingerprint(args, meta), as_json(state["fingerprint"])
     theirs.setdefault("data_sha256", mine["data_sha256"])  # checkpoints before the data's checksum was kept
     theirs["amp"] = speed.amp_name(theirs.get("amp", mine["amp"]))  # and before one name per dtype ("off")
+    theirs.setdefault("pool_norm", False)  # and before --pool-norm, with the plain pool
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
         k = differs[0]
@@ -890,7 +896,7 @@ def check_run(args: argparse.Namespace, device: torch.device, world: int, local_
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     try:
         return models.build_model(args.arch, num_classes=num_classes, pool=args.pool, stem=args.stem,
-                                  pretrained=args.pretrained, **model_options(args))
+                                  pretrained=args.pretrained, pool_norm=args.pool_norm, **model_options(args))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -35,6 +35,15 @@ def test_build_from_config_rebuilds_the_network_with_its_custom_options():
     assert any(isinstance(m, torch.nn.Dropout) for m in rebuilt.modules())
 
 
+def test_a_record_from_before_pool_norm_rebuilds_the_plain_pool_its_weights_fit():
+    old_weights = models.build_model("resnet20", pool="max", pool_norm=False).state_dict()
+    rebuilt = models.build_from_config({"arch": "resnet20", "pool": "max"}, num_classes=10)
+    rebuilt.load_state_dict(old_weights)  # strict
+    new = models.build_from_config({"arch": "resnet20", "pool": "max", "pool_norm": True}, num_classes=10)
+    assert set(new.state_dict()) - set(old_weights) == {"avgpool.1.running_mean", "avgpool.1.running_var",
+                                                        "avgpool.1.num_batches_tracked"}
+
+
 def test_kept_weights_load_with_weights_only_and_give_the_recorded_test_accuracy(kept_run, synthetic_data):
     out, record = kept_run
     assert set(record["final"]["weights"]) == {"final", "best_val"}

@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -104,6 +105,62 @@ def test_max_pool_head_differs_from_avg(arch):
         assert not torch.allclose(avg(images()), max_(images()))
 
 
+def classifier_curvature(model: nn.Module, x: torch.Tensor) -> float:
+    """Top eigenvalue of the training loss's Hessian in the classifier's weights, at images x. For a
+    linear classifier reading features f with softmax output p it is exactly that of
+    mean over images of (diag p - p p^T) (x) f f^T (label smoothing moves only the gradient)."""
+    seen = {}
+    hook = model.fc.register_forward_hook(lambda m, i, o: seen.update(f=i[0].double(), p=o.double().softmax(1)))
+    with torch.no_grad():
+        model.train()(x)  # in training the classifier reads features normalised with the batch's statistics
+    hook.remove()
+    f, p = seen["f"], seen["p"]
+    a = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    hessian = torch.einsum("nab,ni,nj->aibj", a, f, f).reshape(p.shape[1] * f.shape[1], -1) / len(f)
+    return torch.linalg.eigvalsh(hessian)[-1].item()
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_pool_norm_keeps_the_classifier_stable_at_sgds_peak_lr_with_either_pool(pool):
+    """SGD with momentum 0.9 on a quadratic of curvature c is stable only for lr < 2 (1 + 0.9) / c.
+    Without the norm a max pool's classifier passed that limit at a 20th of the peak lr (the quick
+    look's loss rose to 10 in the warm-up); standardised, both pools' limit lies past the peak."""
+    import train
+    from conftest import synthetic_images
+    peak, momentum = train.OPTIMIZER_DEFAULTS["sgd"]["lr"], train.OPTIMIZER_DEFAULTS["sgd"]["momentum"]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 256)
+    x = torch.tensor(np.concatenate([synthetic_images(1, int(label), rng) for label in labels]))
+    x = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    limits = {}
+    for pool_norm in (True, False):
+        torch.manual_seed(0)
+        limits[pool_norm] = 2 * (1 + momentum) / classifier_curvature(build_model("resnet20", pool=pool,
+                                                                                  pool_norm=pool_norm), x)
+    assert limits[True] > peak
+    if pool == "max":
+        assert limits[False] < peak / 20
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet20"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_pool_norm_adds_no_parameters_and_folds_into_the_classifier_in_eval_mode(arch, pool):
+    torch.manual_seed(0)
+    normed, plain = build_model(arch, pool=pool).eval(), build_model(arch, pool=pool, pool_norm=False).eval()
+    assert count_parameters(normed) == count_parameters(plain)
+    norm = normed.avgpool[1]
+    norm.running_mean.uniform_(-1, 3)
+    norm.running_var.uniform_(0.5, 4)
+    # the same network with the norm's fixed affine map folded into the classifier
+    scale = (norm.running_var + norm.eps).rsqrt()
+    state = {k: v for k, v in normed.state_dict().items() if not k.startswith("avgpool.1.")}
+    state["fc.weight"] = normed.fc.weight * scale
+    state["fc.bias"] = normed.fc.bias - state["fc.weight"] @ norm.running_mean
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(normed(images()), plain(images()), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch, stem, size", [
     ("resnet18", "cifar", 32), ("resnet18", "imagenet", 8), ("resnet50", "imagenet", 8), ("resnet20", "cifar", 32),
 ])
@@ -142,7 +199,8 @@ def test_pretrained_loads_imagenet_weights_from_torch_home(tmp_path, monkeypatch
 
     fresh = {"fc.weight", "fc.bias"} | ({"conv1.weight"} if stem == "cifar" else set())
     loaded = model.state_dict()
-    assert set(loaded) == set(state)
+    pool_norm = {f"avgpool.1.{buffer}" for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+    assert set(loaded) == set(state) | pool_norm  # the pooled features' norm is new; ImageNet's head had none
     for name, value in state.items():
         if name in fresh:
             assert loaded[name].shape != value.shape or not torch.equal(loaded[name], value), name
@@ -165,11 +223,11 @@ def test_pretrained_loads_imagenet_weights_from_torch_home(tmp_path, monkeypatch
     (dict(arch="resnet20", stem="imagenet"), "resnet20 takes only stem='cifar'; stem='imagenet' is for resnet18, "),
     (dict(arch="cnn", pretrained=True), "cnn has no pretrained weights; pretrained=True is for resnet18, "),
     (dict(arch="resnet20", blocks=(1, 1, 1)),
-     "resnet20 does not take option 'blocks': it takes num_classes, pool, stem"),
+     "resnet20 does not take option 'blocks': it takes num_classes, pool, pool_norm, stem"),
     (dict(arch="resnet18", dropout=0.5),
-     "resnet18 does not take option 'dropout': it takes num_classes, pool, stem, pretrained"),
+     "resnet18 does not take option 'dropout': it takes num_classes, pool, pool_norm, stem, pretrained"),
     (dict(arch="resnet_custom", width=2), "resnet_custom does not take option 'width': it takes num_classes, "
-     "pool, stem, blocks, channels, kernel_size, avgpool_size, head, dropout"),
+     "pool, pool_norm, stem, blocks, channels, kernel_size, avgpool_size, head, dropout"),
     (dict(arch="resnet_custom", blocks=(2, 2), channels=(8, 16, 32)), "one positive entry per stage"),
     (dict(arch="resnet_custom", kernel_size=4), "must be odd"),
 ])

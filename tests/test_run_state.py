@@ -142,6 +142,27 @@ def test_from_an_old_record_without_given_flags_drops_its_derived_values(tmp_pat
     assert (args.lr, args.schedule, args.arch) == (1e-3, "cosine", "resnet20") and args.name != "old"
 
 
+def test_from_an_old_record_replays_its_plain_pool_under_a_name_of_its_own(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"config": {"arch": "resnet20", "pool": "max", "opt": "sgd", "epochs": 10,
+                                          "batch_size": 512, "seed": 0}, "given": {"arch": "resnet20", "pool": "max"}}))
+    replay = train.parse_config(["--from", str(old), "--seed", "1"])
+    assert replay.pool_norm is False and replay.name != "resnet20-max-sgd-s1"
+    assert train.parse_config(["--arch", "resnet20", "--pool", "max", "--seed", "1"]).pool_norm is True
+
+
+def test_a_checkpoint_from_before_pool_norm_resumes_only_with_the_plain_pool(tmp_path, synthetic_data):
+    meta = json.loads((synthetic_data / "meta.json").read_text())
+    plain = train.parse_config([*TINY, "--no-pool-norm"])
+    state = {k: None for k in ("epoch", "history", "model", "optimizer", "scheduler", "scaler", "rng_cpu")}
+    state["fingerprint"] = {k: v for k, v in train.fingerprint(plain, meta).items() if k != "pool_norm"}
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    assert train.load_checkpoint(path, plain, meta) is not None
+    with pytest.raises(SystemExit, match="pool_norm: False there, True here"):
+        train.load_checkpoint(path, train.parse_config(TINY), meta)
+
+
 def test_replay_leaves_its_source_untouched(tmp_path, synthetic_data):
     assert run(tmp_path, synthetic_data, "--epochs", "1") == 0
     sources = list((tmp_path / "results").glob("*.json"))
