@@ -583,8 +583,9 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
         k = differs[0]
+        resume = "pass --no-pool-norm to resume it, " if k == "pool_norm" and theirs[k] is False else ""
         raise SystemExit(f"error: checkpoint {path} is of another config ({k}: {theirs.get(k)!r} there, "
-                         f"{mine.get(k)!r} here): use another --name, or --overwrite to start over")
+                         f"{mine.get(k)!r} here): {resume}use another --name, or --overwrite to start over")
     return state
 
 

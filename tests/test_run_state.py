@@ -159,7 +159,7 @@ def test_a_checkpoint_from_before_pool_norm_resumes_only_with_the_plain_pool(tmp
     path = tmp_path / "old.pt"
     torch.save(state, path)
     assert train.load_checkpoint(path, plain, meta) is not None
-    with pytest.raises(SystemExit, match="pool_norm: False there, True here"):
+    with pytest.raises(SystemExit, match="pool_norm: False there, True here.: pass --no-pool-norm to resume it"):
         train.load_checkpoint(path, train.parse_config(TINY), meta)
 
 
