@@ -41,7 +41,18 @@ def pooling(pool: str, channels: int, size: int = 1, pool_norm: bool = True) -> 
     past SGD's peak of 0.4. The network computes the same functions (in eval mode the norm is a fixed
     per-channel affine map, which a classifier with a bias absorbs) and has no more parameters."""
     pooled = nn.AdaptiveAvgPool2d(size) if pool == "avg" else nn.AdaptiveMaxPool2d(size)
+    return standardised(pooled, channels, pool_norm)
+
+
+def standardised(pooled: nn.Module, channels: int, pool_norm: bool) -> nn.Module:
+    """`pooled`, followed with pool_norm by a per-channel BatchNorm without parameters."""
     return nn.Sequential(pooled, nn.BatchNorm2d(channels, affine=False)) if pool_norm else pooled
+
+
+def pool_norm_of(config: dict) -> bool:
+    """Whether a recorded run's pooled features were standardised: records, kept weights and
+    checkpoints from before pool_norm existed trained the plain pool."""
+    return bool(config.get("pool_norm", False))
 
 
 # ---------------------------------------------------------------- torchvision ResNets
@@ -214,10 +225,9 @@ def plain_cnn(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
     second standardised with pool_norm, as the ResNets' global pool), and it needs 32x32 inputs
     (2.17 M params, most in the first Linear)."""
     down = nn.AvgPool2d if pool == "avg" else nn.MaxPool2d
-    last = nn.Sequential(down(2), nn.BatchNorm2d(64, affine=False)) if pool_norm else down(2)  # as pooling()
     return nn.Sequential(conv_bn(3, 32), conv_bn(32, 32), down(2), conv_bn(32, 64), conv_bn(64, 64),
-                         last, nn.Flatten(), nn.Linear(64 * 8 * 8, 512), nn.ReLU(inplace=True),
-                         nn.Linear(512, num_classes))
+                         standardised(down(2), 64, pool_norm), nn.Flatten(), nn.Linear(64 * 8 * 8, 512),
+                         nn.ReLU(inplace=True), nn.Linear(512, num_classes))
 
 
 # ---------------------------------------------------------------- the table
@@ -266,11 +276,10 @@ def build_from_config(config: dict, num_classes: int) -> nn.Module:
     """The untrained network of a train.py record's `config`, ready for its kept state dict:
         model = build_from_config(record["config"], num_classes=len(record["classes"]))
         model.load_state_dict(torch.load(weights_path, weights_only=True))
-    pretrained is left off: the kept weights replace ImageNet's, so nothing is downloaded. Records
-    from before pool_norm existed trained the plain pool."""
+    pretrained is left off: the kept weights replace ImageNet's, so nothing is downloaded."""
     options = {k: config[k] for k in ARCHS[config["arch"]].options if config.get(k) is not None}
     return build_model(config["arch"], num_classes=num_classes, pool=config.get("pool", "avg"),
-                       stem=config.get("stem", "cifar"), pool_norm=config.get("pool_norm", False), **options)
+                       stem=config.get("stem", "cifar"), pool_norm=pool_norm_of(config), **options)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -223,8 +223,8 @@ def flags_of_record(path: str, parser: argparse.ArgumentParser) -> dict:
                      f"{SCHEMA_VERSION}): update this checkout (git pull)")
     flags = record["given"] if isinstance(record.get("given"), dict) else {
         k: v for k, v in record["config"].items() if k not in DERIVED + ("name", "out")}
-    if "pool_norm" not in record["config"]:  # records before --pool-norm trained the plain pool
-        flags = {**flags, "pool_norm": False}
+    if "pool_norm" not in record["config"]:  # a record from before --pool-norm: replay its plain pool
+        flags = {**flags, "pool_norm": models.pool_norm_of(record["config"])}
     known = {a.dest for a in parser._actions}
     return {k: v for k, v in flags.items()
             if k in known and k not in ("from_json", "resume", "name", "out", "overwrite", "preflight")}
@@ -579,7 +579,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     mine, theirs = fingerprint(args, meta), as_json(state["fingerprint"])
     theirs.setdefault("data_sha256", mine["data_sha256"])  # checkpoints before the data's checksum was kept
     theirs["amp"] = speed.amp_name(theirs.get("amp", mine["amp"]))  # and before one name per dtype ("off")
-    theirs.setdefault("pool_norm", False)  # and before --pool-norm, with the plain pool
+    theirs["pool_norm"] = models.pool_norm_of(theirs)  # and before --pool-norm
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
         k = differs[0]
