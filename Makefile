@@ -1,7 +1,19 @@
 # ResNets on CIFAR-10: `make sweep` trains and plots the comparison; `make test` runs the tests.
 # Every target that needs Python depends on `setup`, so a fresh machine needs nothing else typed.
 
-PYTHON   := .venv/bin/python
+# Set-up: the interpreter the venv is made from, and where torch comes from (README, "Install"):
+#   plain: torch and torchvision as pinned in requirements.txt, from PyPI (CUDA 13.0 build: driver 580+)
+#   TORCH_CUDA=cu126: the same versions from PyTorch's own index for that CUDA (an older driver, a V100)
+#   SYSTEM_TORCH=1: keep the torch and torchvision that PYTHON_BASE already has (containers, clusters)
+PYTHON_BASE ?= python3
+TORCH_CUDA  ?=
+SYSTEM_TORCH ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl
+VENV     ?= .venv
+PYTHON   := $(VENV)/bin/python
+TORCH_PINS := $(shell grep -E '^torch(vision)?==' requirements.txt)
+# The stamp names the way torch was installed: asking for another way rebuilds the venv.
+STAMP    := $(VENV)/.installed-$(if $(SYSTEM_TORCH),system-torch,$(or $(TORCH_CUDA),pypi))
 DATA_DIR ?= data
 SOURCE   ?=
 GRID     ?=
@@ -17,36 +29,65 @@ QUICK    ?=
 GRID_NAME := $(basename $(notdir $(GRID)))
 OUT      ?= results$(if $(GRID),/$(GRID_NAME))
 FIGURES  ?= figures$(if $(GRID),/$(GRID_NAME))
-# What FFCV's C extension builds against.
-SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
+# What FFCV's C extension builds against, and with: a C++ compiler, Python's headers, and venv
+# (Ubuntu ships python3 without it). Each package with the file that shows it is there.
+SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev g++ python3-dev python3-venv
 
 .PHONY: setup system-deps data sweep plot bench test lint clean distclean
 
-setup: system-deps .venv/.installed
+setup: system-deps $(STAMP)
 
 # Quick when everything is there; as root installs what is missing, otherwise names the command.
 system-deps:
-	@if ! (command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg); then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing FFCV's system libraries: $(SYSTEM_PACKAGES)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	@$(PYTHON_BASE) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null || { \
+	  echo "error: $(PYTHON_BASE) is $$($(PYTHON_BASE) --version 2>&1 || echo 'not found'); this project needs Python 3.10 to 3.13: pass PYTHON_BASE=python3.12 (or another)"; \
+	  exit 1; }
+	@missing=""; \
+	command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg || missing="pkg-config libopencv-dev libturbojpeg0-dev"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	[ -f "$$($(PYTHON_BASE) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || \
+	  missing="$$missing python3-dev"; \
+	$(PYTHON_BASE) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	missing=$$(echo $$missing); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing what FFCV's build needs: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "error: FFCV needs system libraries: run 'sudo apt-get install -y $(SYSTEM_PACKAGES)', then make again"; \
+	    echo "error: FFCV's build needs system packages: run 'sudo apt-get install -y $$missing' (for a python3.X of its own: python3.X-dev python3.X-venv), then make again"; \
 	    exit 1; \
 	  fi; \
 	fi
 
-# The stamp is rebuilt only when requirements.txt changes. The tasks of a Slurm array all start here
-# at once: under the lock one task builds .venv while the others wait, and then their inner make
+# The stamp is rebuilt when requirements.txt changes. The tasks of a Slurm array all start here
+# at once: under the lock one task builds the venv while the others wait, and then their inner make
 # finds the stamp up to date.
 ifndef VENV_LOCKED
-.venv/.installed: requirements.txt
-	flock .venv.lock $(MAKE) --no-print-directory VENV_LOCKED=1 $@
+$(STAMP): requirements.txt
+	flock $(VENV).lock $(MAKE) --no-print-directory VENV_LOCKED=1 $@
 else
-.venv/.installed: requirements.txt
-	python3 -m venv .venv
+$(STAMP): requirements.txt
+	@for stamp in $(VENV)/.installed*; do \
+	  if [ -e "$$stamp" ] && [ "$$stamp" != "$(STAMP)" ]; then \
+	    echo "$(VENV) holds torch installed another way ($$stamp): making it anew"; rm -rf $(VENV); break; \
+	  fi; \
+	done
+	$(PYTHON_BASE) -m venv $(VENV)
+ifdef SYSTEM_TORCH
+	@# The base's packages stay importable behind the venv's own (a .pth, so a venv works as base too).
+	$(PYTHON_BASE) -c 'import site; print("\n".join(site.getsitepackages()))' > \
+	  "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/base-packages.pth"
+	@$(PYTHON) -c 'import torch, torchvision' 2>/dev/null || { \
+	  echo "error: SYSTEM_TORCH=1 but $(PYTHON_BASE) has no torch and torchvision to keep: pass PYTHON_BASE=<the python that has them>, or leave SYSTEM_TORCH unset"; \
+	  exit 1; }
+else ifdef TORCH_CUDA
+	$(PYTHON) -m pip install -q $(TORCH_PINS) --index-url $(TORCH_INDEX)/$(TORCH_CUDA) || { \
+	  echo "error: no $(TORCH_PINS) build for TORCH_CUDA=$(TORCH_CUDA) at $(TORCH_INDEX)/$(TORCH_CUDA): use a CUDA tag PyTorch publishes for these versions (cu126, cu128, cu130), or SYSTEM_TORCH=1"; \
+	  exit 1; }
+endif
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -r requirements.txt
+	grep -vE '^torch(vision)?==' requirements.txt > $(VENV)/requirements-rest.txt
+	$(PYTHON) -m pip install -q -r $(VENV)/requirements-rest.txt $(if $(SYSTEM_TORCH)$(TORCH_CUDA),,$(TORCH_PINS))
 	touch $@
 endif
 
@@ -71,7 +112,7 @@ test: setup
 	$(PYTHON) -m pytest -q -n auto --dist loadgroup --durations=15 tests
 
 lint: setup
-	$(PYTHON) -m pip install -q ruff && .venv/bin/ruff check .
+	$(PYTHON) -m pip install -q ruff && $(VENV)/bin/ruff check .
 
 # Says what it deletes: results/ holds the trained weights too, which only training again brings back.
 clean:
@@ -80,4 +121,4 @@ clean:
 	rm -rf results figures .pytest_cache .ruff_cache __pycache__ tests/__pycache__
 
 distclean: clean
-	rm -rf .venv .venv.lock data
+	rm -rf $(VENV) $(VENV).lock data
