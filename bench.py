@@ -486,6 +486,7 @@ def plan_problem(plan: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    speed.check_torch()
     args, plan, device, modes = parse_bench_args(argv)
     record = start_record(args, plan, device, modes)
     epoch_loader = make_epoch_loader(args, plan, device)  # first: a bad data dir or fraction fails at once

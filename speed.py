@@ -18,11 +18,45 @@ import argparse
 import copy
 import ctypes
 import os
+import re
 import resource
 import time
 
 import torch
 import torch.nn.functional as F
+
+
+# The oldest torch with every API this code calls: torch.amp.GradScaler(device) and
+# torch.cuda.is_bf16_supported(including_emulation=...) are torch 2.3's. Tested: requirements.txt's pin.
+MIN_TORCH = (2, 3)
+TESTED_TORCH = "2.14.1"
+
+
+def torch_problem(version: str | None = None) -> str | None:
+    """Why this torch (or `version`) cannot run this code, in one line; None when it can."""
+    version = version or torch.__version__
+    release = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+    if release >= MIN_TORCH:
+        return None
+    return (f"torch {version} is older than this code supports (torch {'.'.join(map(str, MIN_TORCH))} or newer; "
+            f"tested with {TESTED_TORCH}): run 'make setup' for the pinned torch, or give SYSTEM_TORCH=1 a Python "
+            f"whose torch is {'.'.join(map(str, MIN_TORCH))}+")
+
+
+def check_torch() -> None:
+    problem = torch_problem()
+    if problem:
+        raise SystemExit(f"error: {problem}")
+
+
+def share_compile_threads(local_ranks: int, cpus: int) -> None:
+    """Under torchrun every rank starts Inductor's compile workers, min(32, CPUs) of them: share the
+    node's CPUs among its ranks instead (a TORCHINDUCTOR_COMPILE_THREADS the user set stands)."""
+    if local_ranks > 1 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        threads = max(1, cpus // local_ranks)
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # for the compile workers it starts
+        import torch._inductor.config  # read at its import: it may have been imported already
+        torch._inductor.config.compile_threads = threads
 
 
 def resolve_device(name: str, local_rank: int | None) -> torch.device:
@@ -54,6 +88,9 @@ def resolve_device(name: str, local_rank: int | None) -> torch.device:
                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
                          f"use cuda:0 to cuda:{count - 1}")
     device = torch.device("cuda", index)
+    missing = missing_kernels_reason(index)
+    if missing:
+        raise SystemExit(f"error: {missing}")
     torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN time its kernels once, keep the best
     return device
@@ -95,6 +132,34 @@ def cuda_unusable_reason() -> str | None:
                 f"install a torch build for CUDA {found // 1000}.x (README, 'On a GPU'), or pass --device cpu")
     return (f"the NVIDIA driver works (CUDA {found // 1000}.{found % 1000 // 10}) but CUDA sees no GPU "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check it, or pass --device cpu")
+
+
+def has_kernels_for(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build compiled for arch_list runs on a GPU of this compute capability: a cubin
+    (sm_XY) runs on its own major version at minor Y or above, an arch-specific one (sm_90a) only on
+    its own, and PTX (compute_XY) is compiled by the driver for XY and anything newer."""
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        major, minor = divmod(int(number.rstrip("af")), 10)
+        if kind == "compute" and (major, minor) <= capability:
+            return True
+        if kind == "sm" and (((major, minor) == capability) if number.endswith("a") else
+                             (major == capability[0] and minor <= capability[1])):
+            return True
+    return False
+
+
+def missing_kernels_reason(index: int) -> str | None:
+    """Why this torch build cannot run on GPU `index` (torch itself only warns, and the first kernel
+    then dies with "no kernel image is available"); None when it can."""
+    arch_list = torch.cuda.get_arch_list()
+    capability = torch.cuda.get_device_capability(index)
+    if not arch_list or has_kernels_for(capability, arch_list):
+        return None
+    cc = "{}.{}".format(*capability)
+    return (f"{torch.cuda.get_device_name(index)} (compute capability {cc}) has no kernels in torch {torch.__version__}, "
+            f"which is built for {' '.join(arch_list)}: install a build that has them, e.g. PyTorch's CUDA 12.6 "
+            f"wheels (sm_50 to sm_90): 'make setup TORCH_CUDA=cu126', or pass --device cpu")
 
 
 # The one vocabulary of autocast dtypes; records before 2026-11 wrote torch's names and "off".
@@ -167,6 +232,8 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
     compile_reason = "asked" if args.compile is not None else auto
     if args.sync_bn and args.compile is None:
         compiled, compile_reason = False, SYNC_BN_NO_COMPILE
+    if compiled and device.type == "cuda" and amp == "bf16" and not has_real_bf16():
+        compiled, compile_reason = False, BF16_NO_COMPILE
     return {"amp": amp, "amp_reason": "asked" if args.amp != "auto" else auto,
             "channels_last": channels_last, "channels_last_reason": "asked" if args.channels_last is not None else auto,
             "compile": compiled, "compile_reason": compile_reason, "probe_img_per_s": probes}
@@ -175,6 +242,12 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
 SYNC_BN_NO_COMPILE = ("auto with --sync-bn: off, because SyncBatchNorm's forward calls torch.distributed "
                       "collectives that torch.compile cannot trace (graph breaks at every BatchNorm layer, open "
                       "upstream issues); --compile forces it on")
+
+
+# Inductor skips (runs eager) every graph with bf16 inputs or outputs on such a GPU
+# (torch/_inductor/compile_fx.py, _check_triton_bf16_support): the record says what runs.
+BF16_NO_COMPILE = ("off: --amp bf16 on a GPU without bf16 hardware (compute capability below 8.0), where "
+                   "torch.compile's Inductor does not compile bf16 graphs and runs them eager; --amp fp16 compiles")
 
 
 def has_real_bf16() -> bool:

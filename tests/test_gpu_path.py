@@ -3,6 +3,7 @@ T4 (7.5, bf16 only emulated), an A100 (8.0) and an H100 (9.0). Only torch's lowe
 points are stood in: torch's own checks stay real, so a call a real GPU would refuse fails here."""
 from __future__ import annotations
 
+import re
 import threading
 
 import data
@@ -156,3 +157,67 @@ def test_asked_bf16_on_a_gpu_that_only_emulates_it_is_warned_about(fake_gpu):
     train.check_run(train.parse_config(["--amp", "bf16"]), device, 1, 1, lines.append)
     emulated = fake_gpu.profile.name == "Tesla T4"
     assert bool(lines) == emulated and all("emulated" in line and "--amp fp16" in line for line in lines)
+
+
+@pytest.mark.parametrize("fake_gpu", ["V100", "P100"], indirect=True)
+def test_a_gpu_the_build_has_no_kernels_for_is_refused_naming_a_build_that_has(fake_gpu):
+    """torch only warns on a V100 (7.0) or P100 (6.0) with the cu130 wheel (sm_75 and up); the first
+    kernel would then die with "no kernel image is available"."""
+    cc = "{}.{}".format(fake_gpu.profile.major, fake_gpu.profile.minor)
+    for name in ("auto", "cuda:0"):
+        with pytest.raises(SystemExit, match=rf"{fake_gpu.profile.name} \(compute capability {cc}\) has no kernels "
+                                              r"in torch .* built for sm_75 .*make setup TORCH_CUDA=cu126"):
+            speed.resolve_device(name, None)
+    assert fake_gpu.set_device_calls == []  # refused before it touches the GPU
+
+
+@pytest.mark.parametrize("capability, arch_list, runs", [
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # V100 on cu130
+    ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], True),  # V100 on cu126
+    ((8, 9), ["sm_80", "sm_86", "sm_90"], True),  # an L4: sm_86's cubin runs on 8.9
+    ((9, 0), ["sm_80", "sm_90a"], True),
+    ((10, 0), ["sm_80", "sm_90a"], False),  # an arch-specific cubin runs on its own GPU only
+    ((12, 0), ["sm_80", "compute_90"], True),  # PTX: the driver compiles it for newer GPUs
+    ((8, 0), ["sm_86"], False),  # a cubin needs at least its own minor version
+])
+def test_which_gpus_a_build_runs_on(capability, arch_list, runs):
+    assert speed.has_kernels_for(capability, arch_list) is runs
+
+
+@pytest.mark.parametrize("amp, compiled", [("bf16", None), ("fp16", True), ("auto", True)])
+def test_bf16_on_a_gpu_without_it_records_that_it_runs_eager(fake_gpu, amp, compiled):
+    """Inductor skips bf16 graphs on a T4 and runs them eager: the record must not say compiled."""
+    device = speed.resolve_device("auto", None)
+    for flags in ([], ["--compile"]):
+        args = train.parse_config(["--amp", amp, *flags])
+        args.batch_size_per_rank = 64
+        switches = speed.choose_switches(args, tiny_model(), device)
+        emulated_bf16 = fake_gpu.profile.name == "Tesla T4" and amp == "bf16"
+        assert switches["compile"] is (not emulated_bf16)
+        assert ("does not compile bf16 graphs" in switches["compile_reason"]) is emulated_bf16
+
+
+def test_torchrun_ranks_share_the_nodes_cpus_for_compiling(monkeypatch):
+    import torch._inductor.config as inductor
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor, "compile_threads", 32)
+    speed.share_compile_threads(1, 64)  # one process: Inductor's own choice stands
+    assert inductor.compile_threads == 32 and "TORCHINDUCTOR_COMPILE_THREADS" not in speed.os.environ
+    speed.share_compile_threads(8, 64)  # torchrun --nproc_per_node=8 on 64 CPUs
+    assert inductor.compile_threads == 8 and speed.os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "8"
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")  # the user's own setting stands
+    speed.share_compile_threads(8, 64)
+    assert inductor.compile_threads == 8 and speed.os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3"
+
+
+@pytest.mark.parametrize("version, refused", [("2.2.2+cu121", True), ("1.13.1", True), ("2.3.0", False),
+                                              ("2.11.0a0+git", False), ("2.14.1+cu130", False)])
+def test_a_torch_older_than_the_code_needs_is_one_line_at_start(monkeypatch, version, refused):
+    monkeypatch.setattr(torch, "__version__", version)
+    if not refused:
+        assert speed.torch_problem() is None
+        return
+    for main in (train.main, __import__("bench").main):
+        with pytest.raises(SystemExit, match=rf"error: torch {re.escape(version)} is older than this code supports "
+                                              r"\(torch 2\.3 or newer; tested with 2\.14\.1\): run 'make setup'"):
+            main(["--help"])
