@@ -37,6 +37,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import functools
 import itertools
 import json
 import math
@@ -784,12 +785,20 @@ def color_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     import torch
     n = x.shape[0]
     factor = lambda: torch.empty(n, 1, 1, 1, device=x.device).uniform_(1 - JITTER, 1 + JITTER, generator=g)  # noqa: E731
+    luma = luma_weights(x.device)
     x = x * factor()
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = (x * luma).sum(1, keepdim=True)
     x = (x - gray.mean((2, 3), keepdim=True)) * factor() + gray.mean((2, 3), keepdim=True)
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = (x * luma).sum(1, keepdim=True)
     x = (x - gray) * factor() + gray
     return x.clamp(0, 1)
+
+
+@functools.cache
+def luma_weights(device: torch.device) -> torch.Tensor:
+    """ITU-R 601 luma weights, made once per device: a tensor built from a Python list in every step
+    is a blocking host-to-device copy on CUDA."""
+    return channel_tensor([0.299, 0.587, 0.114], device)
 
 
 def random_affine(x: torch.Tensor, g: torch.Generator, rotate_deg: float, shear_deg: float,
@@ -904,6 +913,7 @@ class DeviceLoader:
         self.mean, self.std, self.device, self.seed = mean, std, device, seed
         self.real_samples = real_samples  # this rank's samples before the distributed sampler's padding
         self.epoch = 0
+        self.decode_first = device.type == "cpu"  # see __iter__
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -914,26 +924,32 @@ class DeviceLoader:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 100_003 + self.epoch)
         threads = torch.get_num_threads()
-        batches = iter(self.loader)
+        epoch = iter(self.loader)
         torch.set_num_threads(threads)  # FFCV's __iter__ just set it to its worker count
-        if self.device.type == "cpu":
-            # On a CPU, FFCV's threads and the training step share the cores, and side by side they
-            # slow each other down (torch's OpenMP threads spin between ops): a resnet20 epoch took
-            # 1.37x as long as from memory on 2 cores. So decode the whole epoch in one burst first,
-            # on every core (~1 s for CIFAR-10's 50,000 images, 150 MB), then train. FFCV reuses its
-            # buffers, hence the copies. On a GPU the loader runs alongside, hidden behind the GPU.
-            batches = [(images.clone(), labels.clone()) for images, labels in batches]
         self.epoch += 1
-        seen = 0
-        for images, labels in batches:
-            keep = min(len(labels), self.real_samples - seen)
-            if keep <= 0:
-                break
-            seen += keep
-            # The slice drops the padding of FFCV's distributed sampler, which repeats images.
-            # Labels are copied out of FFCV's reused buffer, so a caller may keep them.
-            yield (device_transform(images[:keep], self.mean, self.std, self.augs, generator),
-                   labels[:keep].to(torch.int64, copy=True))
+        try:
+            batches = epoch
+            if self.decode_first:
+                # On a CPU, FFCV's threads and the training step share the cores, and side by side they
+                # slow each other down (torch's OpenMP threads spin between ops): a resnet20 epoch took
+                # 1.37x as long as from memory on 2 cores. So decode the whole epoch in one burst first,
+                # on every core (~1 s for CIFAR-10's 50,000 images, 150 MB), then train. FFCV reuses its
+                # buffers, hence the copies. On a GPU the loader runs alongside, hidden behind the GPU.
+                batches = [(images.clone(), labels.clone()) for images, labels in epoch]
+            seen = 0
+            for images, labels in batches:
+                keep = min(len(labels), self.real_samples - seen)
+                if keep <= 0:
+                    break
+                seen += keep
+                # The slice drops the padding of FFCV's distributed sampler, which repeats images.
+                # Labels are copied out of FFCV's reused buffer, so a caller may keep them.
+                yield (device_transform(images[:keep], self.mean, self.std, self.augs, generator),
+                       labels[:keep].to(torch.int64, copy=True))
+        finally:
+            # A consumer that leaves the epoch early (an interrupt, a divergence, a benchmark's cut)
+            # would leave FFCV's loader thread spinning on its full queue with its buffers (FFCV #345).
+            epoch.close()
 
 
 def make_loader(split: str, batch_size: int, device: torch.device | str, aug: str = DEFAULT_AUG,
@@ -975,8 +991,12 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
         image_ops.append(RandomHorizontalFlip())
     if "translate" in augs:
         image_ops.append(RandomTranslate(padding=TRANSLATE_PX, fill=tuple(int(round(m)) for m in mean_255)))
-    image_ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    label_ops = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), Squeeze(1)]
+    # A blocking copy, in FFCV's loader thread: FFCV reuses each pinned host buffer every batches_ahead + 2
+    # batches, and a non-blocking copy is only queued on the GPU (behind the training steps it waits for);
+    # nothing would then stop the thread from writing a later batch into the buffer before the GPU read
+    # it (FFCV issues 37, 198). Blocking, the thread waits for the copy; the training loop does not.
+    image_ops += [ToTensor(), ToDevice(device, non_blocking=False), ToTorchImage(channels_last=True)]
+    label_ops = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=False), Squeeze(1)]
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers,
                     order=register_sharded_order() if split == "train" else OrderOption.SEQUENTIAL,
                     distributed=distributed, seed=seed, indices=indices, drop_last=split == "train",

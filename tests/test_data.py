@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -216,6 +217,93 @@ def test_unknown_augmentation_lists_the_choices():
 def test_batch_larger_than_the_data_is_refused(synthetic_data):
     with pytest.raises(ValueError, match="lower --batch-size"):
         data.make_loader("train", 10_000, "cpu", data_dir=synthetic_data)
+
+
+class LaggingDevice:
+    """A device that runs behind the host, as a GPU does: work queued on it (a non-blocking copy, a
+    step that reads the batch) runs only at the next synchronize. A blocking copy first waits for
+    what is queued, then copies, as cudaMemcpy on a stream does."""
+
+    def __init__(self):
+        self.queue, self.lock = [], threading.Lock()
+
+    def enqueue(self, work) -> None:
+        with self.lock:
+            self.queue.append(work)
+
+    def synchronize(self) -> None:
+        with self.lock:  # the device runs one queue, in order: a second caller waits for it to empty
+            for step in self.queue:
+                step()
+            self.queue = []
+
+
+def lagging_to_device(device: LaggingDevice):
+    from ffcv.transforms import ToDevice
+
+    class LaggingToDevice(ToDevice):  # FFCV's ToDevice (its allocation and state), the copy as a late GPU does it
+        def generate_code(self):
+            non_blocking = self.non_blocking
+
+            def to_device(inp, dst):
+                dst = dst[:inp.shape[0]]
+                if non_blocking:
+                    device.enqueue(lambda: dst.copy_(inp))  # reads the host buffer when the device gets to it
+                else:
+                    device.synchronize()
+                    dst.copy_(inp)
+                return dst
+            return to_device
+    return LaggingToDevice
+
+
+def test_every_batch_is_the_betons_even_when_the_device_reads_it_late(synthetic_data, monkeypatch):
+    """FFCV reuses each host buffer every batches_ahead + 2 batches. Drive FFCV's real epoch iterator
+    with a device that syncs only every 10 batches (the loop's host syncs are 25 steps apart): each
+    batch the device receives must still be the beton's, in order."""
+    import ffcv.transforms
+    data.import_ffcv()
+    device = LaggingDevice()
+    monkeypatch.setattr(ffcv.transforms, "ToDevice", lagging_to_device(device))
+    loader = data.make_loader("test", 5, "cpu", data_dir=synthetic_data).loader  # FFCV's Loader: 20 batches
+    received = []
+    for b, (images, labels) in enumerate(loader):
+        device.enqueue(lambda images=images, labels=labels: received.append((images.clone(), labels.clone())))
+        if b % 10 == 9:
+            device.synchronize()
+    device.synchronize()
+    images = torch.cat([x for x, _ in received])
+    labels = torch.cat([y for _, y in received]).flatten()
+    expected = [i // TEST_PER_CLASS for i in range(10 * TEST_PER_CLASS)]
+    assert labels.tolist() == expected
+    assert [label_of_red(red) for red in images[:, 0].float().mean((1, 2)).tolist()] == expected
+
+
+def test_leaving_an_epoch_early_stops_ffcvs_loader_thread(synthetic_data):
+    """A break out of the epoch (an interrupt, a divergence, a benchmark's cut) on the streaming path a
+    GPU takes: FFCV's thread must not go on spinning on its full queue with its buffers."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+    loader = data.make_loader("train", 8, "cpu", aug="none", data_dir=synthetic_data)
+    loader.decode_first = False
+    for _ in loader:
+        break
+    threads = [t for t in threading.enumerate() if isinstance(t, EpochIterator)]
+    for thread in threads:
+        thread.join(timeout=5)
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_color_jitter_builds_no_tensor_from_python_values_per_step(monkeypatch):
+    """On CUDA a tensor made from a Python list is a blocking host-to-device copy: not in every step."""
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    mean, std = data.channel_tensor([0.5] * 3, "cpu"), data.channel_tensor([0.25] * 3, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    data.device_transform(images, mean, std, ("jitter",), generator)  # the first step may make its constants
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    out = data.device_transform(images, mean, std, ("jitter",), generator)
+    assert made == [] and out.shape == images.shape
 
 
 def test_loader_keeps_torch_thread_count(synthetic_data):
