@@ -632,10 +632,12 @@ def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[obje
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    speed.check_torch()
     args = parse_config(argv)
     if args.eval_only:
         return evaluate_saved(args)
     world, local_rank, local_world = distributed_env()
+    speed.share_compile_threads(local_world, data.usable_cpus())
     device = speed.resolve_device(args.device, local_rank)
     rank = init_distributed(world, device)
     print0 = print if rank == 0 else (lambda *a, **k: None)  # print on rank 0 only
@@ -827,6 +829,11 @@ def train_and_evaluate_epoch(args: argparse.Namespace, training: Training, loade
     if not math.isfinite(train_loss):
         row.update(train_loss=None, first_step_loss=first_loss if math.isfinite(first_loss) else None)
         return row, {}
+    if world > 1:
+        # DDP broadcasts rank 0's buffers before each forward, so after the last step every rank holds
+        # BatchNorm statistics of its own: evaluate the model that is kept, rank 0's, on every rank.
+        for buffer in training.raw_model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     start = time.perf_counter()
     results = {split: evaluate(training.eval_model, loader, device, training.amp, training.memory,
                                len(meta["classes"]), args.batch_size_per_rank, args.tta, world, max_batches=batches)
