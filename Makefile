@@ -86,8 +86,8 @@ else ifdef TORCH_CUDA
 	  exit 1; }
 endif
 	$(PYTHON) -m pip install -q --upgrade pip
-	grep -vE '^torch(vision)?==' requirements.txt > $(VENV)/requirements-rest.txt
-	$(PYTHON) -m pip install -q -r $(VENV)/requirements-rest.txt $(if $(SYSTEM_TORCH)$(TORCH_CUDA),,$(TORCH_PINS))
+	grep -vE '^torch(vision)?==' requirements.txt | \
+	  $(PYTHON) -m pip install -q -r /dev/stdin $(if $(SYSTEM_TORCH)$(TORCH_CUDA),,$(TORCH_PINS))
 	touch $@
 endif
 

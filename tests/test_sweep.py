@@ -694,14 +694,14 @@ def test_concurrent_setups_build_the_venv_once_under_a_lock(make_folder):
     env["LOCK"] = str(lock)
 
     with hold_lock(lock, fcntl.LOCK_EX):
-        makes = start_concurrent_makes(folder, lock, ".venv/.installed", fake=fake, env=env)
+        makes = start_concurrent_makes(folder, lock, ".venv/.installed-pypi", fake=fake, env=env)
         assert recorded(folder) == [], "nothing runs while another task holds the lock"
     assert [make.wait(timeout=60) for make in makes] == [0, 0]
 
     assert recorded(folder) == [
         "python3 -m venv .venv lock-held=yes",
         "python -m pip install -q --upgrade pip lock-held=yes",
-        "python -m pip install -q -r requirements.txt lock-held=yes",
+        "python -m pip install -q -r /dev/stdin lock-held=yes",
     ], "one task installs under the lock; the other then finds .venv up to date"
 
 
