@@ -29,14 +29,13 @@ QUICK    ?=
 GRID_NAME := $(basename $(notdir $(GRID)))
 OUT      ?= results$(if $(GRID),/$(GRID_NAME))
 FIGURES  ?= figures$(if $(GRID),/$(GRID_NAME))
-# What FFCV's C extension builds against, and with: a C++ compiler, Python's headers, and venv
-# (Ubuntu ships python3 without it). Each package with the file that shows it is there.
-SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev g++ python3-dev python3-venv
 
 .PHONY: setup system-deps data sweep plot bench test lint clean distclean
 
 setup: system-deps $(STAMP)
 
+# A Python in range, and what FFCV's C extension builds against and with: OpenCV and libjpeg-turbo,
+# a C++ compiler, Python's headers, and venv's ensurepip (Ubuntu ships python3 without the last two).
 # Quick when everything is there; as root installs what is missing, otherwise names the command.
 system-deps:
 	@$(PYTHON_BASE) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null || { \
