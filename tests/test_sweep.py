@@ -680,6 +680,8 @@ def make_folder(tmp_path) -> tuple[Path, Path, dict]:
         (bin_dir / name).write_text(RECORDING_COMMAND)
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    for inherited in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # `make test VENV=...`'s variables are not these makes'
+        env.pop(inherited, None)
     return tmp_path, bin_dir / "python", env
 
 
