@@ -73,8 +73,9 @@ $(STAMP): requirements.txt
 	done
 	$(PYTHON_BASE) -m venv $(VENV)
 ifdef SYSTEM_TORCH
-	@# The base's packages stay importable behind the venv's own (a .pth, so a venv works as base too).
-	$(PYTHON_BASE) -c 'import site; print("\n".join(site.getsitepackages()))' > \
+	@# The base's site dirs come after the venv's own, with their .pth files run (setuptools' distutils
+	@# shim, on 3.12+): a .pth of ours rather than --system-site-packages, so a venv works as base too.
+	$(PYTHON_BASE) -c 'import site; print("\n".join("import site; site.addsitedir(%r)" % d for d in site.getsitepackages()))' > \
 	  "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/base-packages.pth"
 	@$(PYTHON) -c 'import torch, torchvision' 2>/dev/null || { \
 	  echo "error: SYSTEM_TORCH=1 but $(PYTHON_BASE) has no torch and torchvision to keep: pass PYTHON_BASE=<the python that has them>, or leave SYSTEM_TORCH unset"; \

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,14 @@ def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS, test_
             for i, image in enumerate(synthetic_images(per_class, label, rng)):
                 Image.fromarray(image).save(folder / f"{i:04d}.png")
     return root
+
+
+def make_env(**overrides: str) -> dict:
+    """Environment for a make the tests run: without what the `make test` around the suite passes
+    down (MAKEFLAGS, and its command-line variables, which make exports), e.g. VENV=... PYTHON_BASE=..."""
+    own = set(re.findall(r"^(\w+)\s*\??[:?]?=", (ROOT / "Makefile").read_text(), re.M))
+    env = {k: v for k, v in os.environ.items() if k not in own | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
+    return {**env, **overrides}
 
 
 def run_env() -> dict:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, make_env
 
 REQUIREMENTS = (ROOT / "requirements.txt").read_text()
 PINS = dict(re.findall(r"^(torch|torchvision)==(\S+)", REQUIREMENTS, re.M))
@@ -17,11 +17,9 @@ UNREACHABLE = ("NewConnectionError", "Failed to establish", "Temporary failure i
                "Could not fetch URL", "Network is unreachable")
 
 
-def make(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """make in the project, without the variables of the `make test` that runs this suite."""
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+def make(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=make_env(), timeout=timeout)
 
 
 @pytest.mark.parametrize("python", ["3.10", "3.12"])
@@ -106,7 +104,7 @@ def test_missing_build_tools_are_named_with_the_command_that_installs_them(tmp_p
     make_path = subprocess.run(["sh", "-c", "command -v make"], capture_output=True, text=True).stdout.strip()
     result = subprocess.run([make_path, "--no-print-directory", "-C", str(ROOT), "system-deps",
                              f"PYTHON_BASE={sys.base_prefix}/bin/python3"], capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "MAKEFLAGS"} | {"PATH": str(bin_dir)})
+                            env=make_env(PATH=str(bin_dir)))
     assert result.returncode != 0
     assert result.stdout.strip().startswith("error: FFCV's build needs system packages: "
                                             "run 'sudo apt-get install -y g++'"), result.stdout + result.stderr

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import make_env
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.sh"
@@ -679,9 +680,7 @@ def make_folder(tmp_path) -> tuple[Path, Path, dict]:
     for name in ("python3", "python"):
         (bin_dir / name).write_text(RECORDING_COMMAND)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
-    for inherited in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # `make test VENV=...`'s variables are not these makes'
-        env.pop(inherited, None)
+    env = make_env(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(tmp_path / "calls"))
     return tmp_path, bin_dir / "python", env
 
 
