@@ -270,6 +270,37 @@ def foreign_checkpoint(i: Inputs) -> None:
     torch.save({"epoch": 1, "weights": torch.zeros(3)}, folder / "x.pt")
 
 
+def finished_run_keeping(i: Inputs, weights) -> None:
+    """A finished resnet20 run's record, tmp/results/x.json, cut to what --eval-only reads, whose kept
+    weights file, models/x.pt, holds `weights` (bytes are written as they are, anything else torch.saved)."""
+    import torch
+    classes = json.loads((i.data_dir() / "meta.json").read_text())["classes"]
+    results = i.tmp / "results"
+    (results / "models").mkdir(parents=True)
+    config = {"arch": "resnet20", "pool": "avg", "stem": "cifar", "pool_norm": True, "batch_size": 32}
+    record = {"schema_version": 1, "name": "x", "status": "finished", "config": config, "given": config,
+              "run": {"amp": "fp32", "channels_last": True, "world_size": 1}, "classes": classes,
+              "final": {"weights": {"final": "models/x.pt"}}, "history": []}
+    (results / "x.json").write_text(json.dumps(record))
+    if isinstance(weights, bytes):
+        (results / "models" / "x.pt").write_bytes(weights)
+    else:
+        torch.save(weights, results / "models" / "x.pt")
+
+
+def weights_of(arch: str) -> dict:
+    import models
+    return models.build_model(arch).state_dict()
+
+
+def checkpoint_of(arch: str) -> dict:
+    """A training checkpoint as train.py writes it, cut to its fingerprint (the config) and model."""
+    return {"fingerprint": {"arch": arch, "pool": "max", "stem": "cifar", "pool_norm": True}, "epoch": 3,
+            "model": weights_of(arch)}
+
+
+EVAL_ONLY = ["train.py", "--eval-only", "--from", "{tmp}/results/x.json", "--data-dir", DIR, "--device", "cpu"]
+
 ROWS += [
     # 3. Flags: each bad value under its own name, impossible combinations refused before any work.
     row("batch_size_zero", Inputs.data_dir, [*TRAIN, "--batch-size", "0"], "--batch-size must be at least 1", 2),
@@ -323,6 +354,18 @@ ROWS += [
         "was not written by this train.py (no fingerprint"),
     row("out_is_a_file", lambda i: (i.data_dir(), (i.tmp / "results").write_text("")), TINY_RUN,
         "cannot make the results folder there"),
+    row("eval_only_weights_of_another_arch", lambda i: finished_run_keeping(i, weights_of("resnet32")), EVAL_ONLY,
+        "models/x.pt does not hold the weights of x's network (--arch resnet20 --pool avg): its tensors do not "
+        "match (layer1.3.conv1.weight is not in the network; 191 tensors there, 119 in the network): point --from "
+        "to the record of the run that made it"),
+    row("eval_only_weights_of_another_width", lambda i: finished_run_keeping(i, weights_of("resnet18")), EVAL_ONLY,
+        "its tensors do not match (conv1.weight is 64×3×3×3 there, 16×3×3×3 in the network;"),
+    row("eval_only_checkpoint_for_weights", lambda i: finished_run_keeping(i, checkpoint_of("resnet56")), EVAL_ONLY,
+        "models/x.pt holds a training checkpoint of --arch resnet56 --pool max, not the weights of x's network "
+        "(--arch resnet20 --pool avg): point --from to the record of the run that made it, or make x's weights "
+        "again: python train.py --from"),
+    row("eval_only_weights_unreadable", lambda i: finished_run_keeping(i, b"PK\x03\x04 cut short"), EVAL_ONLY,
+        "models/x.pt, the weights of"),
 ]
 
 
