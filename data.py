@@ -7,8 +7,9 @@
 
 Conversion writes DIR/train.beton, DIR/test.beton and DIR/meta.json (classes, counts, mean/std of
 the train split, source, sizes and sha256 of the betons, what was skipped). It is idempotent and
-atomic: the whole source is read and checked before anything is written, files are written under a
-temporary name and renamed, and a beton that does not match meta.json is rebuilt (from the source
+atomic: the whole source is read and checked before anything is written, every file is written under
+a temporary name and all are renamed once all are complete, meta.json last (so a rebuild that fails
+leaves the previous data valid), and a beton that does not match meta.json is rebuilt (from the source
 meta.json records, unless --source is given).
 
 Image-folder sources (train/<class>/<image>, test/<class>/<image>, or a .tar.gz of them; the class is
@@ -34,6 +35,7 @@ normalisation and heavier augmentations run on `device` as batched tensor ops.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gzip
 import hashlib
 import io
@@ -41,12 +43,16 @@ import functools
 import itertools
 import json
 import math
+import mmap
+import multiprocessing
 import os
 import pickle
+import queue
 import sys
 import tarfile
 import tempfile
 import time
+import types
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -455,10 +461,16 @@ class ArrayDataset:
         return self.images[i], int(self.labels[i])
 
 
+def temporary_name(path: Path) -> Path:
+    """Where a new `path` is written before it is renamed over the old one: beside it, so that the
+    rename is atomic, hidden, and named for this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def write_atomically(path: Path, write) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename: a reader sees the old file or the
     new one, never half of one, and a failed write (a kill, a full disk) leaves the old one whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -467,12 +479,99 @@ def write_atomically(path: Path, write) -> None:
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int) -> None:
+    """A beton at `path` itself: convert() gives it a temporary name."""
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
     fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
-    write_atomically(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers)
-                     .from_indexed_dataset(ArrayDataset(images, labels)))
+    beton_writer(path, fields, workers).from_indexed_dataset(ArrayDataset(images, labels))
+
+
+def beton_writer(path: Path, fields: dict, workers: int):
+    """FFCV's DatasetWriter, made to fail in one piece when a write fails (a full disk, a quota).
+
+    FFCV 1.0.2's own, on a failed write: a worker prints a traceback and the main process waits for
+    its samples forever; a failure in the main process leaks the metadata's shared-memory block (the
+    resource tracker warns at exit); and one while sizing that block (ftruncate counts against a
+    file-size limit) has the tracker print a KeyError traceback, as Python 3.11's SharedMemory then
+    unregisters a name it never registered. Here the metadata lives in an anonymous shared mapping
+    that the forked workers inherit (no name: nothing to leak or track), and a worker hands its
+    OSError to the main process, which stops the other workers and raises it."""
+    import ffcv.writer as ffcv_writer
+    from ffcv.memory_allocator import MemoryAllocator
+
+    class BetonWriter(ffcv_writer.DatasetWriter):
+        def prepare(self):
+            # FFCV's prepare() makes the block with shared_memory.SharedMemory(create=True, size=...)
+            named = ffcv_writer.shared_memory
+            ffcv_writer.shared_memory = types.SimpleNamespace(SharedMemory=anonymous_block)
+            try:
+                super().prepare()
+            finally:
+                ffcv_writer.shared_memory = named
+
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            self.num_samples = num_samples
+            self.prepare()
+            fork = multiprocessing.get_context("fork")  # so that the workers inherit the anonymous block
+            todo, results, done = fork.Queue(), fork.Queue(), fork.Value(ctypes.c_uint64, 0)
+            for chunk in queue_content:
+                todo.put(chunk)
+            for _ in range(self.num_workers):
+                todo.put(None)  # one stop for each worker
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            args = (todo, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
+                    *extra_worker_args)
+            workers = [fork.Process(target=report_failure, args=(work_fn, results, args))
+                       for _ in range(self.num_workers)]
+            try:
+                for worker in workers:
+                    worker.start()
+                self.finalize(collect_allocations(results, workers, done, num_samples))
+            finally:
+                for worker in workers:
+                    if worker.is_alive():  # after another's failure: writing, or waiting for its page
+                        worker.terminate()
+                    worker.join()
+                todo.cancel_join_thread()  # what stopped workers left unread need not reach them
+                self.metadata_sm.buf.close()
+
+    return BetonWriter(str(path), fields, num_workers=workers)
+
+
+def anonymous_block(create: bool, size: int) -> types.SimpleNamespace:
+    """A stand-in for SharedMemory(create=True, size=size): mmap(-1) is shared and anonymous."""
+    return types.SimpleNamespace(buf=mmap.mmap(-1, size))
+
+
+def report_failure(work_fn, results, args) -> None:
+    """Run one of FFCV's writer workers; a failed write goes to the main process, not to stderr."""
+    try:
+        work_fn(*args)
+    except OSError as error:
+        results.put(error)
+
+
+def collect_allocations(results, workers: list, done, total: int) -> list:
+    """Every worker's allocations, with a progress bar; raises a worker's OSError as soon as it comes,
+    and stops if a worker ends without a result (killed), where FFCV 1.0.2 would wait forever."""
+    from tqdm import tqdm
+    allocations, finished = [], 0
+    with tqdm(total=total) as progress:
+        while finished < len(workers):
+            progress.update(done.value - progress.n)
+            try:
+                result = results.get(timeout=0.1)
+            except queue.Empty:
+                ended = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if ended:
+                    raise RuntimeError(f"an FFCV writer process ended with exit code {ended[0]}") from None
+                continue
+            if isinstance(result, OSError):
+                raise result
+            allocations.extend(result)
+            finished += 1
+        progress.update(done.value - progress.n)
+    return allocations
 
 
 def save_json_atomic(path: Path, payload: dict) -> None:
@@ -641,19 +740,28 @@ def convert(source: str | None, data_dir: Path, workers: int | None = None, skip
             "counts": {s: len(splits[s][1]) for s in SPLITS},
             "class_counts": {s: np.bincount(splits[s][1], minlength=len(classes)).tolist() for s in SPLITS},
             "source_report": report, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # Every file is written under a temporary name, and only once all are complete renamed over the
+    # old ones, meta.json last as the seal: a rebuild that fails (a full disk, a kill) leaves the old
+    # data as valid as it was. Between two renames, old and new files disagree in their checksums.
+    files = [data_dir / name for name in ("train.beton", "test.beton", PREVIEW_FILE, "meta.json")]
+    staged = {path.name: temporary_name(path) for path in files}
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "meta.json").unlink(missing_ok=True)  # the betons are not valid until meta.json says so
         for split in SPLITS:
-            path = data_dir / f"{split}.beton"
-            write_beton(path, *splits[split], workers or default_workers())
-            meta["betons"][split] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            tmp = staged[f"{split}.beton"]
+            write_beton(tmp, *splits[split], workers or default_workers())
+            meta["betons"][split] = {"bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)}
         test_images, test_labels = splits["test"]
-        write_preview(data_dir / PREVIEW_FILE, test_labels, lambda indices: test_images[indices])
-        save_json_atomic(data_dir / "meta.json", meta)
-    except OSError as error:  # a full disk, a read-only folder: the temporary files are already gone
+        write_preview(staged[PREVIEW_FILE], test_labels, lambda indices: test_images[indices])
+        save_json_atomic(staged["meta.json"], meta)
+        for path in files:
+            os.replace(staged[path.name], path)
+    except OSError as error:  # a full disk, a read-only folder
         raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
                         "free some space or pass another --data-dir") from None
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return meta
 
 

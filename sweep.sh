@@ -149,9 +149,11 @@ grid_stem() {  # CIFAR stem (3x3 conv) against ImageNet stem (7x7/2 conv + max p
 }
 
 grid_file() {  # a grid file: "NAME ARGS..." per line; blank lines and '#' comments ignored
+  # Text from any editor: a UTF-8 BOM and CRLF's '\r' are dropped (a '\r' left on would be glued to a
+  # run's last argument); tabs and trailing spaces separate words as spaces do.
   local line
   while IFS= read -r line || [[ -n $line ]]; do
-    line=${line%%#*}
+    line=${line#$'\xef\xbb\xbf'} line=${line//$'\r'/} line=${line%%#*}
     if [[ $line =~ [^[:space:]] ]]; then echo "$line"; fi
   done <"$1"
 }

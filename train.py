@@ -1225,15 +1225,15 @@ def evaluate_saved(args: argparse.Namespace) -> int:
                 "channels_last": record["run"].get("channels_last", False)}
     amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
     args.batch_size_per_rank = args.batch_size // record["run"].get("world_size", 1)
+    classes = record["classes"]
+    model = models.build_from_config(record["config"], num_classes=len(classes))
+    model.load_state_dict(kept_state(weights, model, record, source, device))
+    model = model.to(device, memory_format=memory)
     workers, _ = data.check_workers(args.workers, 1)
     meta, _, _, test_loader = make_loaders(args, device, 1, workers)
-    classes = record["classes"]
     if meta["classes"] != classes:
         raise SystemExit(f"error: {args.data_dir} holds the classes {meta['classes']}, the run was trained on "
                          f"{classes}: pass the run's --data-dir")
-    model = models.build_from_config(record["config"], num_classes=len(classes))
-    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-    model = model.to(device, memory_format=memory)
     result = evaluate(model, test_loader, device, amp, memory, len(classes), args.batch_size_per_rank, args.tta, 1)
     print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {switches['amp']}, "
           f"{'channels-last' if switches['channels_last'] else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
@@ -1242,9 +1242,14 @@ def evaluate_saved(args: argparse.Namespace) -> int:
     return 0
 
 
+def rerun_command(record: dict, source: Path) -> str:
+    """The command that trains a recorded run again under its name (add --resume or --overwrite)."""
+    return f"python train.py --from {source} --name {record.get('name')}"
+
+
 def kept_weights(record: dict, source: Path, which: str) -> Path:
     """The weights file --eval-only evaluates; refuses in one line, naming the fix, when there is none."""
-    again = f"python train.py --from {source} --name {record.get('name')}"
+    again = rerun_command(record, source)
     kept = (record.get("final") or {}).get("weights")
     if record.get("status") != "finished" or not kept:
         fix = {"running": f"finish it first: {again} --resume",
@@ -1260,6 +1265,61 @@ def kept_weights(record: dict, source: Path, which: str) -> Path:
         raise SystemExit(f"error: {path}, the {which} weights of {source}, is missing: "
                          f"run it again to completion: {again} --overwrite")
     return path
+
+
+def kept_state(path: Path, model: torch.nn.Module, record: dict, source: Path, device: torch.device) -> dict:
+    """The state dict in a run's weights file, if it fits the record's network; refuses in one line,
+    naming the fix, a file that holds something else (replaced by hand, another run's weights)."""
+    network, name = network_of(record["config"]), record["name"]
+    again = f"{rerun_command(record, source)} --overwrite"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated or not a torch file: unpickling errors of many kinds
+        raise SystemExit(f"error: {path}, the weights of {source}, is unreadable ({type(error).__name__}): "
+                         f"make them again: {again}") from None
+    fix = f"point --from to the record of the run that made it, or make {name}'s weights again: {again}"
+    if isinstance(state, dict) and isinstance(state.get("fingerprint"), dict):  # checkpoint_state's
+        raise SystemExit(f"error: {path} holds a training checkpoint of {network_of(state['fingerprint'])}, "
+                         f"not the weights of {name}'s network ({network}): {fix}")
+    mismatch = state_mismatch(state, model.state_dict())
+    if mismatch:
+        raise SystemExit(f"error: {path} does not hold the weights of {name}'s network ({network}): its tensors "
+                         f"do not match ({mismatch}): {fix}")
+    return state
+
+
+def network_of(config: dict) -> str:
+    """The flags that make a recorded (or checkpointed) run's network, e.g. '--arch resnet20 --pool avg'."""
+    arch = config.get("arch")
+    flags = [f"--arch {arch}", f"--pool {config.get('pool', 'avg')}"]
+    if config.get("stem", "cifar") != "cifar":
+        flags.append(f"--stem {config['stem']}")
+    if not models.pool_norm_of(config):
+        flags.append("--no-pool-norm")
+    for option in models.ARCHS[arch].options if arch in models.ARCHS else ():
+        value = config.get(option)
+        if value is not None:
+            value = ",".join(map(str, value)) if isinstance(value, list) else value
+            flags.append(f"--{option.replace('_', '-')} {value}")
+    return " ".join(flags)
+
+
+def state_mismatch(state, expected: dict) -> str | None:
+    """The first way `state` is not a state dict of the network whose state dict is `expected`; None if it is."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"it holds a {type(state).__name__}, not a state dict of tensors"
+    counts = f"{len(state)} tensors there, {len(expected)} in the network"
+    for key, tensor in expected.items():
+        if key not in state:
+            return f"{key} is missing; {counts}"
+        if state[key].shape != tensor.shape:
+            return f"{key} is {shape_of(state[key])} there, {shape_of(tensor)} in the network; {counts}"
+    extra = next((key for key in state if key not in expected), None)
+    return f"{extra} is not in the network; {counts}" if extra else None
+
+
+def shape_of(tensor: torch.Tensor) -> str:
+    return "×".join(map(str, tensor.shape)) or "a scalar"
 
 
 def recorded_test(record: dict, which: str, tta: bool) -> dict | None:

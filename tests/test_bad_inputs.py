@@ -4,7 +4,8 @@ One table. Each row builds a bad input under tmp_path, runs one command line on 
 non-zero exit (2 for argparse's errors, 1 for ours), a last stderr line "error: ..." holding a fragment
 that names the thing to fix, no traceback, and every file under tmp_path as it was (names, sizes,
 mtimes), with no temporary file left. data.py rows run in-process (data.main with sys.argv, a few ms);
-rows for any other script run as a subprocess (see run_script), so train.py rows can join the table.
+rows for any other script, and rows under a file-size limit (a full disk, as the process sees it), run
+as a subprocess (see run_script), so train.py rows can join the table.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -176,8 +178,9 @@ CONVERT = ["data.py", "--source", SRC, "--data-dir", DIR]
 CHECK = ["data.py", "--check", "--data-dir", DIR]
 
 
-def row(id: str, build: Callable[[Inputs], object], command: list[str], fragment: str, code: int = 1):
-    return pytest.param(build, command, fragment, code, id=id)
+def row(id: str, build: Callable[[Inputs], object], command: list[str], fragment: str, code: int = 1,
+        max_file_bytes: int | None = None):
+    return pytest.param(build, command, fragment, code, max_file_bytes, id=id)
 
 
 ROWS = [
@@ -212,6 +215,8 @@ ROWS = [
         "every image of train/airplane is broken"),
     row("force_from_broken_source_keeps_old_data", lambda i: (i.data_dir(), replace_image(i, b"")),
         [*CONVERT, "--force"], "0000.png cannot be read as an image"),
+    row("force_onto_a_full_disk_keeps_old_data", lambda i: (i.data_dir(), i.folder()), [*CONVERT, "--force"],
+        "File too large: free some space", max_file_bytes=4096),  # past the header: a writer worker's page fails
     row("source_missing", lambda i: None, CONVERT, "src not found: pass --source"),
     row("source_not_an_archive", lambda i: (i.tmp / "src").write_text("hello"), CONVERT,
         "is not a folder or a .tar.gz"),
@@ -264,6 +269,37 @@ def foreign_checkpoint(i: Inputs) -> None:
     folder.mkdir(parents=True)
     torch.save({"epoch": 1, "weights": torch.zeros(3)}, folder / "x.pt")
 
+
+def finished_run_keeping(i: Inputs, weights) -> None:
+    """A finished resnet20 run's record, tmp/results/x.json, cut to what --eval-only reads, whose kept
+    weights file, models/x.pt, holds `weights` (bytes are written as they are, anything else torch.saved)."""
+    import torch
+    classes = json.loads((i.data_dir() / "meta.json").read_text())["classes"]
+    results = i.tmp / "results"
+    (results / "models").mkdir(parents=True)
+    config = {"arch": "resnet20", "pool": "avg", "stem": "cifar", "pool_norm": True, "batch_size": 32}
+    record = {"schema_version": 1, "name": "x", "status": "finished", "config": config, "given": config,
+              "run": {"amp": "fp32", "channels_last": True, "world_size": 1}, "classes": classes,
+              "final": {"weights": {"final": "models/x.pt"}}, "history": []}
+    (results / "x.json").write_text(json.dumps(record))
+    if isinstance(weights, bytes):
+        (results / "models" / "x.pt").write_bytes(weights)
+    else:
+        torch.save(weights, results / "models" / "x.pt")
+
+
+def weights_of(arch: str) -> dict:
+    import models
+    return models.build_model(arch).state_dict()
+
+
+def checkpoint_of(arch: str) -> dict:
+    """A training checkpoint as train.py writes it, cut to its fingerprint (the config) and model."""
+    return {"fingerprint": {"arch": arch, "pool": "max", "stem": "cifar", "pool_norm": True}, "epoch": 3,
+            "model": weights_of(arch)}
+
+
+EVAL_ONLY = ["train.py", "--eval-only", "--from", "{tmp}/results/x.json", "--data-dir", DIR, "--device", "cpu"]
 
 ROWS += [
     # 3. Flags: each bad value under its own name, impossible combinations refused before any work.
@@ -318,6 +354,18 @@ ROWS += [
         "was not written by this train.py (no fingerprint"),
     row("out_is_a_file", lambda i: (i.data_dir(), (i.tmp / "results").write_text("")), TINY_RUN,
         "cannot make the results folder there"),
+    row("eval_only_weights_of_another_arch", lambda i: finished_run_keeping(i, weights_of("resnet32")), EVAL_ONLY,
+        "models/x.pt does not hold the weights of x's network (--arch resnet20 --pool avg): its tensors do not "
+        "match (layer1.3.conv1.weight is not in the network; 191 tensors there, 119 in the network): point --from "
+        "to the record of the run that made it"),
+    row("eval_only_weights_of_another_width", lambda i: finished_run_keeping(i, weights_of("resnet18")), EVAL_ONLY,
+        "its tensors do not match (conv1.weight is 64×3×3×3 there, 16×3×3×3 in the network;"),
+    row("eval_only_checkpoint_for_weights", lambda i: finished_run_keeping(i, checkpoint_of("resnet56")), EVAL_ONLY,
+        "models/x.pt holds a training checkpoint of --arch resnet56 --pool max, not the weights of x's network "
+        "(--arch resnet20 --pool avg): point --from to the record of the run that made it, or make x's weights "
+        "again: python train.py --from"),
+    row("eval_only_weights_unreadable", lambda i: finished_run_keeping(i, b"PK\x03\x04 cut short"), EVAL_ONLY,
+        "models/x.pt, the weights of"),
 ]
 
 
@@ -337,10 +385,13 @@ def run_in_process(main: Callable[[], None], argv: list[str], monkeypatch, capsy
     return code, out, err
 
 
-def run_script(argv: list[str], timeout: float = 600) -> tuple[int, str, str]:
-    """`python ROOT/argv[0] argv[1:]` as a subprocess (train.py rows: it sets up devices and threads)."""
+def run_script(argv: list[str], max_file_bytes: int | None = None, timeout: float = 600) -> tuple[int, str, str]:
+    """`python ROOT/argv[0] argv[1:]` as a subprocess (train.py rows: it sets up devices and threads),
+    whose writes past max_file_bytes fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
     result = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
-                            env=run_env(), timeout=timeout)
+                            env=run_env(), timeout=timeout, preexec_fn=limit if max_file_bytes else None)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -351,17 +402,17 @@ def snapshot(root: Path) -> dict[str, tuple]:
             for p in sorted(root.rglob("*")) if p.suffix != ".lock"}  # a run's empty lock file claims its name
 
 
-@pytest.mark.parametrize("build, command, fragment, code", ROWS)
-def test_bad_input_gives_one_line_naming_the_fix_and_writes_nothing(build, command, fragment, code, tmp_path,
-                                                                   request, monkeypatch, capsys):
+@pytest.mark.parametrize("build, command, fragment, code, max_file_bytes", ROWS)
+def test_bad_input_gives_one_line_naming_the_fix_and_writes_nothing(build, command, fragment, code, max_file_bytes,
+                                                                   tmp_path, request, monkeypatch, capsys):
     build(Inputs(tmp_path, request))
     before = snapshot(tmp_path)
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
     monkeypatch.chdir(tmp_path)  # a relative default (data/) would land here, and be seen
-    if argv[0] in IN_PROCESS:
+    if argv[0] in IN_PROCESS and max_file_bytes is None:
         returncode, out, err = run_in_process(IN_PROCESS[argv[0]], argv, monkeypatch, capsys)
     else:
-        returncode, out, err = run_script(argv)
+        returncode, out, err = run_script(argv, max_file_bytes)
     last = err.strip().splitlines()[-1] if err.strip() else ""
     assert returncode == code, out + err
     assert re.match(r"(\S+\.py: )?error: ", last), err  # argparse puts the program's name first

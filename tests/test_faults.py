@@ -177,6 +177,51 @@ def test_killed_conversion_leaves_nothing_taken_for_complete(tmp_path, image_fol
     assert data.ensure_valid(out)["counts"]["train"] == 240
 
 
+# A full disk at FFCV's writer's last write, which the main process makes: the allocation table.
+FULL_DISK_AT_FINALIZE = """
+import errno, os
+import data
+data.import_ffcv()
+from ffcv.writer import DatasetWriter
+def finalize(self, allocations):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+DatasetWriter.finalize = finalize
+data.main()
+"""
+
+
+def rebuild(data_dir, source, max_bytes: int | None = None, program: str | None = None) -> subprocess.CompletedProcess:
+    """`data.py --force` (or `program`, which runs data.main()), under a file-size limit if given. The
+    timeout is short: FFCV 1.0.2's writer waited forever for a worker whose write had failed."""
+    script = ["-c", program] if program else [str(ROOT / "data.py")]
+    command = [sys.executable, *script, "--source", str(source), "--data-dir", str(data_dir), "--force"]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(run_env(), PYTHONPATH=str(ROOT)),
+                          timeout=120, preexec_fn=limit_file_size(max_bytes) if max_bytes else None)
+
+
+def contents(folder) -> dict[str, str]:
+    import data
+    return {p.name: data.sha256_of(p) for p in sorted(folder.iterdir())}
+
+
+# Where the rebuild's first failed write is, in the order FFCV writes: sizing the shared block of the
+# metadata (4 KiB: Python 3.11's SharedMemory then had its resource tracker print a KeyError
+# traceback), a worker's first page (64 KiB: the worker printed a traceback and the writer waited
+# forever), or the main process's last write (the metadata's block leaked, with a warning at exit).
+@pytest.mark.parametrize("limit, program", [(4 << 10, None), (64 << 10, None), (None, FULL_DISK_AT_FINALIZE)],
+                         ids=["metadata-block", "worker-page", "last-write"])
+def test_failed_force_rebuild_keeps_the_previous_data_valid(fresh_data, image_folder, limit, program):
+    import data
+    before = contents(fresh_data)
+    result = rebuild(fresh_data, image_folder, limit, program)
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write") and "free some space" in last, result.stderr
+    assert "Traceback" not in result.stderr and "resource_tracker" not in result.stderr, result.stderr
+    assert contents(fresh_data) == before  # the same meta.json, betons and preview; no temporary file
+    assert data.ensure_valid(fresh_data)["counts"] == {"train": 240, "test": 100}  # what training checks
+
+
 # --- sweep.sh -------------------------------------------------------------------------------------
 
 def sweep_env(tmp_path, data_dir, grid_lines: str, epochs: int) -> tuple[dict, object]:

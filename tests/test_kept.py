@@ -137,7 +137,13 @@ def planted(tmp_path, record: dict, **changes) -> str:
 def test_eval_only_refuses_in_one_line_what_it_cannot_evaluate(kept_run, tmp_path):
     out, record = kept_run
     no_best = {**record["final"], "weights": {"final": record["final"]["weights"]["final"]}}
+    another_arch = tmp_path / "elsewhere" / "models" / "resnet32.pt"
+    another_arch.parent.mkdir(parents=True)
+    torch.save(models.build_model("resnet32").state_dict(), another_arch)
     refusals = [
+        ({"final": {**record["final"], "weights": {"final": "models/resnet32.pt"}}},
+         r"resnet32.pt does not hold the weights of kept's network \(--arch resnet20 --pool avg\): its tensors do "
+         r"not match .*: point --from to the record of the run that made it, or .*--overwrite$"),
         ({"status": "running", "final": None}, r"keeps no weights \(status running\): finish it first.*--resume"),
         ({"status": "diverged", "final": None}, "keeps no weights.*lower --lr"),
         ({"final": {k: v for k, v in record["final"].items() if k != "weights"}},

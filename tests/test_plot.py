@@ -42,7 +42,8 @@ SWEEP = {
     "resnet50-avg-adamw": ({"arch": "resnet50", "opt": "adamw"}, [0.86]),
 }
 # plot.py uses nothing of data.py but its one atomic writer
-STUB_DATA_PY = "import os\nfrom pathlib import Path\n\n" + inspect.getsource(data.write_atomically)
+STUB_DATA_PY = "import os\nfrom pathlib import Path\n\n" + "\n\n".join(
+    inspect.getsource(f) for f in (data.temporary_name, data.write_atomically))
 PREVIEW = "previews/0123456789ab.npz"  # where train.py keeps the preview images, relative to the records
 
 

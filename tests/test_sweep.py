@@ -301,6 +301,28 @@ def test_grid_file_gives_one_run_per_config_line(tmp_path):
     assert {r["out"] for r in runs} == {"results/mine"}
 
 
+# A grid file as other editors save it, each from the same two configs.
+EDITED_GRIDS = {
+    "crlf": "small --arch cnn --opt sgd\r\n# a comment\r\n\r\ndeep --arch resnet20 --lr 0.1\r\n",
+    "bom": "\ufeffsmall --arch cnn --opt sgd\ndeep --arch resnet20 --lr 0.1\n",
+    "tabs-and-trailing-spaces": "small\t--arch cnn\t--opt sgd  \n\t\ndeep --arch\tresnet20 --lr 0.1\t \n",
+    "all-at-once": "\ufeffsmall\t--arch cnn --opt sgd \t\r\n\t# a comment\r\ndeep --arch resnet20 --lr 0.1  # fast\r\n",
+}
+
+
+@pytest.mark.parametrize("text", EDITED_GRIDS.values(), ids=EDITED_GRIDS.keys())
+def test_grid_file_from_any_editor_runs_its_configs_with_exactly_their_arguments(tmp_path, fake, text):
+    (tmp_path / "mine.grid").write_bytes(text.encode("utf-8"))
+
+    result = sweep(cwd=tmp_path, GRID="mine.grid", PYTHON=fake / "python")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [call["args"] for call in calls(fake) if not is_preflight(call)]
+    tail = ["--out", "results/mine", "--quiet"]
+    assert runs == [["--arch", "cnn", "--opt", "sgd", "--seed", "0", "--name", "small-s0", *tail],
+                    ["--arch", "resnet20", "--lr", "0.1", "--seed", "0", "--name", "deep-s0", *tail]]
+
+
 def test_grid_file_with_a_repeated_name_is_refused(tmp_path):
     (tmp_path / "twice.grid").write_text("a --arch cnn\na --arch resnet20\n")
 
