@@ -160,7 +160,7 @@ def test_asked_bf16_on_a_gpu_that_only_emulates_it_is_warned_about(fake_gpu):
 
 
 @pytest.mark.parametrize("fake_gpu", ["V100", "P100"], indirect=True)
-@pytest.mark.filterwarnings("ignore:.*(compute capability|not compatible)")  # torch's own: it only warns
+@pytest.mark.filterwarnings("ignore::UserWarning:torch.cuda")  # torch's own: it only warns
 def test_a_gpu_the_build_has_no_kernels_for_is_refused_naming_a_build_that_has(fake_gpu):
     """torch only warns on a V100 (7.0) or P100 (6.0) with the cu130 wheel (sm_75 and up); the first
     kernel would then die with "no kernel image is available"."""
