@@ -157,8 +157,8 @@ def missing_kernels_reason(index: int) -> str | None:
     if not arch_list or has_kernels_for(capability, arch_list):
         return None
     cc = "{}.{}".format(*capability)
-    return (f"{torch.cuda.get_device_name(index)} (compute capability {cc}) has no kernels in torch {torch.__version__}, "
-            f"which is built for {' '.join(arch_list)}: install a build that has them, e.g. PyTorch's CUDA 12.6 "
+    return (f"{torch.cuda.get_device_name(index)} (compute capability {cc}) has no kernels in torch "
+            f"{torch.__version__}, which is built for {' '.join(arch_list)}: install a build that has them, e.g. PyTorch's CUDA 12.6 "
             f"wheels (sm_50 to sm_90): 'make setup TORCH_CUDA=cu126', or pass --device cpu")
 
 

@@ -2,7 +2,6 @@
 another CUDA (TORCH_CUDA), or the machine's own (SYSTEM_TORCH), and one line for what is missing."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
