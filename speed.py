@@ -158,8 +158,8 @@ def missing_kernels_reason(index: int) -> str | None:
         return None
     cc = "{}.{}".format(*capability)
     return (f"{torch.cuda.get_device_name(index)} (compute capability {cc}) has no kernels in torch "
-            f"{torch.__version__}, which is built for {' '.join(arch_list)}: install a build that has them, e.g. PyTorch's CUDA 12.6 "
-            f"wheels (sm_50 to sm_90): 'make setup TORCH_CUDA=cu126', or pass --device cpu")
+            f"{torch.__version__}, which is built for {' '.join(arch_list)}: install a build that has them, e.g. "
+            f"PyTorch's CUDA 12.6 wheels (sm_50 to sm_90): 'make setup TORCH_CUDA=cu126', or pass --device cpu")
 
 
 # The one vocabulary of autocast dtypes; records before 2026-11 wrote torch's names and "off".
