@@ -30,7 +30,8 @@ def test_requirements_resolve_on_pythons_users_have(python, tmp_path):
     rest.write_text("\n".join(line for line in REQUIREMENTS.splitlines() if not line.startswith("ffcv")))
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                              "--no-deps", "--python-version", python, "--only-binary=:all:",
-                             "--target", str(tmp_path / "t"), "-r", str(rest)], capture_output=True, text=True, timeout=300)
+                             "--target", str(tmp_path / "t"), "-r", str(rest)],
+                            capture_output=True, text=True, timeout=300)
     if result.returncode and any(word in result.stderr for word in UNREACHABLE):
         pytest.skip("the package registry cannot be reached from here")
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
