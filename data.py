@@ -5,52 +5,31 @@
     python data.py --source ../shared/data/cifar10-jpeg.tar.gz   # or an image-folder tree / its .tar.gz
     python data.py --check                          # is the data dir what training will accept?
 
-Conversion writes DIR/train.beton, DIR/test.beton and DIR/meta.json (classes, counts, mean/std of
-the train split, source, sizes and sha256 of the betons, what was skipped). It is idempotent and
-atomic: the whole source is read and checked before anything is written, every file is written under
-a temporary name and all are renamed once all are complete, meta.json last (so a rebuild that fails
-leaves the previous data valid), and a beton that does not match meta.json is rebuilt (from the source
-meta.json records, unless --source is given).
-
-Image-folder sources (train/<class>/<image>, test/<class>/<image>, or a .tar.gz of them; the class is
-the folder's name, classes in sorted order):
-- skipped, counted in one line: hidden files and folders (.DS_Store, ._x.png) and files whose
-  extension is not an image's (.png .jpg .jpeg .bmp .gif .webp .tif .tiff, any case): README.txt,
-  Thumbs.db. The content decides the format: a PNG named .jpg is read as the PNG it is.
-- converted to RGB, counted in one line: 8-bit grayscale, RGBA, palette and other 8-bit modes.
-- refused, naming the file or folder: an image that cannot be read or decoded (truncated, empty,
-  not an image; --skip-bad skips and lists those instead), an image that is not 32×32 (resizing would
-  change the task), a 16-bit or float image, an image directly in train/ or test/, a folder inside
-  a class folder, a class folder with no images, a class folder in only one of train/ and test/.
-
-Training accepts only data whose parts agree (ensure_valid, or `data.py --check`): meta.json is a
-JSON object of this version with every key in its form, the betons' sizes and sha256 match it, and
-their headers match it too (images per split and class, labels within the classes, 32×32 images).
-Anything else is refused in one line naming the fix: `python data.py --data-dir DIR --force`.
-
-`make_loader(split, batch_size, device, ...)` is the one way training gets data: FFCV decodes and
-does the cheap flip/translate in its compiled CPU pipeline; the transfer, dtype conversion,
-normalisation and heavier augmentations run on `device` as batched tensor ops.
+Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, the train
+split's mean/std, the source, the betons' sizes and sha256, what was skipped, and a seal: the sha256 of
+its own content), each under a temporary name until all are complete: a conversion that fails leaves the
+previous data valid. Image-folder sources are train/<class>/<image> and test/<class>/<image> (or a .tar.gz
+of them); image_folder_files says what is skipped, converted and refused. Training takes only data whose
+parts agree (ensure_valid, `data.py --check`): meta.json of this version matching its seal, and betons
+matching its sizes and sha256. `make_loader` is the one way training gets data: FFCV decodes and does
+flip/translate in its compiled CPU pipeline; normalisation and the other augmentations run on the
+training device as batched tensor ops.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
+import collections
+import functools
 import gzip
 import hashlib
 import io
-import functools
 import itertools
 import json
 import math
-import mmap
-import multiprocessing
 import os
 import pickle
-import queue
 import sys
 import tarfile
-import tempfile
 import time
 import types
 import zlib
@@ -71,8 +50,7 @@ META_VERSION = 1
 # sample, saved at conversion (images, indices, labels) so that figures never need the betons.
 PREVIEW_COUNT = 64
 PREVIEW_FILE = "preview.npz"
-# Augmentations a run can ask for. flip and translate run in FFCV's CPU pipeline; the rest are
-# batched tensor ops on the training device.
+# flip and translate run in FFCV's CPU pipeline; the rest are batched tensor ops on the device.
 AUGMENTATIONS = ("flip", "translate", "cutout", "rotate", "affine", "jitter", "vflip")
 DEFAULT_AUG = "flip,translate"
 MAX_WORKERS = 8  # FFCV loader threads per process by default
@@ -94,6 +72,10 @@ class DataError(Exception):
     """Bad or missing data: main() prints its message as a one-line error."""
 
 
+class BrokenImage(DataError):
+    """An image file that cannot be decoded: --skip-bad skips these, nothing else."""
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity (taskset, Slurm, a container's cpuset), which
     numba, and so FFCV, holds its thread count to; os.cpu_count() counts the whole machine."""
@@ -103,17 +85,11 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(local_ranks: int = 1) -> int:
-    """FFCV workers per process: the usable CPUs shared among this node's ranks, at most MAX_WORKERS."""
-    return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks)))
-
-
 def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str | None]:
-    """The workers to use for a requested count (None: the default) and, when it had to be lowered,
-    one line saying so and why. More threads than the affinity allows make numba refuse ("The number
-    of threads must be between 1 and N") when the loader starts."""
+    """FFCV workers for a requested count and, when it had to be lowered, why (more threads than the
+    affinity allows make numba refuse). None: the usable CPUs shared among the node's ranks, at most 8."""
     if requested is None:
-        return default_workers(local_ranks), None
+        return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks))), None
     if requested < 1:
         raise ValueError(f"--workers must be at least 1, got {requested}")
     cpus = usable_cpus()
@@ -123,20 +99,16 @@ def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str
     return requested, None
 
 
-
+@functools.cache
 def import_ffcv() -> None:
-    """Import FFCV once, keeping torch's thread count.
-
-    FFCV sets torch's thread count to 1 on import and to its worker count on every epoch; remember
-    the count a training step should have, and restore it wherever FFCV changes it."""
+    """Import FFCV once. FFCV sets torch's thread count to 1 on import and to its worker count on every
+    epoch: TORCH_THREADS keeps the count a training step should have, restored wherever FFCV changes it."""
     global TORCH_THREADS
     import numba.typed
     import torch
-    if TORCH_THREADS is None:
-        TORCH_THREADS = torch.get_num_threads()
-    # FFCV 1.0.2's rgb_image module builds a numba typed Dict at import (IMAGE_MODES: "jpg" -> 0, "raw" -> 1)
-    # that only Python code reads. Building it compiles numba's typed-dict code: 6.7 of the 9 s every
-    # process spent importing FFCV here. A plain dict holds the same two entries.
+    TORCH_THREADS = torch.get_num_threads()
+    # FFCV 1.0.2's rgb_image builds a numba typed Dict at import (IMAGE_MODES) that only Python code
+    # reads; compiling numba's typed dict was 6.7 of the 9 s of the import. A plain dict does the same.
     typed_dict, numba.typed.Dict = numba.typed.Dict, dict
     try:
         import ffcv.loader  # noqa: F401
@@ -149,15 +121,12 @@ def import_ffcv() -> None:
 def run_loader_thread_on_its_device() -> None:
     """Make FFCV's loader thread work on the run's GPU, not GPU 0.
 
-    FFCV 1.0.2 makes its CUDA streams on the current device (the rank's, cuda:N) in the main thread,
-    then enters them in a new thread, which starts on device 0: leaving torch.cuda.stream() there
-    restores cuda:0's stream, i.e. calls cudaSetDevice(0), and every rank but 0 makes a CUDA context
-    on GPU 0 (memory on GPU 0 per rank; a hang under exclusive-process mode). So the thread first
-    sets the device its streams were made on."""
+    FFCV 1.0.2 makes its CUDA streams on the rank's device in the main thread, then enters them in a
+    new thread, which starts on device 0: leaving torch.cuda.stream() there calls cudaSetDevice(0), and
+    every rank but 0 makes a CUDA context on GPU 0 (memory per rank; a hang under exclusive-process
+    mode). So the thread first sets the device its streams were made on."""
     import torch
     from ffcv.loader.epoch_iterator import EpochIterator
-    if getattr(EpochIterator.run, "sets_stream_device", False):
-        return
     ffcv_run = EpochIterator.run
 
     def run(self):
@@ -166,19 +135,11 @@ def run_loader_thread_on_its_device() -> None:
             torch.cuda.set_device(streams[0].device)
         return ffcv_run(self)
 
-    run.sets_stream_device, run.ffcv_run = True, ffcv_run
+    run.ffcv_run = ffcv_run
     EpochIterator.run = run
 
 
-def cifar10_release():
-    """torchvision's record of the official release: url, file names and md5 checksums."""
-    from torchvision.datasets import CIFAR10
-    return CIFAR10
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources: each reader returns {split: (images uint8 N×32×32×3, labels int64 N)} and class names.
-# ---------------------------------------------------------------------------------------------
+# --- sources: each gives {split: (images uint8 N×32×32×3, labels int64 N)} and the class names ---
 
 def file_digest(path: Path, algorithm: str) -> str:
     digest = hashlib.new(algorithm)  # hashlib.file_digest is Python 3.11's: read in 1 MiB blocks
@@ -188,12 +149,14 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def md5_of(path: Path) -> str:
-    return file_digest(path, "md5")
-
-
 def sha256_of(path: Path) -> str:
     return file_digest(path, "sha256")
+
+
+def cifar10_release():
+    """torchvision's record of the official release: url, file names and md5 checksums."""
+    from torchvision.datasets import CIFAR10
+    return CIFAR10
 
 
 def download_official(raw_dir: Path) -> Path:
@@ -201,7 +164,7 @@ def download_official(raw_dir: Path) -> Path:
     from torchvision.datasets.utils import download_url
     CIFAR10 = cifar10_release()
     archive = raw_dir / CIFAR10.filename
-    if archive.exists() and md5_of(archive) == CIFAR10.tgz_md5:
+    if archive.exists() and file_digest(archive, "md5") == CIFAR10.tgz_md5:
         return archive
     try:
         download_url(CIFAR10.url, str(raw_dir), CIFAR10.filename, CIFAR10.tgz_md5)
@@ -212,36 +175,67 @@ def download_official(raw_dir: Path) -> Path:
     return archive
 
 
-def read_official_batches(folder: Path) -> tuple[dict, list[str]]:
-    """Read the official pickles, after checking each file against the release's md5.
+def read_source(source: str | None, data_dir: Path, skip_bad: bool = False) -> tuple[dict, list[str], dict, str]:
+    """The splits, the classes, what was skipped or converted, and a description of the source (for
+    meta.json), whichever kind of source it is; None downloads the official archive."""
+    path = Path(source) if source is not None else download_official(data_dir / "raw")
+    try:
+        if not path.exists():
+            raise DataError(f"source {path} not found: pass --source PATH to {SOURCE_KINDS}")
+        if path.is_dir():
+            return (*read_folder(path, skip_bad), str(path))
+        if not tarfile.is_tarfile(path):
+            raise DataError(f"{path} is not a folder or a .tar.gz archive: pass --source PATH to {SOURCE_KINDS}")
+        return (*read_archive(path, skip_bad), f"{path} (sha256 {sha256_of(path)})")
+    except PermissionError as error:
+        raise DataError(f"cannot read {error.filename}: permission denied: fix its permissions") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path} is damaged ({error}): download or pack it again") from None
 
-    Pickles can run code when loaded, so a file whose checksum differs is never unpickled."""
+
+def read_folder(path: Path, skip_bad: bool) -> tuple[dict, list[str], dict]:
+    for folder in (path, path / "cifar-10-batches-py"):
+        if (folder / "data_batch_1").exists():
+            files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+            return (*read_official_batches(files, folder), {})
+    if not ((path / "train").is_dir() and (path / "test").is_dir()):
+        raise DataError(f"{path} holds neither cifar-10-batches-py/ nor train/ and test/ folders: "
+                        f"pass --source PATH to {SOURCE_KINDS}")
+    entries = [(p.relative_to(path).parts, str(p), None if p.is_dir() else p)
+               for split in SPLITS for p in sorted((path / split).rglob("*"))]
+    return collect_image_folder(entries, skip_bad)
+
+
+def read_archive(path: Path, skip_bad: bool) -> tuple[dict, list[str], dict]:
+    with tarfile.open(path) as tar:  # each member read as it comes: a gzip stream only reads forward
+        members = [(Path(m.name).parts, f"{path}:{m.name.rstrip('/')}", tar.extractfile(m).read() if m.isfile()
+                    else None) for m in tar if m.isfile() or m.isdir()]
+    files = {parts[-1]: content for parts, _, content in members if content is not None}
+    if "data_batch_1" in files:
+        return (*read_official_batches(files, path), {})
+    # The tree from its train/ and test/ on: an archive often holds it in a folder of its own.
+    at = {where: next((i for i, p in enumerate(parts) if p in SPLITS), None) for parts, where, _ in members}
+    entries = [(parts[at[where]:], where, content) for parts, where, content in members if at[where] is not None]
+    return collect_image_folder(entries, skip_bad)
+
+
+def read_official_batches(files: dict[str, bytes], where: Path) -> tuple[dict, list[str]]:
+    """The official pickles, each checked against the release's md5 first: a pickle can run code when
+    loaded, so a file whose checksum differs is never unpickled."""
     CIFAR10 = cifar10_release()
     expected = dict(CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]])
     for name, md5 in expected.items():
-        path = folder / name
-        if not path.exists():
-            raise DataError(f"{path} is missing: pass the complete cifar-10-batches-py/ folder or archive")
-        if md5_of(path) != md5:
-            raise DataError(f"{path} does not match the official CIFAR-10 checksum; refusing to unpickle it "
-                            "(pickles can run code): download the official archive again")
-
-    def load(name: str) -> dict:
-        with open(folder / name, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-
-    classes = load(CIFAR10.meta["filename"])["label_names"]
+        if name not in files:
+            raise DataError(f"{where} lacks {name}: pass the complete cifar-10-batches-py/ folder or archive")
+        if hashlib.md5(files[name]).hexdigest() != md5:
+            raise DataError(f"{where}: {name} does not match the official CIFAR-10 checksum; refusing to unpickle "
+                            "it (pickles can run code): download the official archive again")
     splits = {}
-    for split, files in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
-        batches = [load(name) for name, _ in files]
+    for split, names in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
+        batches = [pickle.loads(files[name], encoding="latin1") for name, _ in names]
         images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = np.concatenate([b["labels"] for b in batches]).astype(np.int64)
-        splits[split] = (np.ascontiguousarray(images), labels)
-    return splits, classes
-
-
-class BrokenImage(DataError):
-    """An image file that cannot be decoded: --skip-bad skips these, nothing else."""
+        splits[split] = (np.ascontiguousarray(images), np.concatenate([b["labels"] for b in batches]).astype(np.int64))
+    return splits, pickle.loads(files[CIFAR10.meta["filename"]], encoding="latin1")["label_names"]
 
 
 def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
@@ -269,176 +263,100 @@ def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
     return np.asarray(image.convert("RGB")), image.mode
 
 
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def image_folder_files(entries: list[tuple[tuple[str, ...], str, bytes | Path | None]]
                        ) -> tuple[list[tuple[str, str, str, bytes | Path]], list[str]]:
-    """Apply the image-folder rules (see the module docstring) to every file and folder of the tree.
+    """The image-folder rules on every (parts from the split folder on, where, content: bytes, a Path,
+    or None for a folder) of a tree: (split, class, where, content) per image, and the files skipped.
 
-    entries: (parts from the split folder on, where, content: bytes, a Path, or None for a folder).
-    Returns (split, class, where, content) per image, and the files skipped as not images; raises
-    DataError on a layout only the user can mend."""
+    Skipped: hidden files and folders (.DS_Store, ._x.png) and files not named as images (README.txt;
+    the content decides the format: a PNG named .jpg is a PNG). Refused, naming the place (decode_image
+    refuses what cannot be decoded, is not 32×32, or has more than 8 bits): an image directly in train/
+    or test/, a folder inside a class folder, a class folder with no images or in only one split."""
     images, skipped = [], []
     class_folders: dict[str, dict[str, str]] = {split: {} for split in SPLITS}  # split -> class -> where
     for parts, where, content in entries:
-        if len(parts) < 2:
+        depth, is_file = len(parts), content is not None
+        if depth == 1:
             continue  # the split folder itself
-        split, is_folder = parts[0], content is None
+        split, cls = parts[:2]
         if any(part.startswith(".") for part in parts):  # .DS_Store, ._x.png, .ipynb_checkpoints/
-            skipped += [] if is_folder else [where]
-        elif len(parts) == 2 and is_folder:
-            class_folders[split].setdefault(parts[1], where)
-        elif len(parts) == 2:
-            if is_image_name(where):
-                raise DataError(f"{where} is not in a class folder: move it into {split}/<class>/ "
-                                "(the folder's name is the label)")
-            skipped.append(where)
-        elif len(parts) == 3 and not is_folder:
-            class_folders[split].setdefault(parts[1], where.rsplit("/", 1)[0])
-            if is_image_name(where):
-                images.append((split, parts[1], where, content))
-            else:
-                skipped.append(where)
-        else:
-            nested = where.rsplit("/", len(parts) - 3)[0]
-            raise DataError(f"{nested} is a folder inside the class folder {split}/{parts[1]}: the layout is "
-                            f"{split}/<class>/<image>, one level; move its images into {split}/{parts[1]}/ "
+            skipped += [where] * is_file
+            continue
+        if depth > 3 or (depth == 3 and not is_file):
+            raise DataError(f"{where.rsplit('/', depth - 3)[0]} is a folder inside the class folder {split}/{cls}: "
+                            f"the layout is {split}/<class>/<image>, one level; move its images into {split}/{cls}/ "
                             "or out of the tree")
-    for split in SPLITS:
-        if not class_folders[split]:
-            raise DataError(f"the image folder has no {split}/<class>/ folders: it needs train/<class>/* "
-                            "and test/<class>/* images")
+        if depth == 3 or not is_file:
+            class_folders[split].setdefault(cls, where.rsplit("/", 1)[0] if is_file else where)
+        if not is_file:
+            continue
+        if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(where)
+        elif depth == 2:
+            raise DataError(f"{where} is not in a class folder: move it into {split}/<class>/ "
+                            "(the folder's name is the label)")
+        else:
+            images.append((split, cls, where, content))
+    empty = [split for split in SPLITS if not class_folders[split]]
+    if empty:
+        raise DataError(f"the image folder has no {empty[0]}/<class>/ folders: it needs train/<class>/* "
+                        "and test/<class>/* images")
+    with_images = {(split, cls) for split, cls, _, _ in images}
     for split, other in (("train", "test"), ("test", "train")):
         for cls, where in class_folders[split].items():
             if cls not in class_folders[other]:
                 raise DataError(f"{where} has no matching {other}/{cls}: train/ and test/ need the same class "
                                 "folders; rename or remove it")
-    with_images = {(split, cls) for split, cls, _, _ in images}
-    for split in SPLITS:
-        for cls, where in class_folders[split].items():
             if (split, cls) not in with_images:
                 raise DataError(f"{where} holds no images: add its images or remove the folder")
     return images, skipped
 
 
 def collect_image_folder(entries: list, skip_bad: bool = False) -> tuple[dict, list[str], dict]:
-    """Decode an image folder's tree; class order is sorted names, as torchvision's ImageFolder.
-
-    Returns the splits, the classes and a report of what was skipped or converted, for meta.json."""
+    """Decode an image folder's tree, classes in sorted order (as torchvision's ImageFolder): the
+    splits, the classes, and what was skipped or converted, for meta.json."""
     from tqdm import tqdm
     files, not_images = image_folder_files(entries)
     classes = sorted({cls for split, cls, _, _ in files if split == "train"})
-    splits, broken, converted = {}, [], {}
+    label_of = {cls: i for i, cls in enumerate(classes)}
+    splits, broken, converted = {}, [], collections.Counter()
     for split in SPLITS:
-        chosen = sorted((f for f in files if f[0] == split), key=lambda f: (f[1], f[2]))
-        images = np.empty((len(chosen), 32, 32, 3), np.uint8)
-        labels = np.empty(len(chosen), np.int64)
-        kept = 0
+        chosen = sorted((f for f in files if f[0] == split), key=lambda f: f[1:3])  # by class, then name
+        images, labels = [], []
         for _, cls, where, content in tqdm(chosen, desc=f"decode {split}", unit="img", disable=len(chosen) < 2000):
             try:
-                images[kept], mode = decode_image(content, where)
+                image, mode = decode_image(content, where)
             except BrokenImage:
                 if not skip_bad:
                     raise
                 broken.append(where)
                 continue
+            images.append(image)
+            labels.append(label_of[cls])
             if mode != "RGB":
-                converted[mode] = converted.get(mode, 0) + 1
-            labels[kept] = classes.index(cls)
-            kept += 1
-        splits[split] = (images[:kept], labels[:kept])
-        emptied = [cls for i, cls in enumerate(classes) if not (labels[:kept] == i).any()]
+                converted[mode] += 1
+        emptied = [cls for cls in classes if label_of[cls] not in set(labels)]
         if emptied:
             raise DataError(f"every image of {split}/{emptied[0]} is broken (skipped by --skip-bad): "
                             "replace them, or remove the class from train/ and test/")
+        splits[split] = (np.stack(images), np.array(labels, np.int64))
     return splits, classes, {"skipped_not_images": not_images, "skipped_broken": broken,
-                             "converted_to_rgb": converted}
+                             "converted_to_rgb": dict(converted)}
 
 
 def source_notes(report: dict) -> list[str]:
     """One line for each kind of thing the conversion skipped or changed."""
     def some(paths: list[str]) -> str:
         return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more (all in meta.json)" if len(paths) > 3 else "")
-    notes = []
-    if report.get("skipped_not_images"):
-        paths = report["skipped_not_images"]
-        notes.append(f"skipped {len(paths)} files that are not images (hidden, or not "
-                     f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(paths)}")
-    if report.get("skipped_broken"):
-        paths = report["skipped_broken"]
-        notes.append(f"skipped {len(paths)} broken images (--skip-bad): {some(paths)}")
-    if report.get("converted_to_rgb"):
-        modes = report["converted_to_rgb"]
-        notes.append(f"converted {sum(modes.values())} images to RGB (" +
-                     ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")")
-    return notes
+    not_images, broken, modes = (report.get(k) for k in ("skipped_not_images", "skipped_broken", "converted_to_rgb"))
+    return ([f"skipped {len(not_images)} files that are not images (hidden, or not "
+             f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(not_images)}"] * bool(not_images)
+            + [f"skipped {len(broken)} broken images (--skip-bad): {some(broken)}"] * bool(broken)
+            + [f"converted {sum(modes.values())} images to RGB ("
+               + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")"] * bool(modes))
 
 
-def image_files_in_tree(root: Path) -> list:
-    """Every file and folder under root/train and root/test, as image_folder_files takes them."""
-    return [(path.relative_to(root).parts, str(path), None if path.is_dir() else path)
-            for split in SPLITS for path in sorted((root / split).rglob("*"))]
-
-
-def image_files_in_tar(archive: Path) -> list:
-    """Members under [prefix/]train/ and [prefix/]test/, as image_folder_files takes them."""
-    entries = []
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            at = next((i for i, part in enumerate(parts) if part in SPLITS), None)
-            if at is None or not (member.isfile() or member.isdir()):
-                continue
-            content = tar.extractfile(member).read() if member.isfile() else None
-            entries.append((parts[at:], f"{archive}:{member.name.rstrip('/')}", content))
-    return entries
-
-
-def read_source(source: str | None, data_dir: Path, skip_bad: bool = False) -> tuple[dict, list[str], str, dict]:
-    """Dispatch on what the source is: splits, classes, a description and a report for meta.json."""
-    if source is None:
-        source = str(download_official(data_dir / "raw"))
-    path = Path(source)
-    try:
-        return read_source_at(path, data_dir, skip_bad)
-    except PermissionError as error:
-        raise DataError(f"cannot read {error.filename}: permission denied: fix its permissions") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise DataError(f"{path} is damaged ({error}): download or pack it again") from None
-
-
-def read_source_at(path: Path, data_dir: Path, skip_bad: bool) -> tuple[dict, list[str], str, dict]:
-    if not path.exists():
-        raise DataError(f"source {path} not found: pass --source PATH to {SOURCE_KINDS}")
-    if path.is_dir():
-        for folder in (path, path / "cifar-10-batches-py"):
-            if (folder / "data_batch_1").exists():
-                return (*read_official_batches(folder), str(path), {})
-        if (path / "train").is_dir() and (path / "test").is_dir():
-            splits, classes, report = collect_image_folder(image_files_in_tree(path), skip_bad)
-            return splits, classes, str(path), report
-        raise DataError(f"{path} holds neither cifar-10-batches-py/ nor train/ and test/ folders: "
-                        f"pass --source PATH to {SOURCE_KINDS}")
-    if not tarfile.is_tarfile(path):
-        raise DataError(f"{path} is not a folder or a .tar.gz archive: pass --source PATH to {SOURCE_KINDS}")
-    with tarfile.open(path) as tar:
-        names = tar.getnames()
-    if any(Path(n).name == "data_batch_1" for n in names):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-            with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter="data")
-            folder = next(Path(tmp).rglob("data_batch_1")).parent
-            return (*read_official_batches(folder), f"{path} (md5 {md5_of(path)})", {})
-    splits, classes, report = collect_image_folder(image_files_in_tar(path), skip_bad)
-    return splits, classes, f"{path} (sha256 {sha256_of(path)})", report
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversion: arrays -> betons + meta.json, atomically.
-# ---------------------------------------------------------------------------------------------
+# --- conversion: arrays -> betons, preview and meta.json, atomically ---
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 HWC images, in [0, 1] units (float64, exact)."""
@@ -446,19 +364,6 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     mean = pixels.mean(axis=0, dtype=np.float64) / 255
     sq = np.einsum("ij,ij->j", pixels.astype(np.float64), pixels) / len(pixels) / 255**2
     return mean.tolist(), np.sqrt(sq - mean**2).tolist()
-
-
-class ArrayDataset:
-    """The indexed-dataset interface FFCV's writer reads: (image HWC uint8, label int)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.images[i], int(self.labels[i])
 
 
 def temporary_name(path: Path) -> Path:
@@ -478,102 +383,6 @@ def write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int) -> None:
-    """A beton at `path` itself: convert() gives it a temporary name."""
-    import_ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
-    beton_writer(path, fields, workers).from_indexed_dataset(ArrayDataset(images, labels))
-
-
-def beton_writer(path: Path, fields: dict, workers: int):
-    """FFCV's DatasetWriter, made to fail in one piece when a write fails (a full disk, a quota).
-
-    FFCV 1.0.2's own, on a failed write: a worker prints a traceback and the main process waits for
-    its samples forever; a failure in the main process leaks the metadata's shared-memory block (the
-    resource tracker warns at exit); and one while sizing that block (ftruncate counts against a
-    file-size limit) has the tracker print a KeyError traceback, as Python 3.11's SharedMemory then
-    unregisters a name it never registered. Here the metadata lives in an anonymous shared mapping
-    that the forked workers inherit (no name: nothing to leak or track), and a worker hands its
-    OSError to the main process, which stops the other workers and raises it."""
-    import ffcv.writer as ffcv_writer
-    from ffcv.memory_allocator import MemoryAllocator
-
-    class BetonWriter(ffcv_writer.DatasetWriter):
-        def prepare(self):
-            # FFCV's prepare() makes the block with shared_memory.SharedMemory(create=True, size=...)
-            named = ffcv_writer.shared_memory
-            ffcv_writer.shared_memory = types.SimpleNamespace(SharedMemory=anonymous_block)
-            try:
-                super().prepare()
-            finally:
-                ffcv_writer.shared_memory = named
-
-        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
-            self.num_samples = num_samples
-            self.prepare()
-            fork = multiprocessing.get_context("fork")  # so that the workers inherit the anonymous block
-            todo, results, done = fork.Queue(), fork.Queue(), fork.Value(ctypes.c_uint64, 0)
-            for chunk in queue_content:
-                todo.put(chunk)
-            for _ in range(self.num_workers):
-                todo.put(None)  # one stop for each worker
-            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-            args = (todo, self.metadata_sm, self.metadata_type, self.fields, allocator, done, results,
-                    *extra_worker_args)
-            workers = [fork.Process(target=report_failure, args=(work_fn, results, args))
-                       for _ in range(self.num_workers)]
-            try:
-                for worker in workers:
-                    worker.start()
-                self.finalize(collect_allocations(results, workers, done, num_samples))
-            finally:
-                for worker in workers:
-                    if worker.is_alive():  # after another's failure: writing, or waiting for its page
-                        worker.terminate()
-                    worker.join()
-                todo.cancel_join_thread()  # what stopped workers left unread need not reach them
-                self.metadata_sm.buf.close()
-
-    return BetonWriter(str(path), fields, num_workers=workers)
-
-
-def anonymous_block(create: bool, size: int) -> types.SimpleNamespace:
-    """A stand-in for SharedMemory(create=True, size=size): mmap(-1) is shared and anonymous."""
-    return types.SimpleNamespace(buf=mmap.mmap(-1, size))
-
-
-def report_failure(work_fn, results, args) -> None:
-    """Run one of FFCV's writer workers; a failed write goes to the main process, not to stderr."""
-    try:
-        work_fn(*args)
-    except OSError as error:
-        results.put(error)
-
-
-def collect_allocations(results, workers: list, done, total: int) -> list:
-    """Every worker's allocations, with a progress bar; raises a worker's OSError as soon as it comes,
-    and stops if a worker ends without a result (killed), where FFCV 1.0.2 would wait forever."""
-    from tqdm import tqdm
-    allocations, finished = [], 0
-    with tqdm(total=total) as progress:
-        while finished < len(workers):
-            progress.update(done.value - progress.n)
-            try:
-                result = results.get(timeout=0.1)
-            except queue.Empty:
-                ended = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-                if ended:
-                    raise RuntimeError(f"an FFCV writer process ended with exit code {ended[0]}") from None
-                continue
-            if isinstance(result, OSError):
-                raise result
-            allocations.extend(result)
-            finished += 1
-        progress.update(done.value - progress.n)
-    return allocations
-
-
 def save_json_atomic(path: Path, payload: dict) -> None:
     """Strict JSON (no NaN or Infinity, which json.dumps writes by default): a non-finite number is null."""
     text = json.dumps(finite_or_null(payload), indent=1, allow_nan=False)
@@ -590,14 +399,104 @@ def finite_or_null(value):
     return value
 
 
-def unreadable(error: PermissionError) -> DataError:
-    return DataError(f"cannot read {error.filename} (permission denied): fix its permissions "
-                     "or pass another --data-dir")
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """A beton of raw 32×32 RGB images and int labels, written in this process.
+
+    FFCV's DatasetWriter forks workers that share the metadata table through named shared memory; on
+    a failed write (a full disk) a worker prints a traceback, the writer waits for it forever and the
+    block leaks. CIFAR-10 writes in about a second here, where a failed write is this process's OSError."""
+    import_ffcv()
+    import ffcv.writer as ffcv_writer
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.memory_allocator import MemoryAllocator
+    fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
+    writer = ffcv_writer.DatasetWriter(str(path), fields, num_workers=1)
+    writer.num_samples = len(labels)
+    # prepare() writes the header, then makes the table with shared_memory.SharedMemory(create=True, size=n)
+    shared_memory, ffcv_writer.shared_memory = ffcv_writer.shared_memory, types.SimpleNamespace(
+        SharedMemory=lambda create, size: types.SimpleNamespace(buf=bytearray(size)))
+    try:
+        writer.prepare()
+    finally:
+        ffcv_writer.shared_memory = shared_memory
+    table = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+    with allocator:  # writes each page of images as it fills
+        for i, sample in enumerate(zip(images, labels.tolist(), strict=True)):
+            ffcv_writer.handle_sample(sample, i, writer.metadata_type.names, table, allocator, fields)
+    writer.finalize(allocator.allocations)
 
 
-def rebuild_hint(data_dir: Path) -> str:
-    return (f"rebuild with 'python data.py --data-dir {data_dir} --force' (add --source PATH offline) "
-            "or 'make data'")
+def convert(source: str | None, data_dir: Path, skip_bad: bool = False) -> dict:
+    """Read the whole source, then write both betons, the preview and meta.json: a bad source leaves
+    data_dir as it was (not even created)."""
+    splits, classes, report, description = read_source(source, data_dir, skip_bad)
+    mean, std = channel_stats(splits["train"][0])
+    meta = {"version": META_VERSION, "classes": list(classes), "source": description,
+            "requested_source": source, "mean": mean, "std": std, "betons": {},
+            "counts": {s: len(splits[s][1]) for s in SPLITS},
+            "class_counts": {s: np.bincount(splits[s][1], minlength=len(classes)).tolist() for s in SPLITS},
+            "source_report": report, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # Each file under a temporary name, renamed over the old ones only once all are complete, meta.json
+    # last: a rebuild that fails (a full disk, a kill) leaves the old data as valid as it was. Between
+    # two renames, old and new files disagree in their checksums.
+    files = [data_dir / name for name in ("train.beton", "test.beton", PREVIEW_FILE, "meta.json")]
+    staged = {path.name: temporary_name(path) for path in files}
+    _VALIDATED.pop(str(data_dir.resolve()), None)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            write_beton(staged[f"{split}.beton"], *splits[split])
+            meta["betons"][split] = {"bytes": staged[f"{split}.beton"].stat().st_size,
+                                     "sha256": sha256_of(staged[f"{split}.beton"])}
+        write_preview(staged[PREVIEW_FILE], *splits["test"])
+        save_json_atomic(staged["meta.json"], {**meta, "seal": seal_of(meta)})
+        for path in files:
+            os.replace(staged[path.name], path)
+    except OSError as error:  # a full disk, a read-only folder
+        raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
+                        "free some space or pass another --data-dir") from None
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return meta
+
+
+def prepare(source: str | None, data_dir: Path, force: bool = False, skip_bad: bool = False) -> str:
+    """Convert unless valid files from the same source are there; returns a one-line report. What the
+    conversion skipped or converted goes to stderr, a line for each kind."""
+    problem = data_dir_problem(data_dir)
+    if problem:
+        raise DataError(problem)
+    if (data_dir / "meta.json").exists() and not force:
+        meta, problems = data_problems(data_dir)
+        if not problems and source in (None, meta["requested_source"]):
+            return f"{data_dir}: train.beton and test.beton are valid ({meta['source']}); nothing to do"
+        print(f"{data_dir}: rebuilding: {'; '.join(problems) or 'a different --source was given'}", file=sys.stderr)
+    start = time.perf_counter()
+    meta = convert(source if source is not None else recorded_source(data_dir), data_dir, skip_bad)
+    for note in source_notes(meta["source_report"]):
+        print(f"note: {note}", file=sys.stderr)
+    counts = ", ".join(f"{meta['counts'][s]:,} {s}" for s in SPLITS)
+    return f"{data_dir}: wrote {counts} images from {meta['source']} in {time.perf_counter() - start:.1f} s"
+
+
+def recorded_source(data_dir: Path) -> str | None:
+    """The source meta.json names, so that a rebuild from a local copy does not download; None: download."""
+    try:
+        source = json.loads((data_dir / "meta.json").read_text()).get("requested_source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
+# --- validation: what training accepts ---
+
+def seal_of(meta: dict) -> str:
+    """sha256 of meta.json's content but the seal: while it matches, meta.json (the betons' checksums,
+    counts, classes, mean and std) is what conversion wrote, and nothing in it needs checking again."""
+    content = {k: v for k, v in meta.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def data_dir_problem(data_dir: Path) -> str | None:
@@ -617,196 +516,55 @@ def data_dir_problem(data_dir: Path) -> str | None:
     return None
 
 
-def read_meta(data_dir: Path) -> tuple[dict, list[str]]:
-    """meta.json's content and what is wrong with it on its own; DataError naming the fix if it is missing."""
-    path = Path(data_dir) / "meta.json"
+def data_problems(data_dir: Path) -> tuple[dict, list[str]]:
+    """meta.json and what is wrong with the data dir: meta.json's version and seal, then the betons'
+    sizes and sha256 against it. DataError naming the fix when there is no data dir or no meta.json."""
+    problem = data_dir_problem(data_dir)
+    if problem:
+        raise DataError(problem)
+    path = data_dir / "meta.json"
     if not path.exists():
         raise DataError(f"{data_dir} holds no converted CIFAR-10 ({path.name} missing): {MISSING_DATA_HINT}")
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            return {}, [f"{path.name} holds a JSON {type(meta).__name__}, not an object"]
+        if meta.get("version") != META_VERSION:
+            return meta, [f"{path.name} is version {meta.get('version')}, this data.py reads version {META_VERSION}"]
+        if meta.get("seal") != seal_of(meta):
+            return meta, [f"{path.name} does not match its seal (edited after conversion)"]
+        return meta, beton_problems(data_dir, meta)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}, [f"{path.name} is not valid JSON"]
-    if not isinstance(meta, dict):
-        return {}, [f"{path.name} holds a JSON {type(meta).__name__}, not an object"]
-    return meta, meta_problems(meta)
+    except PermissionError as error:
+        raise DataError(f"cannot read {error.filename} (permission denied): fix its permissions "
+                        "or pass another --data-dir") from None
 
 
-def is_per_split(value, check) -> bool:
-    return isinstance(value, dict) and all(split in value and check(value[split]) for split in SPLITS)
-
-
-def is_three_numbers(value) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
-
-
-# What convert() writes and the loader reads, with the form of each value: a meta.json from another
-# version or edited by hand is refused before a run trains on numbers it misreads.
-META_FIELDS = {
-    "classes": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(c, str) for c in v),
-    "counts": lambda v: is_per_split(v, lambda n: isinstance(n, int) and n > 0),
-    "class_counts": lambda v: is_per_split(v, lambda c: isinstance(c, list) and all(isinstance(n, int) for n in c)),
-    "mean": is_three_numbers,
-    "std": is_three_numbers,
-    "betons": lambda v: is_per_split(v, lambda b: isinstance(b, dict) and isinstance(b.get("bytes"), int)
-                                     and isinstance(b.get("sha256"), str)),
-}
-
-
-def meta_problems(meta: dict) -> list[str]:
-    """What is wrong with meta.json on its own: version, missing or malformed keys, counts that disagree."""
-    if meta.get("version") != META_VERSION:
-        return [f"meta.json is version {meta.get('version')}, this data.py reads version {META_VERSION}"]
-    missing = [key for key in META_FIELDS if key not in meta]
-    if missing:
-        return [f"meta.json lacks {', '.join(missing)}"]
-    malformed = [key for key, check in META_FIELDS.items() if not check(meta[key])]
-    if malformed:
-        return [f"meta.json's {', '.join(malformed)} {'is' if len(malformed) == 1 else 'are'} not in data.py's form"]
-    return [f"meta.json's class_counts of {split} do not add up to its {len(meta['classes'])} classes and "
-            f"{meta['counts'][split]} images" for split in SPLITS
-            if len(meta["class_counts"][split]) != len(meta["classes"])
-            or sum(meta["class_counts"][split]) != meta["counts"][split]]
-
-
-def beton_problems(data_dir: Path, meta: dict, checksum: bool = True) -> list[str]:
-    """What is wrong with the betons against meta.json; empty when they are complete and intact."""
+def beton_problems(data_dir: Path, meta: dict) -> list[str]:
+    """What is wrong with the betons against meta.json; empty when they are the ones conversion wrote."""
     problems = []
     for split in SPLITS:
-        path, expected = Path(data_dir) / f"{split}.beton", meta.get("betons", {}).get(split, {})
+        path, expected = data_dir / f"{split}.beton", meta["betons"][split]
         if not path.exists():
             problems.append(f"{path.name} is missing")
-        elif path.stat().st_size != expected.get("bytes"):
-            problems.append(f"{path.name} has {path.stat().st_size} bytes, meta.json says {expected.get('bytes')}")
-        elif checksum and sha256_of(path) != expected.get("sha256"):
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(f"{path.name} has {path.stat().st_size} bytes, meta.json says {expected['bytes']}")
+        elif sha256_of(path) != expected["sha256"]:
             problems.append(f"{path.name} does not match its sha256 in meta.json (corrupted)")
     return problems
 
 
-def beton_content_problems(data_dir: Path, meta: dict) -> list[str]:
-    """What the betons' own headers say against meta.json: fields, images, labels per class, image sizes.
-
-    Reads the header and the metadata table only (labels and image sizes live there), not the images."""
-    import_ffcv()
-    from ffcv.reader import Reader
-    problems = []
-    for split in SPLITS:
-        path = Path(data_dir) / f"{split}.beton"
-        try:
-            reader = Reader(str(path))
-        except Exception as error:  # a header FFCV cannot parse raises anything from AssertionError to KeyError
-            problems.append(f"{path.name} is not a beton FFCV can read ({type(error).__name__}: {error})")
-            continue
-        fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
-        if fields != {"image": "RGBImageField", "label": "IntField"}:
-            problems.append(f"{path.name} holds the fields {fields}, not an RGB image and an int label")
-            continue
-        n, expected = int(reader.num_samples), meta["counts"][split]
-        labels, images = reader.metadata["f1"], reader.metadata["f0"]
-        if n != expected:
-            problems.append(f"{path.name} holds {n} images, meta.json says {expected}")
-        elif n and not 0 <= labels.min() <= labels.max() < len(meta["classes"]):
-            problems.append(f"{path.name}'s labels go from {labels.min()} to {labels.max()}, but meta.json names "
-                            f"{len(meta['classes'])} classes (labels 0 to {len(meta['classes']) - 1})")
-        elif np.bincount(labels, minlength=len(meta["classes"])).tolist() != meta["class_counts"][split]:
-            problems.append(f"{path.name}'s images per class differ from meta.json's class_counts")
-        sizes = set(zip(images["width"].tolist(), images["height"].tolist(), strict=True)) - {(32, 32)}
-        if sizes:
-            width, height = sorted(sizes)[0]
-            problems.append(f"{path.name} holds {width}×{height} images, not 32×32")
-    return problems
-
-
-def source_to_rebuild(source: str | None, data_dir: Path) -> str | None:
-    """The source to convert: the one given, else the one the data dir was made from (a rebuild from a
-    local copy must not download), else None (download)."""
-    if source is not None:
-        return source
-    try:
-        meta, _ = read_meta(data_dir)
-    except (DataError, OSError):
-        return None
-    return meta.get("requested_source") if isinstance(meta.get("requested_source"), str) else None
-
-
-def convert(source: str | None, data_dir: Path, workers: int | None = None, skip_bad: bool = False) -> dict:
-    """Read the source and write both betons and meta.json; meta.json goes last, as the seal.
-
-    The whole source is read and checked before anything is written: a bad source leaves data_dir
-    as it was (not even created)."""
-    splits, classes, description, report = read_source(source, data_dir, skip_bad)
-    mean, std = channel_stats(splits["train"][0])
-    meta = {"version": META_VERSION, "classes": list(classes), "source": description,
-            "requested_source": source, "mean": mean, "std": std, "betons": {},
-            "counts": {s: len(splits[s][1]) for s in SPLITS},
-            "class_counts": {s: np.bincount(splits[s][1], minlength=len(classes)).tolist() for s in SPLITS},
-            "source_report": report, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    # Every file is written under a temporary name, and only once all are complete renamed over the
-    # old ones, meta.json last as the seal: a rebuild that fails (a full disk, a kill) leaves the old
-    # data as valid as it was. Between two renames, old and new files disagree in their checksums.
-    files = [data_dir / name for name in ("train.beton", "test.beton", PREVIEW_FILE, "meta.json")]
-    staged = {path.name: temporary_name(path) for path in files}
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        for split in SPLITS:
-            tmp = staged[f"{split}.beton"]
-            write_beton(tmp, *splits[split], workers or default_workers())
-            meta["betons"][split] = {"bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)}
-        test_images, test_labels = splits["test"]
-        write_preview(staged[PREVIEW_FILE], test_labels, lambda indices: test_images[indices])
-        save_json_atomic(staged["meta.json"], meta)
-        for path in files:
-            os.replace(staged[path.name], path)
-    except OSError as error:  # a full disk, a read-only folder
-        raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
-                        "free some space or pass another --data-dir") from None
-    finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-    return meta
-
-
-def prepare(source: str | None, data_dir: Path, force: bool = False, skip_bad: bool = False) -> str:
-    """Convert unless valid files from the same source are there; returns a one-line report.
-
-    Notes on what the conversion skipped or converted go to stderr, one line each."""
-    problem = data_dir_problem(data_dir)
-    if problem:
-        raise DataError(problem)
-    if (data_dir / "meta.json").exists() and not force:
-        try:
-            meta, problems = read_meta(data_dir)
-            problems = problems or beton_problems(data_dir, meta)
-        except PermissionError as error:
-            raise unreadable(error) from None
-        same_source = source is None or source == meta.get("requested_source")
-        if not problems and same_source:
-            return f"{data_dir}: train.beton and test.beton are valid ({meta['source']}); nothing to do"
-        print(f"{data_dir}: rebuilding: {'; '.join(problems) or 'a different --source was given'}", file=sys.stderr)
-    start = time.perf_counter()
-    meta = convert(source_to_rebuild(source, data_dir), data_dir, skip_bad=skip_bad)
-    for note in source_notes(meta["source_report"]):
-        print(f"note: {note}", file=sys.stderr)
-    counts = ", ".join(f"{meta['counts'][s]:,} {s}" for s in SPLITS)
-    return f"{data_dir}: wrote {counts} images from {meta['source']} in {time.perf_counter() - start:.1f} s"
-
-
 def ensure_valid(data_dir: str | Path) -> dict:
-    """Refuse to train on data whose parts disagree: meta.json against itself, the betons' sizes and
-    sha256 against meta.json, and their headers (images, labels, image size) against meta.json.
-    Checked once per process and directory."""
+    """meta.json of a data dir whose parts agree (data_problems), checked once per process and folder;
+    DataError naming the fix otherwise."""
     data_dir = Path(data_dir)
     key = str(data_dir.resolve())
     if key not in _VALIDATED:
-        problem = data_dir_problem(data_dir)
-        if problem:
-            raise DataError(problem)
-        try:
-            meta, problems = read_meta(data_dir)
-            problems = problems or beton_problems(data_dir, meta) or beton_content_problems(data_dir, meta)
-        except PermissionError as error:
-            raise unreadable(error) from None
+        meta, problems = data_problems(data_dir)
         if problems:
-            raise DataError(f"{data_dir}: {'; '.join(problems)}: {rebuild_hint(data_dir)}")
+            raise DataError(f"{data_dir}: {'; '.join(problems)}: rebuild with 'python data.py --data-dir "
+                            f"{data_dir} --force' (add --source PATH offline) or 'make data'")
         _VALIDATED[key] = meta
     return _VALIDATED[key]
 
@@ -814,9 +572,7 @@ def ensure_valid(data_dir: str | Path) -> dict:
 _VALIDATED: dict[str, dict] = {}
 
 
-# ---------------------------------------------------------------------------------------------
-# Splits and subsets of the train set.
-# ---------------------------------------------------------------------------------------------
+# --- splits, subsets and the preview ---
 
 def beton_labels(path: Path) -> np.ndarray:
     """IntField values live in the beton's metadata table, so labels are read without decoding."""
@@ -825,63 +581,42 @@ def beton_labels(path: Path) -> np.ndarray:
     return np.asarray(Reader(str(path)).metadata["f1"], dtype=np.int64)
 
 
-def preview_indices(labels, count: int = PREVIEW_COUNT, seed: int = 0) -> list[int]:
-    """A fixed, seeded, class-balanced sample of a split's images, the same for every run (so figures
-    compare): one image of each class in turn. Image folders store the test set in class order, so
-    the first images would all be of one class."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
-    turns = itertools.zip_longest(*by_class)
-    return [int(i) for i in itertools.chain.from_iterable(turns) if i is not None][:count]
-
-
-def write_preview(path: Path, labels: np.ndarray, sample_images) -> None:
-    """The preview of a test split as .npz: its indices (preview_indices of the split's labels), their
-    labels, and `sample_images(indices)`, those images (uint8, N×32×32×3)."""
-    indices = np.asarray(preview_indices(labels), dtype=np.int64)
-    arrays = {"indices": indices, "labels": np.asarray(labels)[indices], "images": sample_images(indices)}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
-            np.savez_compressed(f, **arrays)
-    write_atomically(path, write)
-
-
-def preview_path(data_dir: str | Path) -> Path:
-    """DATA_DIR/preview.npz, written now from the test beton if the data was converted before previews were."""
-    path = Path(data_dir) / PREVIEW_FILE
-    if not path.exists():
-        labels = beton_labels(Path(data_dir) / "test.beton")
-        write_preview(path, labels, lambda indices: read_images(data_dir, "test", indices.tolist()))
-    return path
-
-
 def split_indices(labels: np.ndarray, fraction: float = 1.0, val_split: float = 0.0,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced, seeded (train, val) indices into the train set.
-
-    Per class: a seeded permutation; its first `val_split` part is the validation set, and the
-    first `fraction` of the rest is the training subset. So the val set does not depend on the
-    fraction, and smaller fractions are subsets of larger ones."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if not 0 <= val_split < 1:
-        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+    """Class-balanced, seeded (train, val) indices into the train set. Per class, a seeded permutation:
+    its first `val_split` part is the val set, the first `fraction` of the rest the training subset;
+    so the val set does not depend on the fraction, and smaller fractions are subsets of larger ones."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         n_val = round(val_split * len(members))
-        rest = members[n_val:]
         val.append(members[:n_val])
-        train.append(rest[:max(1, round(fraction * len(rest)))])
+        train.append(members[n_val:][:max(1, round(fraction * (len(members) - n_val)))])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentations on the device: batched tensor ops, seeded per epoch.
-# ---------------------------------------------------------------------------------------------
+def preview_indices(labels, count: int = PREVIEW_COUNT, seed: int = 0) -> list[int]:
+    """A fixed, seeded sample of a split, the same for every run (so figures compare): one image of
+    each class in turn, as image folders store the test set in class order."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    return [int(i) for i in itertools.chain.from_iterable(itertools.zip_longest(*by_class)) if i is not None][:count]
+
+
+def write_preview(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The test split's preview: its indices (preview_indices), their labels and their images."""
+    indices = np.asarray(preview_indices(labels), dtype=np.int64)
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
+        np.savez_compressed(f, indices=indices, labels=labels[indices], images=images[indices])
+
+
+def preview_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / PREVIEW_FILE
+
+
+# --- augmentations on the device: batched tensor ops, seeded per epoch ---
 
 def parse_aug(aug: str) -> tuple[str, ...]:
     names = () if aug in ("", "none") else tuple(a.strip() for a in aug.split(","))
@@ -961,9 +696,8 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 def device_transform(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augs: tuple[str, ...],
                      g: torch.Generator | None) -> torch.Tensor:
-    """uint8 NCHW (channels-last) -> normalised float, with the device-side augmentations.
-
-    mean and std are in [0, 1] units, shaped 1×3×1×1."""
+    """uint8 NCHW (channels-last) -> normalised float, with the device-side augmentations; mean and std
+    are in [0, 1] units, shaped 1×3×1×1."""
     import torch
     x = images
     if "jitter" in augs:
@@ -981,18 +715,16 @@ def device_transform(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return x.contiguous(memory_format=torch.channels_last)
 
 
-# ---------------------------------------------------------------------------------------------
-# The loader.
-# ---------------------------------------------------------------------------------------------
+# --- the loader ---
 
 def register_sharded_order() -> str:
     """Register with FFCV a traversal order that gives the same global order however many processes
     share it, and return its key for Loader(order=...).
 
     FFCV's RANDOM order permutes with numpy alone but with torch's DistributedSampler under
-    distributed=True, so a 2-process run would see other batches than a 1-process run. This order
-    is DistributedSampler's for any world size (1 included): rank r takes every world-th image of
-    one seeded permutation, so the union of the ranks' first batches is the 1-process first batch."""
+    distributed=True, so a 2-process run would see other batches than a 1-process run. This order is
+    DistributedSampler's for any world size (1 included): rank r takes every world-th image of one
+    seeded permutation, so the union of the ranks' first batches is the 1-process first batch."""
     import torch
     from ffcv.loader import loader as ffcv_loader
     from ffcv.traversal_order.base import TraversalOrder
@@ -1072,8 +804,6 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     out) or "test" (sequential, every image once). With `distributed`, each rank gets its share;
     batch_size is then per rank. workers: FFCV's threads, None for default_workers(); more than this
     process may use are lowered to that, with a note on stderr."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"unknown split {split!r}: choose train, val or test")
     import torch
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -1089,19 +819,18 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     if split == "test":
         indices = np.arange(meta["counts"]["test"])
     else:
-        train_idx, val_idx = split_indices(beton_labels(path), fraction, val_split, seed)
-        indices = train_idx if split == "train" else val_idx
+        train_indices, val_indices = split_indices(beton_labels(path), fraction, val_split, seed)
+        indices = val_indices if split == "val" else train_indices
     if len(indices) == 0:
         raise ValueError(f"the {split} split is empty: raise --val-split")
     if split == "train" and batch_size > len(indices):
         raise ValueError(f"batch size {batch_size} is larger than the {len(indices)} training images: "
                          "lower --batch-size or raise --fraction")
-    mean_255 = [255 * m for m in meta["mean"]]
     image_ops = [SimpleRGBImageDecoder()]
     if "flip" in augs:
         image_ops.append(RandomHorizontalFlip())
     if "translate" in augs:
-        image_ops.append(RandomTranslate(padding=TRANSLATE_PX, fill=tuple(int(round(m)) for m in mean_255)))
+        image_ops.append(RandomTranslate(padding=TRANSLATE_PX, fill=tuple(round(255 * m) for m in meta["mean"])))
     # A blocking copy, in FFCV's loader thread: FFCV reuses each pinned host buffer every batches_ahead + 2
     # batches, and a non-blocking copy is only queued on the GPU (behind the training steps it waits for);
     # nothing would then stop the thread from writing a later batch into the buffer before the GPU read
@@ -1116,14 +845,13 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     torch.set_num_threads(TORCH_THREADS)
     real = len(indices)
     if distributed and split != "train":
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        real = len(range(rank, len(indices), world))
+        real = len(range(torch.distributed.get_rank(), len(indices), torch.distributed.get_world_size()))
     return DeviceLoader(loader, len(indices), augs, channel_tensor(meta["mean"], device),
                         channel_tensor(meta["std"], device), device, seed, real)
 
 
 def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndarray:
-    """The raw uint8 images (N×32×32×3) at `indices` of a split's beton, for figures."""
+    """The raw uint8 images (N×32×32×3) at `indices` of a split's beton."""
     import torch
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -1132,9 +860,8 @@ def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndar
     loader = Loader(str(Path(data_dir) / f"{split}.beton"), batch_size=len(indices), num_workers=1,
                     order=OrderOption.SEQUENTIAL, indices=np.asarray(indices)[order], drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    torch.set_num_threads(TORCH_THREADS)
     images = np.concatenate([np.array(batch[0]) for batch in loader])
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(TORCH_THREADS)  # FFCV's Loader and its epoch set it to its worker count
     return images[np.argsort(order)]
 
 
@@ -1150,11 +877,8 @@ def main() -> None:
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip images that cannot be decoded (listed in meta.json) instead of stopping")
     parser.add_argument("--check", action="store_true",
-                        help="check the data dir as training does (meta.json, betons, their headers) and exit")
-    parser.add_argument("--bench", action="store_true", help=argparse.SUPPRESS)  # moved to bench.py
+                        help="check the data dir as training does (meta.json, the betons' checksums) and exit")
     args = parser.parse_args()
-    if args.bench:
-        parser.error("the loader benchmark moved: run 'python bench.py --loader-only'")
     try:
         if args.check:
             meta = ensure_valid(args.data_dir)

@@ -134,8 +134,8 @@ def test_official_pickle_format_is_read_once_checksums_match(tmp_path, monkeypat
                            test_list=[["test_batch", md5["test_batch"]]],
                            meta={"filename": "batches.meta", "md5": md5["batches.meta"]})
     monkeypatch.setattr(data, "cifar10_release", lambda: fake)
-    splits, classes = data.read_official_batches(folder)
-    assert classes == list(CLASSES)
+    splits, classes, report, description = data.read_source(str(tmp_path), tmp_path / "d")  # the folder above
+    assert classes == list(CLASSES) and report == {} and description == str(tmp_path)
     assert splits["train"][0].shape == (50, 32, 32, 3) and splits["test"][0].shape == (10, 32, 32, 3)
     first = files["data_batch_1"]["data"][3].reshape(3, 32, 32).transpose(1, 2, 0)
     np.testing.assert_array_equal(splits["train"][0][3], first)
@@ -331,9 +331,9 @@ def test_read_images_returns_the_raw_pixels_in_the_order_asked(synthetic_data, i
     np.testing.assert_array_equal(images, np.stack(expected))
 
 
-def test_conversion_keeps_a_class_balanced_preview_of_the_test_images(synthetic_data, image_folder, fresh_data):
+def test_conversion_keeps_a_class_balanced_preview_of_the_test_images(synthetic_data, image_folder):
     from PIL import Image
-    with np.load(synthetic_data / data.PREVIEW_FILE) as preview:
+    with np.load(data.preview_path(synthetic_data)) as preview:
         indices, labels, images = preview["indices"], preview["labels"], preview["images"]
     assert len(indices) == data.PREVIEW_COUNT == 64 and len(set(indices.tolist())) == 64
     assert np.bincount(labels, minlength=10).tolist() == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6]  # one class after another
@@ -342,11 +342,6 @@ def test_conversion_keeps_a_class_balanced_preview_of_the_test_images(synthetic_
     folder = image_folder / "test" / CLASSES[first // TEST_PER_CLASS]
     expected = Image.open(folder / f"{first % TEST_PER_CLASS:04d}.png")
     np.testing.assert_array_equal(images[0], np.asarray(expected))
-    # a data dir converted before previews existed gets one from its test beton, the same
-    (fresh_data / data.PREVIEW_FILE).unlink()
-    with np.load(data.preview_path(fresh_data)) as rebuilt:
-        np.testing.assert_array_equal(rebuilt["images"], images)
-        np.testing.assert_array_equal(rebuilt["indices"], indices)
 
 
 @pytest.mark.skipif(not SHARED_JPEG.exists(), reason="../shared/data/cifar10-jpeg.tar.gz not present")
@@ -392,7 +387,7 @@ def test_hidden_and_non_image_files_are_skipped_and_counted_in_one_line(tmp_path
         with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
             tar.add(source, arcname="cifar")
         source = tmp_path / "src.tar.gz"
-    splits, classes, _, report = data.read_source(str(source), tmp_path / "d")
+    splits, classes, report, _ = data.read_source(str(source), tmp_path / "d")
     assert classes == list(CLASSES)
     assert np.bincount(splits["train"][1]).tolist() == [1, 1, 1, 3, 1, 1, 1, 1, 1, 1]
     assert sorted(Path(p).name for p in report["skipped_not_images"]) == [
@@ -410,7 +405,7 @@ def test_grayscale_rgba_and_palette_images_become_rgb_and_are_counted(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     (source / "train" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("RGBA")))
     (source / "test" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("P")))
-    splits, _, _, report = data.read_source(str(source), tmp_path / "d")
+    splits, _, report, _ = data.read_source(str(source), tmp_path / "d")
     assert report["converted_to_rgb"] == {"L": 1, "P": 1, "RGBA": 1}
     assert data.source_notes(report) == ["converted 3 images to RGB (1 L, 1 P, 1 RGBA)"]
     images, labels = splits["train"]
@@ -425,7 +420,7 @@ def test_skip_bad_skips_broken_images_lists_them_and_keeps_the_rest(tmp_path):
     (source / "train" / "dog" / "0002.jpg").write_text("<html>not found</html>")
     with pytest.raises(data.BrokenImage, match="--skip-bad"):
         data.read_source(str(source), tmp_path / "d")
-    splits, _, _, report = data.read_source(str(source), tmp_path / "d", skip_bad=True)
+    splits, _, report, _ = data.read_source(str(source), tmp_path / "d", skip_bad=True)
     assert np.bincount(splits["train"][1]).tolist() == [3, 3, 3, 2, 3, 3, 3, 3, 3, 3]
     assert sorted(Path(p).name for p in report["skipped_broken"]) == ["0001.png", "0002.jpg"]
     assert data.source_notes(report)[-1].startswith("skipped 2 broken images (--skip-bad): ")
@@ -463,11 +458,13 @@ def test_rebuild_without_source_converts_the_recorded_source_not_a_download(fres
 def test_default_workers_follow_the_cpu_affinity_not_the_machine(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert data.usable_cpus() == 1 and data.default_workers() == 1 and data.default_workers(4) == 1
+    def default(local_ranks=1):
+        return data.check_workers(None, local_ranks)[0]
+    assert data.usable_cpus() == 1 and default() == 1 and default(4) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert data.usable_cpus() == 16
-    assert data.default_workers() == 8  # capped
-    assert data.default_workers(local_ranks=4) == 4 and data.default_workers(local_ranks=32) == 1
+    assert default() == 8  # capped
+    assert default(local_ranks=4) == 4 and default(local_ranks=32) == 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     assert data.usable_cpus() == 64
 

@@ -164,35 +164,36 @@ def test_full_disk_while_checkpointing_keeps_the_previous_json_and_checkpoint(tm
 def test_killed_conversion_leaves_nothing_taken_for_complete(tmp_path, image_folder):
     import data
     out = tmp_path / "d"
-    command = [sys.executable, str(ROOT / "data.py"), "--source", str(image_folder), "--data-dir", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env())
-    wait_until(lambda: any(".tmp-" in p.name for p in out.iterdir()), process)  # mid-write of a beton
-    process.kill()
-    process.communicate()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_FINALIZE, "--source", str(image_folder), "--data-dir",
+                             str(out)], capture_output=True, text=True, env=dict(run_env(), PYTHONPATH=str(ROOT)),
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL and any(".tmp-" in p.name for p in out.iterdir())  # mid-write
     assert not (out / "meta.json").exists()
     with pytest.raises(data.DataError, match="make data"):
         data.ensure_valid(out)
-    result = subprocess.run(command, capture_output=True, text=True, env=run_env(), timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "data.py"), "--source", str(image_folder), "--data-dir",
+                             str(out)], capture_output=True, text=True, env=run_env(), timeout=600)
     assert result.returncode == 0 and "wrote" in result.stdout
     assert data.ensure_valid(out)["counts"]["train"] == 240
 
 
-# A full disk at FFCV's writer's last write, which the main process makes: the allocation table.
-FULL_DISK_AT_FINALIZE = """
-import errno, os
+# The last write of FFCV's writer to a beton, its allocation table: a kill there, or a full disk.
+FAULT_AT_FINALIZE = """
+import errno, os, signal
 import data
 data.import_ffcv()
 from ffcv.writer import DatasetWriter
 def finalize(self, allocations):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    {}
 DatasetWriter.finalize = finalize
 data.main()
 """
+KILLED_AT_FINALIZE = FAULT_AT_FINALIZE.format("os.kill(os.getpid(), signal.SIGKILL)")
+FULL_DISK_AT_FINALIZE = FAULT_AT_FINALIZE.format("raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))")
 
 
 def rebuild(data_dir, source, max_bytes: int | None = None, program: str | None = None) -> subprocess.CompletedProcess:
-    """`data.py --force` (or `program`, which runs data.main()), under a file-size limit if given. The
-    timeout is short: FFCV 1.0.2's writer waited forever for a worker whose write had failed."""
+    """`data.py --force` (or `program`, which runs data.main()), under a file-size limit if given."""
     script = ["-c", program] if program else [str(ROOT / "data.py")]
     command = [sys.executable, *script, "--source", str(source), "--data-dir", str(data_dir), "--force"]
     return subprocess.run(command, capture_output=True, text=True, env=dict(run_env(), PYTHONPATH=str(ROOT)),
@@ -204,12 +205,10 @@ def contents(folder) -> dict[str, str]:
     return {p.name: data.sha256_of(p) for p in sorted(folder.iterdir())}
 
 
-# Where the rebuild's first failed write is, in the order FFCV writes: sizing the shared block of the
-# metadata (4 KiB: Python 3.11's SharedMemory then had its resource tracker print a KeyError
-# traceback), a worker's first page (64 KiB: the worker printed a traceback and the writer waited
-# forever), or the main process's last write (the metadata's block leaked, with a warning at exit).
-@pytest.mark.parametrize("limit, program", [(4 << 10, None), (64 << 10, None), (None, FULL_DISK_AT_FINALIZE)],
-                         ids=["metadata-block", "worker-page", "last-write"])
+# Where the rebuild's first failed write is, in the order a beton is written: its header (2 KiB), its
+# first page of images (64 KiB), or its last write, the allocation table.
+@pytest.mark.parametrize("limit, program", [(1 << 10, None), (64 << 10, None), (None, FULL_DISK_AT_FINALIZE)],
+                         ids=["header", "first-page", "last-write"])
 def test_failed_force_rebuild_keeps_the_previous_data_valid(fresh_data, image_folder, limit, program):
     import data
     before = contents(fresh_data)
