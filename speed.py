@@ -3,20 +3,15 @@ and the timing helpers, shared by train.py and bench.py.
 
     device = resolve_device("auto", None)        # cuda:N or cpu, with the reason when a GPU is unusable
     switches = choose_switches(args, model, device)   # each switch with its reason and its probes
-    with autocast(device, switches["amp"]):
+    with autocast(device, switches["amp"]):      # "fp32" (autocast off), "bf16" or "fp16", everywhere
         loss = model(images.contiguous(memory_format=memory_format(switches["channels_last"])))
-
-On CUDA the switches are fixed (all on); on CPU they are timed on this machine (step_rate), and
-torch.compile is kept only if compiled steps beat eager ones (keep_compile_if_faster).
-
-Autocast dtypes have one name each, everywhere (flags, records, bench tables): "fp32" (autocast off),
-"bf16", "fp16".
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import ctypes
+import itertools
 import os
 import re
 import resource
@@ -32,26 +27,19 @@ MIN_TORCH = (2, 3)
 TESTED_TORCH = "2.14.1"
 
 
-def torch_problem(version: str | None = None) -> str | None:
-    """Why this torch (or `version`) cannot run this code, in one line; None when it can."""
-    version = version or torch.__version__
-    release = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
-    if release >= MIN_TORCH:
-        return None
-    return (f"torch {version} is older than this code supports (torch {'.'.join(map(str, MIN_TORCH))} or newer; "
-            f"tested with {TESTED_TORCH}): run 'make setup' for the pinned torch, or give SYSTEM_TORCH=1 a Python "
-            f"whose torch is {'.'.join(map(str, MIN_TORCH))}+")
-
-
 def check_torch() -> None:
-    problem = torch_problem()
-    if problem:
-        raise SystemExit(f"error: {problem}")
+    """Stop in one line, naming the fix, when this torch is older than MIN_TORCH."""
+    version = torch.__version__
+    if tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups()) < MIN_TORCH:
+        oldest = ".".join(map(str, MIN_TORCH))
+        raise SystemExit(f"error: torch {version} is older than this code supports (torch {oldest} or newer; "
+                         f"tested with {TESTED_TORCH}): run 'make setup' for the pinned torch, or give "
+                         f"SYSTEM_TORCH=1 a Python whose torch is {oldest}+")
 
 
 def share_compile_threads(local_ranks: int, cpus: int) -> None:
-    """Under torchrun every rank starts Inductor's compile workers, min(32, CPUs) of them: share the
-    node's CPUs among its ranks instead (a TORCHINDUCTOR_COMPILE_THREADS the user set stands)."""
+    """Share the node's CPUs among its ranks' Inductor compile workers (each would start min(32, CPUs)),
+    unless the user set TORCHINDUCTOR_COMPILE_THREADS."""
     if local_ranks > 1 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         threads = max(1, cpus // local_ranks)
         os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # for the compile workers it starts
@@ -60,15 +48,12 @@ def share_compile_threads(local_ranks: int, cpus: int) -> None:
 
 
 def resolve_device(name: str, local_rank: int | None) -> torch.device:
-    """An indexed device: "auto" and "cuda" mean cuda:LOCAL_RANK under torchrun, else cuda:0.
-
-    torch.cuda.set_device refuses a device without an index, so every CUDA device is given one
-    here, checked against the devices this process can see."""
+    """An indexed device (torch.cuda.set_device refuses one without), checked against the devices this
+    process sees: "auto" and "cuda" mean cuda:LOCAL_RANK under torchrun, else cuda:0."""
     if name == "auto":
-        if not torch.cuda.is_available():
-            unusable = cuda_unusable_reason()
-            if unusable:
-                raise SystemExit(f"error: {unusable}")
+        unusable = cuda_unusable_reason()  # None when CUDA works, or on a machine without an NVIDIA driver
+        if unusable:
+            raise SystemExit(f"error: {unusable}")
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
@@ -96,16 +81,12 @@ def resolve_device(name: str, local_rank: int | None) -> torch.device:
     return device
 
 
-# The pinned torch wheel is built for CUDA 13.0; a CUDA 13 runtime needs an NVIDIA driver of the
-# 580 branch or newer on Linux (a driver serves runtimes of its own CUDA major version and older).
-CUDA_BUILD_MIN_DRIVER = "580"
+CUDA_BUILD_MIN_DRIVER = "580"  # the pinned wheel's CUDA 13.0 runtime needs a driver of the 580 branch or newer
 
 
 def driver_cuda_version() -> int | None:
-    """The CUDA version the installed NVIDIA driver supports (12080 = 12.8), or None without a driver.
-
-    Asked of libcuda, which comes with the driver, not with torch: torch itself only warns and
-    reports no GPU when the driver is too old for its CUDA."""
+    """The CUDA version the NVIDIA driver supports (12080 = 12.8), None without a driver. Asked of libcuda,
+    which comes with the driver: torch only warns, and sees no GPU, when the driver is too old for it."""
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -115,8 +96,8 @@ def driver_cuda_version() -> int | None:
 
 
 def cuda_unusable_reason() -> str | None:
-    """Why this machine's NVIDIA GPU cannot be used by this torch build; None when CUDA works or when
-    there is no NVIDIA driver at all (a CPU machine: nothing to explain)."""
+    """Why this machine's NVIDIA GPU cannot be used by this torch build; None when CUDA works or there is
+    no NVIDIA driver (a CPU machine: nothing to explain)."""
     if torch.cuda.is_available():
         return None
     found = driver_cuda_version()
@@ -125,19 +106,18 @@ def cuda_unusable_reason() -> str | None:
     if torch.version.cuda is None:
         return (f"this machine has an NVIDIA driver but torch {torch.__version__} is a CPU-only build: install the "
                 "CUDA build (README, 'On a GPU'), or pass --device cpu")
-    need = int(torch.version.cuda.split(".")[0])
-    if found // 1000 < need:
-        return (f"the NVIDIA driver supports CUDA {found // 1000}.{found % 1000 // 10}, but torch {torch.__version__} "
-                f"is built for CUDA {torch.version.cuda}: update the driver ({CUDA_BUILD_MIN_DRIVER} or newer), or "
-                f"install a torch build for CUDA {found // 1000}.x (README, 'On a GPU'), or pass --device cpu")
-    return (f"the NVIDIA driver works (CUDA {found // 1000}.{found % 1000 // 10}) but CUDA sees no GPU "
+    major, minor = divmod(found, 1000)
+    if major < int(torch.version.cuda.split(".")[0]):
+        return (f"the NVIDIA driver supports CUDA {major}.{minor // 10}, but torch {torch.__version__} is built for "
+                f"CUDA {torch.version.cuda}: update the driver ({CUDA_BUILD_MIN_DRIVER} or newer), or install a "
+                f"torch build for CUDA {major}.x (README, 'On a GPU'), or pass --device cpu")
+    return (f"the NVIDIA driver works (CUDA {major}.{minor // 10}) but CUDA sees no GPU "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check it, or pass --device cpu")
 
 
 def has_kernels_for(capability: tuple[int, int], arch_list: list[str]) -> bool:
-    """Whether a torch build compiled for arch_list runs on a GPU of this compute capability: a cubin
-    (sm_XY) runs on its own major version at minor Y or above, an arch-specific one (sm_90a) only on
-    its own, and PTX (compute_XY) is compiled by the driver for XY and anything newer."""
+    """Whether a build for arch_list runs on a GPU of this compute capability: a cubin (sm_XY) runs on
+    major X at minor Y or above, sm_90a only on 9.0, and the driver compiles PTX (compute_XY) for XY on."""
     for arch in arch_list:
         kind, _, number = arch.partition("_")
         major, minor = divmod(int(number.rstrip("af")), 10)
@@ -150,8 +130,8 @@ def has_kernels_for(capability: tuple[int, int], arch_list: list[str]) -> bool:
 
 
 def missing_kernels_reason(index: int) -> str | None:
-    """Why this torch build cannot run on GPU `index` (torch itself only warns, and the first kernel
-    then dies with "no kernel image is available"); None when it can."""
+    """Why this torch build cannot run on GPU `index` (torch only warns; the first kernel then dies with
+    "no kernel image is available"); None when it can."""
     arch_list = torch.cuda.get_arch_list()
     capability = torch.cuda.get_device_capability(index)
     if not arch_list or has_kernels_for(capability, arch_list):
@@ -162,20 +142,17 @@ def missing_kernels_reason(index: int) -> str | None:
             f"PyTorch's CUDA 12.6 wheels (sm_50 to sm_90): 'make setup TORCH_CUDA=cu126', or pass --device cpu")
 
 
-# The one vocabulary of autocast dtypes; records before 2026-11 wrote torch's names and "off".
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-OLD_AMP_NAMES = {"off": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the one vocabulary of dtypes
 PROBE_BATCH = 128  # eager probes of dtype x layout: the modes ranked the same at batch 64 and 512 here
 PROBE_STEPS = 2  # timed steps per probe, after an untimed one; the fastest step counts
-# A switch is turned on by auto only if it is this much faster than without: below that, the probes
-# are within this machine's step-to-step noise, and the plain fp32 NCHW eager step is the safer bet
-# (no compile time, no recompiles, fp32 numerics).
+# Auto turns a switch on only if it is this much faster: below, the probes are within the machine's
+# noise, and the plain fp32 NCHW eager step is the safer bet (no compile time, fp32 numerics).
 PROBE_MARGIN = 1.05
 
 
-def amp_name(name: str) -> str:
-    """An autocast dtype's name in the one vocabulary, from a flag or a record of any age."""
-    return OLD_AMP_NAMES.get(name, name)
+def amp_name(flag: str) -> str:
+    """--amp's value: "off" is a spelling of fp32."""
+    return "fp32" if flag == "off" else flag
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -183,8 +160,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def autocast(device: torch.device, amp: str):
-    """The autocast context of a step: amp is "fp32" (off), "bf16" or "fp16"."""
-    dtype = AMP_DTYPES[amp_name(amp)]
+    dtype = AMP_DTYPES[amp]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -198,62 +174,52 @@ def dummy_batch(batch_size: int, device: torch.device, memory: torch.memory_form
 
 
 def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> dict:
-    """Autocast dtype, channels-last and torch.compile for this run, each with its reason.
+    """Autocast dtype, channels-last and torch.compile for this run, each with its reason; switches given
+    on the command line are taken as given.
 
-    Switches given on the command line are taken as given. On CUDA, auto turns all three on: tensor
-    cores want half precision in NHWC, and compile fuses BatchNorm and ReLU into fewer kernels.
-    On CPU each may pay or cost, by processor and network: on this project's 2-core AMX Xeon at
-    batch 512, bf16 autocast trains resnet18 (cifar stem) 1.8x faster and resnet18 with the
-    imagenet stem 2x slower; compile gains 1.3x for resnet20 and loses 0.8x for resnet18-imagenet.
-    So auto on CPU times eager steps of every dtype x layout left open and takes the fastest if it
-    beats plain fp32 NCHW by PROBE_MARGIN, and leaves "compile" None for keep_compile_if_faster to
-    decide after compiling, at the run's batch."""
-    amps = [amp_name(args.amp)] if args.amp != "auto" else None
+    On CUDA, auto turns all three on: tensor cores want half precision in NHWC, and compile fuses
+    BatchNorm and ReLU into fewer kernels. On CPU each may pay or cost, by processor and network (on a
+    2-core AMX Xeon at batch 512, bf16 trains resnet18 1.8x faster and resnet18-imagenet 2x slower), so
+    auto times eager steps of every dtype x layout left open and takes the fastest if it beats fp32
+    NCHW by PROBE_MARGIN, leaving "compile" None for keep_compile_if_faster, after compiling."""
+    amps = [args.amp] if args.amp != "auto" else None
     layouts = [args.channels_last] if args.channels_last is not None else None
     probes = {}
     if device.type == "cuda":
-        amps = amps or ["bf16" if has_real_bf16() else "fp16"]
-        layouts = layouts or [True]
+        amps, layouts = amps or ["bf16" if has_real_bf16() else "fp16"], layouts or [True]
         compiled, auto = (True if args.compile is None else args.compile), "auto on CUDA"
     else:
         amps, layouts = amps or ["fp32", "bf16"], layouts or [False, True]
         compiled, auto = args.compile, f"auto on CPU: the fastest eager probe, if {PROBE_MARGIN}x fp32 NCHW or faster"
-        if len(amps) * len(layouts) > 1:
-            batch = min(args.batch_size_per_rank, PROBE_BATCH)
-            for amp in amps:
-                for channels_last in layouts:
-                    memory = memory_format(channels_last)
-                    probe = copy.deepcopy(model).to(memory_format=memory)
-                    probes[probe_name(amp, channels_last)] = round(step_rate(probe, probe, amp, batch, device, memory))
+        batch = min(args.batch_size_per_rank, PROBE_BATCH)
+        for amp, channels_last in itertools.product(amps, layouts) if len(amps) * len(layouts) > 1 else ():
+            memory = memory_format(channels_last)
+            probe = copy.deepcopy(model).to(memory_format=memory)
+            probes[probe_name(amp, channels_last)] = round(step_rate(probe, probe, amp, batch, device, memory))
     amp, channels_last = max(((a, c) for a in amps for c in layouts), key=lambda ac: probes.get(probe_name(*ac), 0))
     plain = probes.get(probe_name("fp32", False))
     if plain and probes[probe_name(amp, channels_last)] < PROBE_MARGIN * plain:
         amp, channels_last = "fp32", False
     compile_reason = "asked" if args.compile is not None else auto
     if args.sync_bn and args.compile is None:
-        compiled, compile_reason = False, SYNC_BN_NO_COMPILE
+        compiled, compile_reason = False, ("auto with --sync-bn: off, because SyncBatchNorm's forward calls "
+                                           "torch.distributed collectives that torch.compile cannot trace (graph "
+                                           "breaks at every BatchNorm layer, open upstream issues); --compile "
+                                           "forces it on")
     if compiled and device.type == "cuda" and amp == "bf16" and not has_real_bf16():
-        compiled, compile_reason = False, BF16_NO_COMPILE
+        # Inductor runs every graph with bf16 inputs or outputs eager on such a GPU (compile_fx.py,
+        # _check_triton_bf16_support): the record says what runs.
+        compiled, compile_reason = False, ("off: --amp bf16 on a GPU without bf16 hardware (compute capability "
+                                           "below 8.0), where torch.compile's Inductor does not compile bf16 graphs "
+                                           "and runs them eager; --amp fp16 compiles")
     return {"amp": amp, "amp_reason": "asked" if args.amp != "auto" else auto,
             "channels_last": channels_last, "channels_last_reason": "asked" if args.channels_last is not None else auto,
             "compile": compiled, "compile_reason": compile_reason, "probe_img_per_s": probes}
 
 
-SYNC_BN_NO_COMPILE = ("auto with --sync-bn: off, because SyncBatchNorm's forward calls torch.distributed "
-                      "collectives that torch.compile cannot trace (graph breaks at every BatchNorm layer, open "
-                      "upstream issues); --compile forces it on")
-
-
-# Inductor skips (runs eager) every graph with bf16 inputs or outputs on such a GPU
-# (torch/_inductor/compile_fx.py, _check_triton_bf16_support): the record says what runs.
-BF16_NO_COMPILE = ("off: --amp bf16 on a GPU without bf16 hardware (compute capability below 8.0), where "
-                   "torch.compile's Inductor does not compile bf16 graphs and runs them eager; --amp fp16 compiles")
-
-
 def has_real_bf16() -> bool:
-    """bf16 in hardware on the current GPU (compute capability 8.0 or later). is_bf16_supported() also
-    counts emulation, which a T4 or RTX 20xx (7.5) has without bf16 tensor cores or cuDNN bf16
-    convolutions: fp16 with a GradScaler is what runs fast there."""
+    """bf16 in hardware (8.0 or later): is_bf16_supported() also counts a T4's emulation, without bf16
+    tensor cores or cuDNN bf16 convolutions, where fp16 with a GradScaler runs fast."""
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
@@ -263,8 +229,8 @@ def probe_name(amp: str, channels_last: bool) -> str:
 
 def keep_compile_if_faster(switches: dict, compiled, model, raw_model: torch.nn.Module, device: torch.device,
                            batch_size: int) -> None:
-    """Auto on CPU: sets switches["compile"] to whether compiled steps beat eager ones by PROBE_MARGIN
-    at the run's batch, with the rates measured and the reason."""
+    """Auto on CPU: switches["compile"] is whether compiled steps beat eager ones by PROBE_MARGIN at the
+    run's batch, with the rates and the reason."""
     memory = memory_format(switches["channels_last"])
     rates = {"compiled": round(step_rate(compiled, raw_model, switches["amp"], batch_size, device, memory)),
              "eager": round(step_rate(model, raw_model, switches["amp"], batch_size, device, memory))}
@@ -275,11 +241,9 @@ def keep_compile_if_faster(switches: dict, compiled, model, raw_model: torch.nn.
 
 def step_rate(model, raw_model: torch.nn.Module, amp: str, batch_size: int, device: torch.device,
               memory: torch.memory_format, steps: int = PROBE_STEPS) -> float:
-    """Images/s of plain SGD training steps of `model`, which trains raw_model's weights (raw_model
-    itself, or a compiled or DDP wrapper of it). Weights, buffers and the RNG are restored after:
-    the run then starts as if it had never been probed."""
-    saved = {k: v.clone() for k, v in raw_model.state_dict().items()}
-    rng = torch.get_rng_state()
+    """Images/s of plain SGD steps of `model`, which trains raw_model's weights (raw_model, or a compiled
+    or DDP wrapper of it). Weights, buffers and the RNG are put back: the run starts as if unprobed."""
+    saved, rng = {k: v.clone() for k, v in raw_model.state_dict().items()}, torch.get_rng_state()
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=1e-3)
     images, labels = dummy_batch(batch_size, device, memory)
     model.train()
@@ -302,11 +266,10 @@ def step_rate(model, raw_model: torch.nn.Module, amp: str, batch_size: int, devi
 
 def compile_on_dummy_batches(train_model, eval_model, raw_model, optimizer, scaler, amp: str, memory, device,
                              train_batch: int, eval_batch: int) -> float:
-    """Run the compiled train and eval models once on a dummy batch each, which compiles them (the
-    seconds it took are returned, reported on their own and kept out of the epoch times), then
-    restore every state it touched."""
-    saved = {"model": {k: v.clone() for k, v in raw_model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+    """Compile the train and eval models by running each once on a dummy batch; returns the seconds
+    it took (reported apart, kept out of the epoch times). No optimizer step is taken, and the
+    BatchNorm statistics the training forward moved are put back."""
+    saved = {k: v.clone() for k, v in raw_model.state_dict().items()}
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
     for model, training, size in ((train_model, True, train_batch), (eval_model, False, eval_batch)):
@@ -319,9 +282,7 @@ def compile_on_dummy_batches(train_model, eval_model, raw_model, optimizer, scal
             optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     elapsed = time.perf_counter() - start
-    raw_model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
+    raw_model.load_state_dict(saved)
     return elapsed
 
 
