@@ -5,26 +5,18 @@
     python bench.py --archs resnet18,resnet18-imagenet --device cuda:1
     python bench.py --loader-only          # our loader against the torchvision DataLoader way, alone
 
-One run measures, on the same machine and data, and writes results/bench/<host>-<date>.json:
-1. the loader alone (benchmark_loader): our FFCV loader, the usual torchvision DataLoader over PIL
-   images (the same workers, batch and copy to the device), and an in-memory ceiling, in images/s;
-   `loader_ratio` = ours / torchvision.
-2. train.py's own training step (train.train_one_epoch) per architecture label ("resnet18" is the
-   cifar stem, "resnet18-imagenet" the imagenet stem) on synthetic batches on the device, in each mode:
-   eager_fp32 (NCHW, fp32, eager), each switch alone (channels_last, amp_bf16 — and amp_fp16 on a GPU
-   without bf16 —, compile), and default, what train.py's auto runs here (on CPU its probes, per arch:
-   archs.<label>.default_switches). `speedup` = default / eager_fp32. Compile time is kept out of every
-   rate: `compile_s` is the first compiled step minus a steady one (lower on a second run: Inductor
-   caches on disk).
-3. a whole epoch of resnet20 in default mode fed by our loader, and fed the same batches from memory:
-   `loader_overhead` = loader epoch / in-memory epoch (1.00: the loader hides behind the device's work).
-4. efficiency: forward+backward FLOPs per image (FlopCounterMode: 2 per multiply-add), achieved FLOP/s,
-   and `% peak` against a 2048² matmul in the mode's dtype, timed in the same run (fp32 convolutions run
-   in TF32 on Ampere and later while the fp32 matmul does not, so fp32 modes can pass 100%).
-
-Every figure is the median of --reps timed repetitions after warm-up steps, the device synchronised
-before and after each; on CUDA `peak_memory_mb` holds torch.cuda.max_memory_allocated per mode. On a
-shared machine the figures are as noisy as its load.
+Measured in one run on the same data, into results/bench/<host>-<date>.json, each figure the median
+of --reps timed repetitions after warm-up, the device synchronised around each:
+1. the loader alone: ours, the usual torchvision DataLoader over PIL images (the same workers, batch and
+   copy to the device) and an in-memory ceiling, in images/s; `loader_ratio` = ours / torchvision.
+2. train.py's training step per label ("resnet18-imagenet": the imagenet stem) on batches already on
+   the device, in images/s: eager_fp32, each switch alone (channels_last, amp_bf16, amp_fp16 on a GPU
+   without bf16, compile) and default, what train.py's auto runs here (archs.<label>.default_switches);
+   `speedup` = default / eager_fp32; compile time is kept out of every rate, shown as `compile_s`.
+3. an epoch of resnet20 in default mode fed by our loader and by the same batches from memory:
+   `loader_overhead` = the first / the second (1.00: the loader hides behind the device's work).
+4. FLOPs per image (FlopCounterMode, forward+backward), achieved FLOP/s, and `% peak` of a 2048² matmul
+   in the mode's dtype (fp32 convolutions run in TF32 on Ampere and later: fp32 can pass 100%).
 """
 from __future__ import annotations
 
@@ -140,8 +132,8 @@ def build(label: str, device: torch.device) -> torch.nn.Module:
 
 def ready(label: str, mode: Mode, device: torch.device, args: argparse.Namespace, batch_size: int,
           nominal_steps: int) -> tuple[Setup, dict | None]:
-    """A fresh model of `label` set up in `mode`, and for AUTO the switches train.py's own functions
-    choose for it here (fixed on CUDA; on CPU its eager probes, then its compiled-vs-eager probe)."""
+    """A fresh model of `label` set up in `mode`; for AUTO, in what train.py's own functions choose for
+    it here (fixed on CUDA; on CPU its probes), returned too."""
     torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
     switches = None
     if mode == AUTO:
@@ -244,8 +236,8 @@ def first_line(error: Exception) -> str:
 
 def measure_label(record: dict, label: str, modes: dict[str, Mode], device: torch.device, args: argparse.Namespace,
                   plan: dict, nominal_steps: int, epoch_loader: data.DeviceLoader) -> None:
-    """Parts 2 and 3 for one label, a line per mode: every mode (out of memory, or a dtype the device
-    lacks, is its failure), and the epoch as soon as its mode's model is compiled and warm."""
+    """Parts 2 and 3 for one label, a line per mode (out of memory, a dtype the device lacks: its failure);
+    the epoch as soon as its mode's model is compiled and warm."""
     model = build(label, device)
     record["flops_per_image"][label] = train_flops_per_image(model, device)
     details = record["archs"][label] = {"params": models.count_parameters(model),
@@ -271,7 +263,7 @@ def measure_label(record: dict, label: str, modes: dict[str, Mode], device: torc
               flush=True)
 
 
-# --- 1. the loader alone: ours against the way such comparisons are usually written ---
+# --- 1. the loader alone, against the way such comparisons are usually written ---
 
 def time_epoch(batches, device: torch.device, limit: int | None = None) -> float:
     """Images per second over one pass (or the first `limit` images), until `device` has them all."""
@@ -287,8 +279,8 @@ def time_epoch(batches, device: torch.device, limit: int | None = None) -> float
 
 def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], workers: int,
                     batch_size: int, device: torch.device):
-    """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them, with the workers, batch
-    size and transfer to `device` ours gets: pinned memory on CUDA, copies with non_blocking."""
+    """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them, with our workers, batch
+    size and transfer (pinned memory on CUDA, non_blocking copies)."""
     import torchvision.transforms as T  # only here: the usual way is what this measures
     from PIL import Image
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
@@ -324,8 +316,7 @@ def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
 
 def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int = BATCH_SIZE, workers: int | None = None,
                      aug: str = data.DEFAULT_AUG) -> dict:
-    """Part 1, at the full run's batch even under --quick: a small batch would time FFCV's per-batch
-    overhead rather than the loader a training run gets."""
+    """Part 1, at the full run's batch even under --quick (a small batch times FFCV's per-batch overhead)."""
     threads, meta = torch.get_num_threads(), data.ensure_valid(data_dir)
     workers, note = data.check_workers(workers)  # resolved here, so the record holds the count used
     if note:
@@ -404,8 +395,8 @@ def print_table(record: dict) -> None:
         print(row)
     for label, problem in record["failed"].items():
         print(f"  failed: {label}: {problem}")
-    print("  (TFLOP/s and % peak are of the default mode; every mode is in the JSON. Where the default is\n"
-          "   fp32 NCHW eager, it is eager_fp32 timed again: its speedup is 1 within the noise of the machine)")
+    print("  (TFLOP/s and % peak: the default mode's, every mode's in the JSON; a default of fp32 NCHW eager is "
+          "eager_fp32 timed again)")
     if epoch:
         print(f"\nepoch of {epoch['arch']} {epoch['mode']}, {epoch['batches']} batches: fed by our loader "
               f"{epoch['loader_s']:.2f} s | from memory {epoch['in_memory_s']:.2f} s | loader overhead "
@@ -427,8 +418,8 @@ def save_record(folder: Path, record: dict, show) -> int:
 # --- the run ---
 
 def parse_bench_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict, torch.device, dict[str, Mode]]:
-    """The flags, the plan they make (flags, then --quick's values, then the full run's), the device
-    and the modes to time; a bad flag stops here, before any work."""
+    """The flags, the plan (flags, then --quick's values, then the full run's), the device and the modes
+    to time; a bad flag stops here, before any work."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command = sys.argv[1:] if argv is None else argv
@@ -456,8 +447,7 @@ def parse_bench_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict, 
 
 
 def start_record(args: argparse.Namespace, plan: dict, device: torch.device, modes: dict[str, Mode]) -> dict:
-    """The record's description of this machine and run, printed as the first line (with a warning
-    when the machine is busy)."""
+    """The record's description of this machine and run, printed first (with a warning on a busy CPU)."""
     env, threads, load, bs = train.environment(device), torch.get_num_threads(), os.getloadavg()[0], plan["batch_size"]
     default = "all on (auto on CUDA)" if device.type == "cuda" else "train.py's auto, probed per arch"
     print(f"bench: {env['device_name']} ({device}), {threads} threads, batch {bs}, modes {', '.join(modes)}; "

@@ -77,8 +77,8 @@ class BrokenImage(DataError):
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity (taskset, Slurm, a container's cpuset), which
-    numba, and so FFCV, holds its thread count to; os.cpu_count() counts the whole machine."""
+    """The CPUs this process may run on (taskset, Slurm, a cpuset), which numba, and so FFCV, holds its
+    threads to; os.cpu_count() counts the whole machine."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # no affinity call (macOS, Windows): the machine is all there is
@@ -119,12 +119,10 @@ def import_ffcv() -> None:
 
 
 def run_loader_thread_on_its_device() -> None:
-    """Make FFCV's loader thread work on the run's GPU, not GPU 0.
-
-    FFCV 1.0.2 makes its CUDA streams on the rank's device in the main thread, then enters them in a
-    new thread, which starts on device 0: leaving torch.cuda.stream() there calls cudaSetDevice(0), and
-    every rank but 0 makes a CUDA context on GPU 0 (memory per rank; a hang under exclusive-process
-    mode). So the thread first sets the device its streams were made on."""
+    """Make FFCV's loader thread work on the run's GPU, not GPU 0. FFCV 1.0.2 makes its CUDA streams on the
+    rank's device, then enters them in a new thread, which starts on device 0: leaving torch.cuda.stream()
+    there calls cudaSetDevice(0), and every rank but 0 makes a context on GPU 0 (memory per rank; a hang
+    under exclusive-process mode). So the thread first sets the device its streams were made on."""
     import torch
     from ffcv.loader.epoch_iterator import EpochIterator
     ffcv_run = EpochIterator.run
@@ -400,11 +398,10 @@ def finite_or_null(value):
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """A beton of raw 32×32 RGB images and int labels, written in this process.
-
-    FFCV's DatasetWriter forks workers that share the metadata table through named shared memory; on
-    a failed write (a full disk) a worker prints a traceback, the writer waits for it forever and the
-    block leaks. CIFAR-10 writes in about a second here, where a failed write is this process's OSError."""
+    """A beton of raw 32×32 RGB images and int labels, written in this process: FFCV's DatasetWriter forks
+    workers sharing a named shared-memory table, and on a failed write (a full disk) a worker prints a
+    traceback, the writer waits forever and the block leaks. Here CIFAR-10 takes a second or so, and a
+    failed write is an OSError of this process."""
     import_ffcv()
     import ffcv.writer as ffcv_writer
     from ffcv.fields import IntField, RGBImageField
@@ -575,7 +572,7 @@ _VALIDATED: dict[str, dict] = {}
 # --- splits, subsets and the preview ---
 
 def beton_labels(path: Path) -> np.ndarray:
-    """IntField values live in the beton's metadata table, so labels are read without decoding."""
+    """The labels, from the beton's metadata table (IntField values live there): nothing is decoded."""
     import_ffcv()
     from ffcv.reader import Reader
     return np.asarray(Reader(str(path)).metadata["f1"], dtype=np.int64)
@@ -681,11 +678,9 @@ def channel_tensor(values: list[float], device: "torch.device") -> "torch.Tensor
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(images/255 - mean) / std as a new float batch in channels-last layout.
-
-    Channels-last memory is NHWC, so a per-channel broadcast runs over an inner dimension of 3,
-    which CPU kernels do ~5x slower than a broadcast over a whole row: view each image as one
-    H*W*C row and broadcast a row of means and scales instead (0.8 ms against 4 ms per batch of 512)."""
+    """(images/255 - mean) / std as a new float batch in channels-last layout. In NHWC memory a per-channel
+    broadcast runs over an inner dimension of 3, ~5x slower on CPU than over a whole row: so each image
+    is one H*W*C row, and a row of means and scales is broadcast (0.8 ms against 4 ms per batch of 512)."""
     import torch
     n, c, h, w = images.shape
     nhwc = images.permute(0, 2, 3, 1).contiguous()  # a view when the batch is channels-last already
@@ -718,13 +713,10 @@ def device_transform(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 # --- the loader ---
 
 def register_sharded_order() -> str:
-    """Register with FFCV a traversal order that gives the same global order however many processes
-    share it, and return its key for Loader(order=...).
-
-    FFCV's RANDOM order permutes with numpy alone but with torch's DistributedSampler under
-    distributed=True, so a 2-process run would see other batches than a 1-process run. This order is
-    DistributedSampler's for any world size (1 included): rank r takes every world-th image of one
-    seeded permutation, so the union of the ranks' first batches is the 1-process first batch."""
+    """Register with FFCV, and return the key of, an order that is the same however many processes share
+    it: FFCV's RANDOM permutes with numpy, but with DistributedSampler under distributed=True. This is
+    DistributedSampler's for any world size (1 too): rank r takes every world-th image of one seeded
+    permutation, so the ranks' first batches together are the 1-process first batch."""
     import torch
     from ffcv.loader import loader as ffcv_loader
     from ffcv.traversal_order.base import TraversalOrder
@@ -798,12 +790,10 @@ class DeviceLoader:
 def make_loader(split: str, batch_size: int, device: torch.device | str, aug: str = DEFAULT_AUG,
                 fraction: float = 1.0, val_split: float = 0.0, seed: int = 0, workers: int | None = None,
                 distributed: bool = False, data_dir: str | Path = DATA_DIR) -> DeviceLoader:
-    """Batches of (images float NCHW channels-last normalised, labels int64), both on `device`.
-
-    split: "train" (random order, drop_last, augmented), "val" (a seeded part of the train set held
-    out) or "test" (sequential, every image once). With `distributed`, each rank gets its share;
-    batch_size is then per rank. workers: FFCV's threads, None for default_workers(); more than this
-    process may use are lowered to that, with a note on stderr."""
+    """Batches of (images float NCHW channels-last normalised, labels int64), both on `device`, of split
+    "train" (random order, drop_last, augmented), "val" (a seeded part of the train set held out) or
+    "test" (sequential, every image once); with `distributed`, this rank's share (batch_size is per rank).
+    workers: FFCV's threads (check_workers: None for the default, lowered with a note if too many)."""
     import torch
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
