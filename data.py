@@ -347,11 +347,16 @@ def source_notes(report: dict) -> list[str]:
     def some(paths: list[str]) -> str:
         return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more (all in meta.json)" if len(paths) > 3 else "")
     not_images, broken, modes = (report.get(k) for k in ("skipped_not_images", "skipped_broken", "converted_to_rgb"))
-    return ([f"skipped {len(not_images)} files that are not images (hidden, or not "
-             f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(not_images)}"] * bool(not_images)
-            + [f"skipped {len(broken)} broken images (--skip-bad): {some(broken)}"] * bool(broken)
-            + [f"converted {sum(modes.values())} images to RGB ("
-               + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")"] * bool(modes))
+    notes = []
+    if not_images:
+        notes.append(f"skipped {len(not_images)} files that are not images (hidden, or not "
+                     f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(not_images)}")
+    if broken:
+        notes.append(f"skipped {len(broken)} broken images (--skip-bad): {some(broken)}")
+    if modes:
+        notes.append(f"converted {sum(modes.values())} images to RGB ("
+                     + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")")
+    return notes
 
 
 # --- conversion: arrays -> betons, preview and meta.json, atomically ---

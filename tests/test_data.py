@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,11 +135,15 @@ def test_official_pickle_format_is_read_once_checksums_match(tmp_path, monkeypat
                            test_list=[["test_batch", md5["test_batch"]]],
                            meta={"filename": "batches.meta", "md5": md5["batches.meta"]})
     monkeypatch.setattr(data, "cifar10_release", lambda: fake)
-    splits, classes, report, description = data.read_source(str(tmp_path), tmp_path / "d")  # the folder above
-    assert classes == list(CLASSES) and report == {} and description == str(tmp_path)
-    assert splits["train"][0].shape == (50, 32, 32, 3) and splits["test"][0].shape == (10, 32, 32, 3)
-    first = files["data_batch_1"]["data"][3].reshape(3, 32, 32).transpose(1, 2, 0)
-    np.testing.assert_array_equal(splits["train"][0][3], first)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    for source in (tmp_path, tmp_path / "cifar-10-python.tar.gz"):  # the folder above, and the archive
+        splits, classes, report, _ = data.read_source(str(source), tmp_path / "d")
+        assert classes == list(CLASSES) and report == {}
+        assert splits["train"][0].shape == (50, 32, 32, 3) and splits["test"][0].shape == (10, 32, 32, 3)
+        first = files["data_batch_1"]["data"][3].reshape(3, 32, 32).transpose(1, 2, 0)
+        np.testing.assert_array_equal(splits["train"][0][3], first)
+    assert "wrote 50 train, 10 test images" in data.prepare(str(source), tmp_path / "d")
 
 
 def test_loader_yields_normalised_channels_last_float_batches_on_the_device(synthetic_data):
@@ -381,7 +386,6 @@ def untidy_folder(root):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["folder", "tar.gz"])
 def test_hidden_and_non_image_files_are_skipped_and_counted_in_one_line(tmp_path, packed):
-    import tarfile
     source = untidy_folder(tmp_path / "src")
     if packed:
         with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
