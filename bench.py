@@ -98,7 +98,7 @@ def positive_int(text: str) -> int:
 
 class Mode(NamedTuple):
     channels_last: bool
-    amp: str  # "fp32", "bf16" or "fp16", as train.py's --amp
+    dtype: str  # "fp32", "bf16" or "fp16", as train.py's --amp
     compile: bool
 
 
@@ -149,14 +149,14 @@ def ready(label: str, mode: Mode, device: torch.device, args: argparse.Namespace
     optimizer = train.make_optimizer(raw, args)
     return Setup(torch.compile(raw, dynamic=False) if mode.compile else raw, mode, optimizer,
                  train.make_scheduler(optimizer, args, nominal_steps),
-                 torch.amp.GradScaler(device.type, enabled=mode.amp == "fp16")), switches
+                 torch.amp.GradScaler(device.type, enabled=mode.dtype == "fp16")), switches
 
 
 def timed_epoch(setup: Setup, batches, device: torch.device, args: argparse.Namespace) -> float:
     """Seconds for train.py's epoch over `batches`, the device synchronised at both ends."""
     speed.synchronize(device)
     start = time.perf_counter()
-    loss = train.train_one_epoch(setup.model, batches, setup.optimizer, setup.scheduler, setup.scaler, setup.mode.amp,
+    loss = train.train_one_epoch(setup.model, batches, setup.optimizer, setup.scheduler, setup.scaler, setup.mode.dtype,
                                  speed.memory_format(setup.mode.channels_last), device, args, 1, "bench")[0]
     speed.synchronize(device)
     if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
@@ -173,26 +173,26 @@ def time_train_step(setup: Setup, device: torch.device, args: argparse.Namespace
             for _ in range(plan["reps"])]
     step = statistics.median(reps)
     result = {"img_per_s": round(plan["batch_size"] / step, 1), "step_s": step, "first_step_s": first,
-              "rep_step_s": reps, "dtype": setup.mode.amp, "channels_last": setup.mode.channels_last,
-              "compile": setup.mode.compile}
+              "rep_step_s": reps, **setup.mode._asdict()}
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
 def time_epochs(setup: Setup, loader: data.DeviceLoader, device: torch.device, args: argparse.Namespace,
-                reps: int) -> dict:
+                plan: dict) -> dict:
     """Epoch time fed by our loader and fed the same batches from the device's memory, interleaved."""
     # The loader's first epoch pays numba's JIT compilation; its batches, kept, feed the in-memory epochs.
     in_memory = [(images.clone(), labels.clone()) for images, labels in loader]
     timed_epoch(setup, in_memory[:1], device, args)  # compiles, if this model has not run yet
     loader_s, memory_s = [], []
-    for _ in range(reps):
+    for _ in range(plan["reps"]):
         loader_s.append(timed_epoch(setup, loader, device, args))
         memory_s.append(timed_epoch(setup, in_memory, device, args))
     return {"arch": EPOCH_ARCH, "mode": EPOCH_MODE, "batches": len(in_memory), "images": loader.num_samples,
             "loader_s": statistics.median(loader_s), "in_memory_s": statistics.median(memory_s),
-            "loader_rep_s": loader_s, "in_memory_rep_s": memory_s}
+            "loader_rep_s": loader_s, "in_memory_rep_s": memory_s, "batch_size": plan["batch_size"],
+            "fraction": plan["epoch_fraction"]}
 
 
 def train_flops_per_image(model: torch.nn.Module, device: torch.device) -> float:
@@ -251,7 +251,7 @@ def measure_label(record: dict, label: str, modes: dict[str, Mode], device: torc
             details["default_switches"] = switches or details["default_switches"]
             result = details["modes"][name] = time_train_step(setup, device, args, plan)
             if (label, name) == (EPOCH_ARCH, EPOCH_MODE):
-                record["epoch"] = time_epochs(setup, epoch_loader, device, args, plan["reps"])
+                record["epoch"] = time_epochs(setup, epoch_loader, device, args, plan)
         except RuntimeError as error:
             details["modes"].pop(name, None)
             record["failed"][f"{label} {name}"] = first_line(error)
@@ -459,8 +459,7 @@ def start_record(args: argparse.Namespace, plan: dict, device: torch.device, mod
             "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
             "reps": plan["reps"], "steps_per_rep": plan["steps_per_rep"], "warmup_steps": plan["warmup_steps"],
             "load_average": {"start": load, "end": None}, "env": env, "command": args.command,
-            "modes": {name: {"channels_last": "auto", "dtype": "auto", "compile": "auto"} if m == AUTO else
-                      {"channels_last": m.channels_last, "dtype": m.amp, "compile": m.compile}
+            "modes": {name: {k: "auto" if v is None else v for k, v in m._asdict().items()}
                       for name, m in modes.items()},
             "loader": None, "flops_per_image": {}, "peak_flops": {}, "epoch": None, "peak_memory_mb": {},
             "archs": {}, "failed": {}}
@@ -496,11 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             setup, _ = ready(EPOCH_ARCH, modes_for(device)[EPOCH_MODE], device, train_args, plan["batch_size"],
                              nominal_steps)
-            record["epoch"] = time_epochs(setup, epoch_loader, device, train_args, plan["reps"])
+            record["epoch"] = time_epochs(setup, epoch_loader, device, train_args, plan)
         except RuntimeError as error:
             record["failed"]["epoch"] = first_line(error)
-    if record["epoch"] is not None:
-        record["epoch"].update(batch_size=plan["batch_size"], fraction=plan["epoch_fraction"])
     release_memory(device)
     used = {r["dtype"] for a in record["archs"].values() for r in a["modes"].values()} | {"fp32"}
     record["peak_flops"] = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, plan["reps"])
