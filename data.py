@@ -90,8 +90,6 @@ def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str
     affinity allows make numba refuse). None: the usable CPUs shared among the node's ranks, at most 8."""
     if requested is None:
         return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks))), None
-    if requested < 1:
-        raise ValueError(f"--workers must be at least 1, got {requested}")
     cpus = usable_cpus()
     if requested > cpus:
         return cpus, (f"--workers {requested} is more than the {cpus} CPU{'s' * (cpus > 1)} this process may use "
