@@ -450,7 +450,7 @@ def convert(source: str | None, data_dir: Path, skip_bad: bool = False) -> dict:
             meta["betons"][split] = {"bytes": staged[f"{split}.beton"].stat().st_size,
                                      "sha256": sha256_of(staged[f"{split}.beton"])}
         write_preview(staged[PREVIEW_FILE], *splits["test"])
-        save_json_atomic(staged["meta.json"], {**meta, "seal": seal_of(meta)})
+        staged["meta.json"].write_text(json.dumps({**meta, "seal": seal_of(meta)}, indent=1))
         for path in files:
             os.replace(staged[path.name], path)
     except OSError as error:  # a full disk, a read-only folder
