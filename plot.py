@@ -78,17 +78,15 @@ def load_run(path: Path) -> tuple[dict | None, str]:
         return None, "not a train.py run record (no schema_version/history)"
     if record["schema_version"] != SCHEMA_VERSION:
         return None, f"schema_version {record['schema_version']} but plot.py reads {SCHEMA_VERSION}: train it again"
-    if not (isinstance(record.get("name"), str) and isinstance(record.get("status"), str)
-            and isinstance(record.get("config"), dict) and isinstance(record.get("factors"), dict)
-            and isinstance(record["history"], list)):
-        return None, "malformed run record (needs name, status, config, factors and a history list)"
-    if record.get("status") == "finished" and not finite((record.get("final") or {}).get("test_acc")):
-        return None, "malformed run record (finished without final.test_acc)"
+    if not (isinstance(record.get("name"), str) and isinstance(record.get("config"), dict)
+            and isinstance(record.get("factors"), dict) and isinstance(record["history"], list)
+            and (record.get("status") != "finished" or finite((record.get("final") or {}).get("test_acc")))):
+        return None, "malformed run record (needs name, config, factors, a history list and, finished, final.test_acc)"
     return record, ""
 
 
 def is_finished(run: dict) -> bool:
-    return run["status"] == "finished"
+    return run.get("status") == "finished"
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -111,12 +109,6 @@ def mean_of(values: list) -> float | None:
     """Mean of the finite numbers among values (None when there are none, e.g. best_val_acc without a val split)."""
     xs = [v for v in values if finite(v)]
     return statistics.fmean(xs) if xs else None
-
-
-def val_acc(run: dict) -> float | None:
-    """Val accuracy of the reported model (None without a val split)."""
-    v = run["final"].get("val_acc")
-    return v if finite(v) else None
 
 
 def val_size(run: dict) -> int | None:
@@ -146,11 +138,6 @@ ALPHA = 0.05  # two-sided level of every interval and test here
 Z_975 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
-def normal_sf(z: float) -> float:
-    """P(Z > z) for a standard normal Z."""
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def regularized_beta(x: float, a: float, b: float) -> float:
     """I_x(a, b), by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
     if x <= 0 or x >= 1:
@@ -158,6 +145,7 @@ def regularized_beta(x: float, a: float, b: float) -> float:
     if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: I_x(a,b) = 1 - I_1-x(b,a)
         return 1 - regularized_beta(1 - x, b, a)
     front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
+
     def nonzero(v: float) -> float:
         return v if abs(v) > 1e-300 else 1e-300
 
@@ -226,7 +214,7 @@ def two_proportion_p(acc_a: float, n_a: int, acc_b: float, n_b: int) -> float:
     se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
     if se == 0:
         return float(acc_a == acc_b)
-    return 2 * normal_sf(abs(acc_a - acc_b) / se)
+    return math.erfc(abs(acc_a - acc_b) / se / math.sqrt(2))  # P(|Z| >= z) for a standard normal Z
 
 
 def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | None, str]:
@@ -248,7 +236,8 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
         if not done:
             continue
         factors = {k: tuple(v) if isinstance(v, list) else v for k, v in done[0]["factors"].items()}
-        test_accs, val_accs = [r["final"]["test_acc"] for r in done], [val_acc(r) for r in done]
+        # final.val_acc: the reported model's, null without a val split
+        test_accs, val_accs = [r["final"]["test_acc"] for r in done], [r["final"].get("val_acc") for r in done]
         val_accs = None if None in val_accs else val_accs
         # the confusion matrix counts each test image once
         n_test, n_val = int(sum(map(sum, done[0]["final"]["confusion"]))), val_size(done[0])
@@ -272,14 +261,11 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def ranking_metric(rows: list[dict]) -> str:
-    """"val" when every config has a val accuracy: choosing by test accuracy would make the test set a second
-    val set, and the accuracy reported for the choice would be biased upwards."""
-    return "val" if rows and all(r["val_accs"] for r in rows) else "test"
-
-
-def rank(rows: list[dict], by: str) -> list[dict]:
-    return sorted(({**row, "ranked_by": by} for row in rows), key=lambda row: (-row[f"{by}_acc_mean"], row["config"]))
+def rank(rows: list[dict]) -> tuple[list[dict], str]:
+    """(rows best first, the accuracy that ranks them): "val" when every config has one, since choosing by test
+    accuracy would make the test set a second val set and bias the accuracy reported for the choice upwards."""
+    by = "val" if rows and all(r["val_accs"] for r in rows) else "test"
+    return sorted(({**r, "ranked_by": by} for r in rows), key=lambda r: (-r[f"{by}_acc_mean"], r["config"])), by
 
 
 def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None]:
@@ -313,18 +299,13 @@ def shown_run(row: dict) -> tuple[dict, str]:
     """The seed that confusion.png and predictions.png show, and why that one: the best val accuracy when there is
     a val split, else the median test accuracy; never the best test accuracy, which flatters the config."""
     runs = row["runs"]
-    if all(val_acc(r) is not None for r in runs):
-        return max(runs, key=lambda r: (val_acc(r), r["name"])), "its best val acc"
+    if all(r["final"].get("val_acc") is not None for r in runs):
+        return max(runs, key=lambda r: (r["final"]["val_acc"], r["name"])), "its best val acc"
     by_test = sorted(runs, key=lambda r: (r["final"]["test_acc"], r["name"]))
     return by_test[(len(by_test) - 1) // 2], f"median test acc of {len(runs)} seeds" if len(runs) > 1 else "one seed"
 
 
 # ---- factors: the effect of one design choice, averaged over the others ----
-
-def varying_factors(rows: list[dict]) -> list[str]:
-    keys = dict.fromkeys(k for r in rows for k in r["factors"])
-    return [k for k in keys if len({r["factors"].get(k) for r in rows}) > 1]
-
 
 def level_order(v: object) -> tuple:
     """Numbers in numeric order (fraction 0.25 < 0.5 < 1), then text, then None."""
@@ -335,7 +316,8 @@ def factor_effects(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """Each level of each varying factor against the factor's first level, on mean test accuracy, averaged over
     matched pairs (two configs equal in every other factor), so that no other choice is mixed into the effect.
     Also the factors that never vary alone (no matched pair): their effect cannot be told from another's."""
-    factors = varying_factors(rows)
+    factors = [k for k in dict.fromkeys(k for r in rows for k in r["factors"])
+               if len({r["factors"].get(k) for r in rows}) > 1]
     effects, confounded = [], []
     for f in factors:
         others = [g for g in factors if g != f]
@@ -812,14 +794,11 @@ def html_table(header: list[str], cells: list[list[str]], row_classes: list[str]
 
 
 REPORT_CSS = """body { font-family: sans-serif; max-width: 1150px; margin: 1em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; }
-th { background: #f0f0f0; } td.short { white-space: nowrap; }
-tr.best td { background: #e6f4e6; } tr.tied td { background: #e8f0fb; }
-p.conclusion { font-size: 17px; font-weight: bold; margin: 0.3em 0; }
-p.note { font-size: 13px; color: #444; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 14px; margin-top: 0.3em; }"""
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; } th { background: #f0f0f0; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; } td.short { white-space: nowrap; }
+tr.best td { background: #e6f4e6; } tr.tied td { background: #e8f0fb; } p.note { font-size: 13px; color: #444; }
+p.conclusion { font-size: 17px; font-weight: bold; margin: 0.3em 0; } figcaption { font-size: 14px; margin-top: 0.3em; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }"""
 HTML_BLOCKS = {"title": "<h1>{}</h1>", "heading": "<h2>{}</h2>", "conclusion": '<p class="conclusion">{}</p>',
                "note": '<p class="note">{}</p>'}
 
@@ -863,34 +842,24 @@ def summary_csv(rows: list[dict]) -> str:
 
 # ---- --status: where each run stands, from the records alone ----
 
-def epochs_done(run: dict) -> int:
-    return run["history"][-1]["epoch"] if run["history"] else 0
-
-
-def epoch_time(run: dict) -> float | None:
-    """The run's mean epoch time: final.mean_epoch_time_s once finished, else the mean of its epochs so far."""
-    return (run.get("final") or {}).get("mean_epoch_time_s") or mean_of([h.get("epoch_time_s") for h in run["history"]])
-
-
-def status_line(run: dict) -> str:
-    acc = f"test {100 * run['final']['test_acc']:.2f} %" if is_finished(run) else ""
-    epoch_s = epoch_time(run)
-    return (f"{run['name']:<32} {run.get('status', '?'):<11} {epochs_done(run):>3}/{run['config'].get('epochs', '?')}"
-            f" epochs  {acc:<13}" + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip()
-
-
 def print_status(dirs: list[Path]) -> None:
     """One line per run record in dirs (a folder not made yet has none), then the total; the sweep prints it."""
-    runs = load_runs([d for d in dirs if d.is_dir()])
-    for run in runs:
-        print(status_line(run))
+    runs, done_epochs, left_s = load_runs([d for d in dirs if d.is_dir()]), 0, 0.0
+    for r in runs:
+        done, total = (r["history"][-1]["epoch"] if r["history"] else 0), r["config"].get("epochs") or 0
+        # once finished, final's mean (steady epochs only); else the mean of the epochs so far
+        epoch_s = (r.get("final") or {}).get("mean_epoch_time_s") or mean_of([h.get("epoch_time_s")
+                                                                              for h in r["history"]])
+        acc = f"test {100 * r['final']['test_acc']:.2f} %" if is_finished(r) else ""
+        print((f"{r['name']:<32} {r.get('status', '?'):<11} {done:>3}/{total} epochs  {acc:<13}"
+               + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip())
+        done_epochs += done
+        if r.get("status") in ("running", "interrupted"):  # what a run that can go on still has to train
+            left_s += (total - done) * (epoch_s or 0)
     counts = ", ".join(f"{n} {status}" for status, n in Counter(r.get("status", "?") for r in runs).most_common())
-    total = sum(r["config"].get("epochs") or 0 for r in runs)
-    # what the runs that can go on still have to train, each at its own epoch time
-    left = sum(((r["config"].get("epochs") or 0) - epochs_done(r)) * (epoch_time(r) or 0) for r in runs
-               if r.get("status") in ("running", "interrupted"))
-    print(f"total: {len(runs)} runs" + (f" ({counts})" if runs else "") + f"; {sum(map(epochs_done, runs))}/{total}"
-          " epochs" + (f"; about {left / 60:.0f} min of epochs left at the measured epoch times" if left else ""))
+    print(f"total: {len(runs)} runs" + (f" ({counts})" if runs else "")
+          + f"; {done_epochs}/{sum(r['config'].get('epochs') or 0 for r in runs)} epochs"
+          + (f"; about {left_s / 60:.0f} min of epochs left at the measured epoch times" if left_s else ""))
 
 
 # ---- main ----
@@ -913,9 +882,7 @@ def main(argv: list[str] | None = None) -> None:
         if not is_finished(run):
             print(f"{run['_file']}: {run.get('status')}: drawn as curves, left out of final-accuracy figures "
                   "and the table")
-    rows = summarize(configs)
-    by = ranking_metric(rows)
-    rows = rank(rows, by)
+    rows, by = rank(summarize(configs))
     if rows:
         mark_ties_with_best(rows, by)
     effects, confounded = factor_effects(rows)

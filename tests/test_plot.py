@@ -169,19 +169,14 @@ def test_each_config_gets_its_own_curves_including_unfinished_ones(sweep):
     assert {p.stem for p in (project / "figures" / "curves").glob("*.png")} == expected
 
 
-def test_summary_csv_has_one_row_per_finished_config_sorted_by_mean_test_acc(sweep):
-    project, _ = sweep
-    rows = read_csv(project / "figures" / "summary.csv")
-    expected = sorted(SWEEP, key=lambda c: -statistics.fmean(SWEEP[c][1]))
-    assert [r["config"] for r in rows] == expected
-    assert [int(r["n_seeds"]) for r in rows] == [len(SWEEP[c][1]) for c in expected]
-
-
-def test_summary_csv_reports_mean_and_sample_std_over_seeds(sweep):
+def test_summary_csv_has_a_row_per_finished_config_by_mean_test_acc_with_mean_and_sample_std(sweep):
     """Std is the sample std (ddof=1), as the column name says; blank for a single seed."""
     project, _ = sweep
-    for row in read_csv(project / "figures" / "summary.csv"):
+    rows = read_csv(project / "figures" / "summary.csv")
+    assert [r["config"] for r in rows] == sorted(SWEEP, key=lambda c: -statistics.fmean(SWEEP[c][1]))
+    for row in rows:
         accs = SWEEP[row["config"]][1]
+        assert int(row["n_seeds"]) == len(accs)
         assert float(row["test_acc_mean"]) == pytest.approx(statistics.fmean(accs))
         if len(accs) >= 2:
             assert float(row["test_acc_std_ddof1"]) == pytest.approx(statistics.stdev(accs))

@@ -27,9 +27,7 @@ def make_run(name: str, test_acc: float, val: float | None = None, preds: str | 
 
 def compare(configs: dict[str, list[dict]]) -> tuple[list[dict], str]:
     """plot.py's pipeline from grouped runs to ranked rows marked against the best."""
-    rows = plot.summarize(configs)
-    by = plot.ranking_metric(rows)
-    rows = plot.rank(rows, by)
+    rows, by = plot.rank(plot.summarize(configs))
     plot.mark_ties_with_best(rows, by)
     return rows, by
 
@@ -44,11 +42,6 @@ def preds_wrong_on(wrong: range) -> str:
 
 
 # ---- the distributions ----
-
-def test_normal_tail_at_1_96_is_2_5_percent():
-    assert plot.normal_sf(plot.Z_975) == pytest.approx(0.025, abs=1e-12)
-    assert plot.normal_sf(0) == 0.5
-
 
 def test_t_quantile_matches_closed_forms_and_the_printed_table():
     # 1 df is the Cauchy distribution: t_q = tan(pi (q - 1/2)) -> tan(0.475 pi) = 12.706
@@ -123,7 +116,8 @@ def test_two_proportion_p():
     # 85 % vs 84 % on 10,000 each: pooled 0.845; se = sqrt(0.845 × 0.155 × 2 / 10000) = 0.0051181; z = 1.95385;
     # p = 2 (1 - Phi(1.95385)) = 0.0507 (normal table: Phi(1.95) = 0.97441, Phi(1.96) = 0.97500)
     assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(0.0507, abs=2e-4)
-    assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(2 * plot.normal_sf(1.95385), abs=1e-5)
+    assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(math.erfc(1.95385 / math.sqrt(2)),
+                                                                              abs=1e-5)
 
 
 # ---- ties with the best ----
@@ -232,7 +226,7 @@ def test_factors_are_the_records_factors_and_nothing_else_of_its_config():
     runs = {"a": [make_run("a-s0", 0.85)], "b": [make_run("b-s1", 0.84)]}
     runs["a"][0]["config"] |= {"device": "cuda", "workers": 8, "lr": 0.1}
     runs["b"][0]["config"] |= {"device": "cpu", "workers": 2, "lr": 0.2}
-    assert plot.varying_factors(plot.summarize(runs)) == []
+    assert plot.factor_effects(plot.summarize(runs)) == ([], [])
 
 
 def test_an_optimiser_is_one_factor_with_the_recipe_train_py_derived_for_it():
