@@ -2,20 +2,15 @@
 
     python plot.py                                 # results/ -> figures/
     python plot.py results old_results --out figs  # several result dirs into one set of figures
+    python plot.py --status results                # one line per run: status, epochs, test acc, epoch time
 
-Runs are grouped into configs by name minus the trailing "-s<seed>". Final-accuracy figures and the
-table use finished runs only; running or diverged runs are still drawn as curves.
-What the comparison can conclude comes first in summary.md (and is printed):
-- each config's mean test accuracy with a 95 % interval: Student t over seeds (n - 1 df); with one seed,
-  1.96 × the binomial standard error of an accuracy on the test set's N images, which leaves out
-  seed-to-seed spread;
-- the best config and the configs tied with it (two-sided tests at 5 %: Welch's t-test, or for single runs
-  McNemar's test on paired per-image predictions, else a two-proportion test);
-- when every config has a val split, configs are ranked and chosen by val accuracy and their test accuracy
-  is reported, so the test set never chooses;
-- for a grid, the effect of each factor (e.g. pool) averaged over matched configs of the other factors.
-A figure that does not apply to the results at hand (e.g. datasize.png when no train fraction was
-varied) is not drawn, a stale copy of it in --out is removed, and one line says why.
+Runs are grouped into configs by name minus the trailing "-s<seed>"; a config's factors are its record's
+"factors". Finished runs make the table and the final-accuracy figures; the others are drawn as curves.
+summary.md starts with what the comparison can conclude: each config's mean test accuracy with a 95 %
+interval (Student t over seeds; with one seed, the test set's binomial error), the best config and those tied
+with it (Welch's t, or for single runs McNemar on paired predictions, else a two-proportion test, at 5 %),
+ranked by val accuracy when every config has a val split (so the test set never chooses), and each factor's
+effect averaged over matched configs. A figure that does not apply is not drawn, nor left stale in --out.
 """
 
 from __future__ import annotations
@@ -48,6 +43,7 @@ LINE_STYLES = ["-", "--", ":", "-."]  # with 10 colours: 20 distinct lines, and 
 N_PREDICTIONS = 32  # 4 rows of 8: the labels stay legible on paper
 FINAL_FIGURES = ["accuracy.png", "per_class.png", "confusion.png", "predictions.png", "datasize.png",
                  "speed.png", "accuracy_vs_params.png", "accuracy_vs_time.png"]
+SHOWN_FACTORS = ["arch", "pool", "opt", "stem", "pretrained", "fraction", "epochs"]  # the table's design columns
 TABLE_COLUMNS = ["config", "arch", "pool", "opt", "stem", "pretrained", "fraction", "params", "epochs",
                  "best_val_acc", "val_acc_mean", "val_acc_ci95", "test_acc_mean", "test_acc_std_ddof1",
                  "test_acc_ci95", "test_acc_ci95_over", "n_seeds", "n_test_images", "ranked_by", "vs_best",
@@ -61,17 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "for bench.png (default: results)")
     p.add_argument("--out", default="figures",
                    help="where the PNGs, summary.md, summary.csv and report.html go (default: figures)")
+    p.add_argument("--status", action="store_true",
+                   help="only print one line per run record (status, epochs, test acc, epoch time) and a total")
     return p.parse_args(argv)
 
 
 # ---- reading runs ----
 
-def config_label(run_name: str) -> str:
-    return re.sub(r"-s\d+$", "", run_name)
+def finite(v: object) -> bool:
+    return isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_run(path: Path) -> tuple[dict | None, str]:
-    """Return (record, "") or (None, why it cannot be used)."""
+    """Return (record, "") or (None, why it cannot be used): the one place a record's format is checked."""
     try:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -79,73 +77,38 @@ def load_run(path: Path) -> tuple[dict | None, str]:
     if not isinstance(record, dict) or "schema_version" not in record or "history" not in record:
         return None, "not a train.py run record (no schema_version/history)"
     if record["schema_version"] != SCHEMA_VERSION:
-        return None, f"schema_version {record['schema_version']} but plot.py reads {SCHEMA_VERSION}: update plot.py"
-    if not isinstance(record.get("name"), str) or not isinstance(record.get("config"), dict) \
-            or not isinstance(record["history"], list):
-        return None, "malformed run record (needs name, config and a history list)"
+        return None, f"schema_version {record['schema_version']} but plot.py reads {SCHEMA_VERSION}: train it again"
+    if not (isinstance(record.get("name"), str) and isinstance(record.get("config"), dict)
+            and isinstance(record.get("factors"), dict) and isinstance(record["history"], list)
+            and (record.get("status") != "finished" or finite((record.get("final") or {}).get("test_acc")))):
+        return None, "malformed run record (needs name, config, factors, a history list and, finished, final.test_acc)"
     return record, ""
 
 
 def is_finished(run: dict) -> bool:
-    final = run.get("final")
-    return (run.get("status") == "finished" and isinstance(final, dict)
-            and isinstance(final.get("test_acc"), float | int))
+    return run.get("status") == "finished"
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
-    """Every usable record in the top level of dirs; each unusable or unfinished one is reported in one line."""
+    """Every usable record in the top level of dirs; each unusable one is reported in one line."""
     runs, seen = [], {}
     for path in sorted(p for d in dirs for p in d.glob("*.json")):
         run, why = load_run(path)
         if run is None:
             print(f"skipped {path}: {why}")
-            continue
-        if run["name"] in seen:  # the same run copied into two dirs would count as two seeds
+        elif run["name"] in seen:  # the same run copied into two dirs would count as two seeds
             print(f"skipped {path}: duplicate run name {run['name']!r} (also in {seen[run['name']]})")
-            continue
-        seen[run["name"]] = path
-        run["_file"] = path  # where the record lies: files it names (the preview images) are relative to it
-        if not is_finished(run):
-            status = run.get("status") if run.get("status") != "finished" else "finished without final.test_acc"
-            print(f"{path}: {status}: drawn as curves, left out of final-accuracy figures and the table")
-        runs.append(run)
+        else:
+            seen[run["name"]] = path
+            run["_file"] = path  # files it names (the preview images) are relative to it
+            runs.append(run)
     return runs
 
 
 def mean_of(values: list) -> float | None:
-    """Mean of the finite numbers among values (None when there are none).
-
-    For example best_val_acc is null without a val split."""
+    """Mean of the finite numbers among values (None when there are none, e.g. best_val_acc without a val split)."""
     xs = [v for v in values if finite(v)]
     return statistics.fmean(xs) if xs else None
-
-
-def device_name(run: dict) -> str:
-    """train.py records the device's model in env.device_name ("NVIDIA A100", the CPU model), its type in run.device."""
-    return str(run.get("env", {}).get("device_name") or run.get("run", {}).get("device_name")
-               or run.get("run", {}).get("device", "?"))
-
-
-def finite(v: object) -> bool:
-    return isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def test_size(run: dict) -> int | None:
-    """How many test images final.test_acc was measured on."""
-    final = run["final"]
-    if isinstance(final.get("test_labels"), str):
-        return len(final["test_labels"])
-    if final.get("confusion"):  # records from before test_labels: the confusion matrix counts every image
-        return int(sum(map(sum, final["confusion"])))
-    return None
-
-
-def val_acc(run: dict) -> float | None:
-    """Val accuracy of the reported model: final.val_acc, else (older records) the last epoch's."""
-    v = (run.get("final") or {}).get("val_acc")
-    if not finite(v):
-        v = next((h["val_acc"] for h in reversed(run["history"]) if "val_acc" in h), None)
-    return v if finite(v) else None
 
 
 def val_size(run: dict) -> int | None:
@@ -159,7 +122,8 @@ def val_size(run: dict) -> int | None:
 
 
 def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
-    """(the test labels, whether each test image is right), from final.test_preds and final.test_labels."""
+    """(the test labels, whether each test image is right), from final.test_preds and final.test_labels
+    (train.py keeps them when every label is one digit)."""
     preds, labels = run["final"].get("test_preds"), run["final"].get("test_labels")
     if not (isinstance(preds, str) and isinstance(labels, str) and len(preds) == len(labels)):
         return None
@@ -167,36 +131,30 @@ def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
 
 
 # ---- statistics ----
-# Plain math rather than scipy: scipy 1.18 needs Python >= 3.12 (ours is 3.11), and what this needs
-# is four distributions that fit in a screen, each checked against closed forms in tests/test_stats.py.
+# Plain math, each function checked against closed forms in tests/test_stats.py; kept in this one
+# section so that a statistics library can replace it without touching the rest.
 
 ALPHA = 0.05  # two-sided level of every interval and test here
 Z_975 = 1.959963984540054  # the standard normal's 97.5 % quantile
-
-
-def normal_sf(z: float) -> float:
-    """P(Z > z) for a standard normal Z."""
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def regularized_beta(x: float, a: float, b: float) -> float:
     """I_x(a, b), by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
     if x <= 0 or x >= 1:
         return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: use I_x(a,b) = 1 - I_1-x(b,a)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: I_x(a,b) = 1 - I_1-x(b,a)
         return 1 - regularized_beta(1 - x, b, a)
     front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
-    tiny = 1e-300
-    d = 1 - (a + b) * x / (a + 1)
-    c, d = 1.0, 1 / (d if abs(d) > tiny else tiny)
+
+    def nonzero(v: float) -> float:
+        return v if abs(v) > 1e-300 else 1e-300
+
+    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
     f = d
     for m in range(1, 500):
         for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1 + num * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + num / c
-            c = c if abs(c) > tiny else tiny
+            d, c = 1 / nonzero(1 + num * d), nonzero(1 + num / c)
             f *= c * d
         if abs(c * d - 1) < 1e-15:
             break
@@ -224,11 +182,6 @@ def t_half_width(xs: list[float]) -> float:
     return t_quantile(1 - ALPHA / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def binomial_se(acc: float, n_images: int) -> float:
-    """Standard error of an accuracy measured on n_images: the test set's own sampling error."""
-    return math.sqrt(acc * (1 - acc) / n_images)
-
-
 def welch_p(xs: list[float], ys: list[float]) -> float:
     """Two-sided p of Welch's t-test (unequal variances, Welch-Satterthwaite df); needs >= 2 values each."""
     vx, vy = statistics.variance(xs) / len(xs), statistics.variance(ys) / len(ys)
@@ -242,8 +195,7 @@ def welch_p(xs: list[float], ys: list[float]) -> float:
 def single_run_vs_seeds_p(x: float, ys: list[float]) -> float:
     """Two-sided p that one run x comes from the same spread as the seeds ys (a prediction-interval t-test:
     t = (x - mean) / (sd * sqrt(1 + 1/n)), n - 1 df). It assumes x's config has the same seed spread as ys'."""
-    sd = statistics.stdev(ys)
-    diff = x - statistics.fmean(ys)
+    sd, diff = statistics.stdev(ys), x - statistics.fmean(ys)
     if sd == 0:
         return float(diff == 0)
     return t_two_sided_p(diff / (sd * math.sqrt(1 + 1 / len(ys))), len(ys) - 1)
@@ -252,13 +204,8 @@ def single_run_vs_seeds_p(x: float, ys: list[float]) -> float:
 def mcnemar_p(only_a_right: int, only_b_right: int) -> float:
     """Exact two-sided McNemar test: of the images exactly one model gets right, is the split 50:50?"""
     n, k = only_a_right + only_b_right, min(only_a_right, only_b_right)
-    if n == 0:
-        return 1.0
-    term, tail = 1, 1  # C(n, 0); integers throughout, so a large n neither overflows nor loses precision
-    for i in range(k):
-        term = term * (n - i) // (i + 1)
-        tail += term
-    return min(1.0, 2 * tail / 2 ** n)
+    # integers throughout, so a large n neither overflows nor loses precision
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def two_proportion_p(acc_a: float, n_a: int, acc_b: float, n_b: int) -> float:
@@ -267,36 +214,19 @@ def two_proportion_p(acc_a: float, n_a: int, acc_b: float, n_b: int) -> float:
     se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
     if se == 0:
         return float(acc_a == acc_b)
-    return 2 * normal_sf(abs(acc_a - acc_b) / se)
+    return math.erfc(abs(acc_a - acc_b) / se / math.sqrt(2))  # P(|Z| >= z) for a standard normal Z
 
-
-# ---- configs: accuracy with its interval, ranking, ties with the best ----
 
 def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | None, str]:
     """(half-width of the 95 % interval of the mean accuracy, what it is over: "seeds" or "images")."""
     if len(accs) >= 2:
         return t_half_width(accs), "seeds"
-    if n_images:  # one seed: only the test set's own sampling error can be measured
-        return Z_975 * binomial_se(accs[0], n_images), "images"
+    if n_images:  # one seed: only the test set's own sampling error, its binomial standard error, can be measured
+        return Z_975 * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
     return None, ""
 
 
-# config keys that say how a run was executed, not what was trained: never a factor of the comparison
-NOT_FACTORS = {"seed", "name", "out", "data_dir", "device", "amp", "compile", "channels_last", "workers", "quiet",
-               "resume", "from_json", "batch_size_per_rank"}
-
-
-# train.py derives these from --opt, --batch-size and --epochs unless they are given: when derived they
-# are part of that choice (adam's recipe is its lr, betas, wd and schedule), not factors of their own
-DERIVED = {"lr", "momentum", "nesterov", "wd", "betas", "schedule", "warmup_epochs", "milestones"}
-
-
-def design_factors(cfg: dict, given: dict | None) -> dict:
-    """The choices a config made: its config less how it was run, and less the values train.py derived
-    (records before `given` was kept count every value as a choice)."""
-    derived = DERIVED - set(given) if isinstance(given, dict) else set()
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in NOT_FACTORS | derived}
-
+# ---- configs: accuracy with its interval, ranking, ties with the best ----
 
 def summarize(configs: dict[str, list[dict]]) -> list[dict]:
     """One row per config that has finished runs, with test (and val) accuracy: mean, spread and interval."""
@@ -305,45 +235,37 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
         done = [r for r in runs if is_finished(r)]
         if not done:
             continue
-        cfg, test_accs = done[0]["config"], [r["final"]["test_acc"] for r in done]
-        val_accs = [val_acc(r) for r in done]
-        val_accs = val_accs if None not in val_accs else None
-        n_test, n_val = test_size(done[0]), val_size(done[0])
+        factors = {k: tuple(v) if isinstance(v, list) else v for k, v in done[0]["factors"].items()}
+        # final.val_acc: the reported model's, null without a val split
+        test_accs, val_accs = [r["final"]["test_acc"] for r in done], [r["final"].get("val_acc") for r in done]
+        val_accs = None if None in val_accs else val_accs
+        # the confusion matrix counts each test image once
+        n_test, n_val = int(sum(map(sum, done[0]["final"]["confusion"]))), val_size(done[0])
         test_ci, test_ci_over = accuracy_interval(test_accs, n_test)
+        finals = [r["final"] for r in done]
         rows.append({
-            "config": label,
-            **{k: cfg.get(k) for k in ("arch", "pool", "opt", "stem", "pretrained", "fraction", "epochs")},
+            "config": label, **{k: factors.get(k) for k in SHOWN_FACTORS},
             "params": done[0].get("model", {}).get("params"),
-            "best_val_acc": mean_of([r["final"].get("best_val_acc") for r in done]),
-            "val_accs": val_accs,
-            "val_acc_mean": statistics.fmean(val_accs) if val_accs else None,
-            "val_acc_ci95": accuracy_interval(val_accs, n_val)[0] if val_accs else None,
-            "n_val_images": n_val,
-            "test_accs": test_accs,
-            "test_acc_mean": statistics.fmean(test_accs),
+            "best_val_acc": mean_of([f.get("best_val_acc") for f in finals]),
+            "val_accs": val_accs, "val_acc_mean": statistics.fmean(val_accs) if val_accs else None,
+            "val_acc_ci95": accuracy_interval(val_accs, n_val)[0] if val_accs else None, "n_val_images": n_val,
+            "test_accs": test_accs, "test_acc_mean": statistics.fmean(test_accs),
             "test_acc_std_ddof1": statistics.stdev(test_accs) if len(test_accs) >= 2 else None,
-            "test_acc_ci95": test_ci,
-            "test_acc_ci95_over": test_ci_over,
-            "n_test_images": n_test,
-            "n_seeds": len(done),
-            "mean_epoch_time_s": mean_of([r["final"].get("mean_epoch_time_s") for r in done]),
-            "img_per_s": mean_of([r["final"].get("train_img_per_s") for r in done]),
-            "train_time_s": mean_of([r["final"].get("train_time_s") for r in done]),
-            "device": " / ".join(sorted({device_name(r) for r in done})),
-            "factors": design_factors(cfg, done[0].get("given")),
-            "runs": done,
+            "test_acc_ci95": test_ci, "test_acc_ci95_over": test_ci_over, "n_test_images": n_test,
+            "n_seeds": len(done), "mean_epoch_time_s": mean_of([f.get("mean_epoch_time_s") for f in finals]),
+            "img_per_s": mean_of([f.get("train_img_per_s") for f in finals]),
+            "train_time_s": mean_of([f.get("train_time_s") for f in finals]),
+            "device": " / ".join(sorted({str(r["env"].get("device_name") or r["run"]["device"]) for r in done})),
+            "factors": factors, "runs": done,
         })
     return rows
 
 
-def ranking_metric(rows: list[dict]) -> str:
-    """"val" when every config has a val accuracy: choosing by test accuracy would make the test set a second
-    val set, and the accuracy reported for the choice would be biased upwards."""
-    return "val" if rows and all(r["val_accs"] for r in rows) else "test"
-
-
-def rank(rows: list[dict], by: str) -> list[dict]:
-    return sorted(({**row, "ranked_by": by} for row in rows), key=lambda row: (-row[f"{by}_acc_mean"], row["config"]))
+def rank(rows: list[dict]) -> tuple[list[dict], str]:
+    """(rows best first, the accuracy that ranks them): "val" when every config has one, since choosing by test
+    accuracy would make the test set a second val set and bias the accuracy reported for the choice upwards."""
+    by = "val" if rows and all(r["val_accs"] for r in rows) else "test"
+    return sorted(({**r, "ranked_by": by} for r in rows), key=lambda r: (-r[f"{by}_acc_mean"], r["config"])), by
 
 
 def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None]:
@@ -377,18 +299,13 @@ def shown_run(row: dict) -> tuple[dict, str]:
     """The seed that confusion.png and predictions.png show, and why that one: the best val accuracy when there is
     a val split, else the median test accuracy; never the best test accuracy, which flatters the config."""
     runs = row["runs"]
-    if all(val_acc(r) is not None for r in runs):
-        return max(runs, key=lambda r: (val_acc(r), r["name"])), "its best val acc"
+    if all(r["final"].get("val_acc") is not None for r in runs):
+        return max(runs, key=lambda r: (r["final"]["val_acc"], r["name"])), "its best val acc"
     by_test = sorted(runs, key=lambda r: (r["final"]["test_acc"], r["name"]))
     return by_test[(len(by_test) - 1) // 2], f"median test acc of {len(runs)} seeds" if len(runs) > 1 else "one seed"
 
 
 # ---- factors: the effect of one design choice, averaged over the others ----
-
-def varying_factors(rows: list[dict]) -> list[str]:
-    keys = dict.fromkeys(k for r in rows for k in r["factors"])
-    return [k for k in keys if len({r["factors"].get(k) for r in rows}) > 1]
-
 
 def level_order(v: object) -> tuple:
     """Numbers in numeric order (fraction 0.25 < 0.5 < 1), then text, then None."""
@@ -399,24 +316,24 @@ def factor_effects(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """Each level of each varying factor against the factor's first level, on mean test accuracy, averaged over
     matched pairs (two configs equal in every other factor), so that no other choice is mixed into the effect.
     Also the factors that never vary alone (no matched pair): their effect cannot be told from another's."""
-    factors = varying_factors(rows)
+    factors = [k for k in dict.fromkeys(k for r in rows for k in r["factors"])
+               if len({r["factors"].get(k) for r in rows}) > 1]
     effects, confounded = [], []
     for f in factors:
         others = [g for g in factors if g != f]
         cells = defaultdict(dict)  # the other factors' levels -> {this factor's level: mean test acc}
         for r in rows:
             cells[tuple(r["factors"].get(g) for g in others)][r["factors"].get(f)] = r["test_acc_mean"]
-        levels = sorted({r["factors"].get(f) for r in rows}, key=level_order)
-        ref = levels[0]
-        for level in levels[1:]:
+        ref, *levels = sorted({r["factors"].get(f) for r in rows}, key=level_order)
+        n_before = len(effects)
+        for level in levels:
             matched = [key for key, cell in cells.items() if level in cell and ref in cell]
-            if not matched:
-                continue
             diffs = [cells[key][level] - cells[key][ref] for key in matched]
-            effects.append({"factor": f, "level": level, "reference": ref, "effect": statistics.fmean(diffs),
-                            "ci95": t_half_width(diffs) if len(diffs) >= 2 else None, "pairs": len(diffs),
-                            "over": [g for i, g in enumerate(others) if len({key[i] for key in matched}) > 1]})
-        if not any(e["factor"] == f for e in effects):
+            if diffs:
+                effects.append({"factor": f, "level": level, "reference": ref, "effect": statistics.fmean(diffs),
+                                "ci95": t_half_width(diffs) if len(diffs) >= 2 else None, "pairs": len(diffs),
+                                "over": [g for i, g in enumerate(others) if len({key[i] for key in matched}) > 1]})
+        if len(effects) == n_before:
             confounded.append(f)
     return effects, confounded
 
@@ -442,11 +359,12 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
     tied = [r for r in others if r["vs_best"] == "tied"]
     untested = [r["config"] for r in others if r["vs_best"] == "untested"]
     single = [r["config"] for r in rows if r["n_seeds"] == 1]
+    all_single_and_tied = len(single) == len(rows) and len(tied) == len(others)
     lines = ["Ranked and chosen by val accuracy; test accuracy is reported for the chosen configs, never used "
              "to choose."] if by == "val" else []
     if not others:
         lines.append(f"one config: {chosen_text(best, by)}; nothing to compare it with")
-    elif len(single) == len(rows) and len(tied) == len(others):
+    elif all_single_and_tied:
         lines.append(f"no config is separable from the best at n = 1 (top: {chosen_text(best, by)}) — run SEEDS=3")
     else:
         names = ", ".join(chosen_text(r, by) if by == "val" else r["config"] for r in tied)
@@ -454,11 +372,27 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
                      + (f"statistically tied with: {names}" if tied else "every other config is separably worse"))
     if untested:
         lines.append(f"not tested against the best ({by} image count unknown): {', '.join(untested)}")
-    if single and others and not (len(single) == len(rows) and len(tied) == len(others)):
+    if single and others and not all_single_and_tied:
         which = "every config" if len(single) == len(rows) else ", ".join(single)
         lines.append(f"n = 1 for {which}: intervals and tests there cover {by}-set sampling only, "
                      "not seed-to-seed spread — run SEEDS=3 before trusting a gap")
     return lines
+
+
+# ---- figures: each returns the Figure, or why it does not apply; its docstring is its caption in report.html ----
+
+def save(path: Path, content: Figure | str) -> None:
+    """Write a figure (PNG) or a text with data.py's one atomic writer: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, Figure):
+        data.write_atomically(path, lambda tmp: content.savefig(tmp, format="png", dpi=DPI))
+    else:
+        data.write_atomically(path, lambda tmp: tmp.write_text(content))
+
+
+def new_figure(width: float, height: float, *grid: int, **kwargs) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -467,50 +401,38 @@ def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     by_epoch = defaultdict(list)
     for run in runs:
         for h in run["history"]:
-            v = h.get(key)
-            if h.get("epoch") is not None and isinstance(v, float | int) and math.isfinite(v):
-                by_epoch[h["epoch"]].append(v)
+            if finite(h.get(key)):
+                by_epoch[h["epoch"]].append(h[key])
     epochs = sorted(by_epoch)
     return np.array(epochs), np.array([statistics.fmean(by_epoch[e]) for e in epochs])
 
 
-# ---- writing ----
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """Write atomically (data.py's one atomic writer) so a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+def log_axis(axis) -> None:
+    axis.set_major_formatter(FormatStrFormatter("%g"))  # "0.1" rather than "10⁻¹"
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-# ---- figures: each returns None when drawn, else why it was not ----
-
-def plot_loss_curves(configs: dict[str, list[dict]], path: Path) -> str | None:
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
-    ax = fig.subplots()
+def plot_loss_curves(configs: dict[str, list[dict]]) -> Figure:
+    """Training loss per epoch, mean over each config's seeds (log scale): how fast and how far each config fits
+    the training set."""
+    fig, ax = new_figure(10, 5.5)
     for i, (label, runs) in enumerate(sorted(configs.items())):
-        x, y = mean_curve(runs, "train_loss")
         unfinished = sum(not is_finished(r) for r in runs)
         name = f"{label} (n={len(runs)}" + (f", {unfinished} unfinished)" if unfinished else ")")
-        ax.plot(x, y, color=COLORS[i % 10], linestyle=LINE_STYLES[i % 4], marker=".", label=name)
+        ax.plot(*mean_curve(runs, "train_loss"), color=COLORS[i % 10], linestyle=LINE_STYLES[i % 4], marker=".",
+                label=name)
     ax.set(yscale="log", xlabel="epoch", ylabel="training loss (cross-entropy, log scale)",
            title="Training loss per epoch (mean over seeds)")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # "0.1" rather than "10⁻¹"
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    log_axis(ax.yaxis)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize="small", ncols=1 + len(configs) // 25)
-    save_figure(fig, path)
+    return fig
 
 
-def plot_config_curves(label: str, runs: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    panels = zip(fig.subplots(1, 2), ("loss", "acc"), (1, 100), ("cross-entropy", "%"), strict=True)
-    for ax, metric, scale, unit in panels:
+def plot_config_curves(label: str, runs: list[dict]) -> Figure:
+    fig, axes = new_figure(11, 4.2, 1, 2)
+    for ax, metric, scale, unit in zip(axes, ("loss", "acc"), (1, 100), ("cross-entropy", "%"), strict=True):
         for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
             x, y = mean_curve(runs, f"{split}_{metric}")
             if len(x):
@@ -520,28 +442,24 @@ def plot_config_curves(label: str, runs: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{label}: mean over {len(runs)} run{'s' * (len(runs) > 1)}")
-    save_figure(fig, path)
+    return fig
 
 
-# colour of each config in accuracy.png by how it compares with the best
-VERDICT_COLORS = {"best": "C2", "tied": "C0", "worse": "0.55", "untested": "C1"}
-VERDICT_LABELS = {"best": "best", "tied": "tied with the best (5 %)", "worse": "separably worse",
-                  "untested": "not tested"}
+# each config in accuracy.png by how it compares with the best: (colour, legend label)
+VERDICTS = {"best": ("C2", "best"), "tied": ("C0", "tied with the best (5 %)"), "worse": ("0.55", "separably worse"),
+            "untested": ("C1", "not tested")}
 
 
-def plot_accuracy(rows: list[dict], by: str, path: Path) -> None:
-    """Mean test accuracy with its 95 % interval: points, not bars from zero, so the intervals can be seen."""
-    rows = rows[::-1]  # drawn bottom-up: best config on top
-    fig = Figure(figsize=(9, 1.8 + 0.35 * len(rows)), layout="constrained")
-    ax = fig.subplots()
-    shown = set()
+def plot_accuracy(rows: list[dict], by: str) -> Figure:
+    """Mean test accuracy of each config with its 95 % interval (filled: t over seeds; open: one seed, test-set
+    sampling only); green is the best config, blue the configs tied with it, grey the separably worse ones."""
+    rows = rows[::-1]  # drawn bottom-up: best config on top; points, not bars from zero, so intervals show
+    fig, ax = new_figure(9, 1.8 + 0.35 * len(rows))
     for y, r in enumerate(rows):
         mean, half = 100 * r["test_acc_mean"], 100 * (r["test_acc_ci95"] or 0)
         seeds = r["test_acc_ci95_over"] == "seeds"
-        label = VERDICT_LABELS[r["vs_best"]] if r["vs_best"] not in shown else None
-        shown.add(r["vs_best"])
-        # open markers: one seed, the interval is the test set's sampling error alone
-        ax.errorbar(mean, y, xerr=half, fmt="o" if seeds else "s", capsize=4, color=VERDICT_COLORS[r["vs_best"]],
+        color, label = VERDICTS[r["vs_best"]]
+        ax.errorbar(mean, y, xerr=half, fmt="o" if seeds else "s", capsize=4, color=color,
                     markerfacecolor=None if seeds else "white", label=label)
         ax.annotate(f"{mean:.2f}" + (f" ± {half:.2f}" if half else ""), (mean + half, y), xytext=(5, 0),
                     textcoords="offset points", va="center", fontsize=8)
@@ -553,58 +471,50 @@ def plot_accuracy(rows: list[dict], by: str, path: Path) -> None:
     # room for the value labels right of the intervals; no accuracy is below 0, whatever a t interval says
     ax.set_xlim(max(lo - 0.05 * span, 0), hi + 0.25 * span)
     order = ", ordered by val accuracy (the choice)" if by == "val" else ""
-    ax.set(xlabel="test accuracy (%)", title=f"Final test accuracy, mean ± 95 % CI{order}\n"
-                                             "filled: t over seeds; open: one seed, test-set sampling only")
-    ax.title.set_fontsize(10)
+    ax.set_title(f"Final test accuracy, mean ± 95 % CI{order}\nfilled: t over seeds; open: one seed, test-set "
+                 "sampling only", fontsize=10)
+    ax.set(xlabel="test accuracy (%)")
     ax.grid(axis="x", alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: list(VERDICT_LABELS.values()).index(labels[i]))
+    legend = dict(zip(*ax.get_legend_handles_labels()[::-1], strict=True))
+    labels = [label for _, label in VERDICTS.values() if label in legend]  # one entry per verdict, in order
     # outside the axes: inside, it would hide a config
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="outside lower center",
-               ncols=4)
-    save_figure(fig, path)
+    fig.legend([legend[k] for k in labels], labels, fontsize=8, loc="outside lower center", ncols=4)
+    return fig
 
 
-def annotated_heatmap(ax, values: np.ndarray, text: list[list[str]], cmap: str):
+def heatmap(values: np.ndarray, text: list[list[str]], cmap: str, size: tuple[float, float],
+            xlabels: list[str], ylabels: list[str], colorbar: str, **axes_set) -> Figure:
+    fig, ax = new_figure(*size)
     im = ax.imshow(values, cmap=cmap, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         r, g, b, _ = im.cmap(im.norm(v))  # text colour from the cell's brightness: legible on any colormap
         ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7,
                 color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
-    return im
+    ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right")
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
+    ax.set(**axes_set)
+    fig.colorbar(im, ax=ax, label=colorbar)
+    return fig
 
 
-def plot_per_class(rows: list[dict], classes: list[str], path: Path) -> str | None:
-    rows = [r for r in rows if all(isinstance(run["final"].get("per_class_acc"), dict) for run in r["runs"])]
-    if not rows:
-        return "no finished run has final.per_class_acc"
+def plot_per_class(rows: list[dict], classes: list[str]) -> Figure:
+    """Test accuracy per true class, mean over seeds: which classes each config finds hard."""
     acc = np.array([[100 * statistics.fmean(run["final"]["per_class_acc"].get(c, math.nan) for run in r["runs"])
                      for c in classes] for r in rows])
-    fig = Figure(figsize=(10, 1.8 + 0.4 * len(rows)), layout="constrained")
-    ax = fig.subplots()
-    im = annotated_heatmap(ax, acc, [[f"{v:.1f}" for v in row] for row in acc], "viridis")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), [r["config"] for r in rows], fontsize=8)
-    ax.set(xlabel="true class", title="Per-class test accuracy (%) (mean over seeds)")
-    fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    save_figure(fig, path)
+    return heatmap(acc, [[f"{v:.1f}" for v in row] for row in acc], "viridis", (10, 1.8 + 0.4 * len(rows)), classes,
+                   [r["config"] for r in rows], "test accuracy (%)", xlabel="true class",
+                   title="Per-class test accuracy (%) (mean over seeds)")
 
 
-def plot_confusion(run: dict, classes: list[str], path: Path) -> str | None:
-    if not run["final"].get("confusion"):
-        return f"shown run {run['name']} has no final.confusion"
+def plot_confusion(run: dict, classes: list[str]) -> Figure:
+    """Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the true
+    class)."""
     counts = np.array(run["final"]["confusion"])
     # colour by fraction of each true class, so rare and common classes read on one scale
     frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(8, 6.5), layout="constrained")
-    ax = fig.subplots()
-    im = annotated_heatmap(ax, frac, [[str(c) for c in row] for row in counts], "Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted class", ylabel="true class",
-           title=f"Confusion matrix (counts), {run['name']}: test acc {100 * run['final']['test_acc']:.2f}%")
-    fig.colorbar(im, ax=ax, label="fraction of the true class")
-    save_figure(fig, path)
+    return heatmap(frac, [[str(c) for c in row] for row in counts], "Blues", (8, 6.5), classes, classes,
+                   "fraction of the true class", xlabel="predicted class", ylabel="true class",
+                   title=f"Confusion matrix (counts), {run['name']}: test acc {run['final']['test_acc']:.2%}")
 
 
 def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
@@ -612,7 +522,7 @@ def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
     RESULTS_DIR/previews/), or why they cannot be had. Figures need nothing but the results folder."""
     name = run["final"]["predictions"].get("images")
     if not name:
-        return "the record names no preview images (trained before train.py kept them): train it again"
+        return "the record names no preview images (train.py could not keep them)"
     try:
         with np.load(Path(run["_file"]).parent / name) as preview:
             position = {int(i): k for k, i in enumerate(preview["indices"])}
@@ -621,50 +531,45 @@ def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
         return f"preview images unavailable ({type(e).__name__}: {e})"
 
 
-def plot_predictions(run: dict, classes: list[str], path: Path) -> str | None:
-    pred = run["final"].get("predictions")
-    if not pred:
-        return f"shown run {run['name']} has no final.predictions"
+def plot_predictions(run: dict, classes: list[str]) -> Figure | str:
+    """A fixed class-balanced sample of test images, the same for every run, with the shown run's predictions
+    (green: right; red bold: wrong)."""
+    pred = run["final"]["predictions"]
     n = min(N_PREDICTIONS, len(pred["indices"]))
     images = preview_images(run, list(pred["indices"][:n]))
     if isinstance(images, str):
         return images
-    cols = 8
-    fig = Figure(figsize=(cols * 1.5, math.ceil(n / cols) * 1.75), layout="constrained")
-    for ax in fig.subplots(math.ceil(n / cols), cols, squeeze=False).flat:
+    fig, axes = new_figure(12, math.ceil(n / 8) * 1.75, math.ceil(n / 8), 8, squeeze=False)
+    for k, ax in enumerate(axes.flat):
         ax.axis("off")
-    for k, ax in enumerate(fig.axes[:n]):
-        true, guess = classes[pred["labels"][k]], classes[pred["preds"][k]]
-        ax.imshow(images[k])
-        ax.set_title(f"true: {true}\npred: {guess}", fontsize=7, color="green" if true == guess else "red",
-                     fontweight="normal" if true == guess else "bold")  # bold: wrong ones show in greyscale too
+        if k < n:
+            true, guess = classes[pred["labels"][k]], classes[pred["preds"][k]]
+            ax.imshow(images[k])
+            ax.set_title(f"true: {true}\npred: {guess}", fontsize=7, color="green" if true == guess else "red",
+                         fontweight="normal" if true == guess else "bold")  # bold: wrong ones show in greyscale too
     fig.suptitle(f"{n} test images (a fixed class-balanced sample, the same for every run), {run['name']} "
                  "(green = right, red bold = wrong)")
-    save_figure(fig, path)
+    return fig
 
 
-def plot_datasize(rows: list[dict], path: Path) -> str | None:
-    # one line per (arch, pretrained); pool/stem/opt also split lines, so different designs are never averaged
-    keys = ("arch", "pretrained", "pool", "stem", "opt")
-    lines = defaultdict(list)
+def plot_datasize(rows: list[dict]) -> Figure | str:
+    """Test accuracy against the fraction of the training set used, one line per design: what more data buys."""
+    lines = defaultdict(list)  # one line per design (every factor but the fraction): designs are never averaged
     for r in rows:
-        if r["fraction"] is not None:
-            lines[tuple(r[k] for k in keys)].append(r)
+        lines[tuple(sorted((k, v) for k, v in r["factors"].items() if k != "fraction"))].append(r)
     lines = {k: v for k, v in lines.items() if len({r["fraction"] for r in v}) >= 2}
     if not lines:
         return "train fraction not varied"
-    varying = [i for i in (2, 3, 4) if len({k[i] for k in lines}) > 1]
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
-    for key, group in sorted(lines.items(), key=lambda kv: str(kv[0])):
+    varying = [k for k in dict.fromkeys(k for d in lines for k, _ in d) if len({dict(d).get(k) for d in lines}) > 1]
+    fig, ax = new_figure(8, 5)
+    for design, group in sorted(lines.items(), key=lambda kv: str(kv[0])):
         by_frac = defaultdict(list)
         for r in group:
-            by_frac[r["fraction"]] += [100 * run["final"]["test_acc"] for run in r["runs"]]
+            by_frac[r["fraction"]] += [100 * acc for acc in r["test_accs"]]
         x = sorted(by_frac)
-        y = [statistics.fmean(by_frac[f]) for f in x]
-        err = [statistics.stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x]
-        label = " ".join([key[0], "pretrained" if key[1] else "scratch"] + [f"{keys[i]}={key[i]}" for i in varying])
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+        ax.errorbar(x, [statistics.fmean(by_frac[f]) for f in x], marker="o", capsize=3,
+                    yerr=[statistics.stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x],
+                    label=" ".join(f"{k}={dict(design).get(k)}" for k in varying) or "every config")
     fractions = sorted({r["fraction"] for g in lines.values() for r in g})
     ax.set_xscale("log", base=2)
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
@@ -673,34 +578,34 @@ def plot_datasize(rows: list[dict], path: Path) -> str | None:
            title="Test accuracy vs training-set size (mean ± sample std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure(fig, path)
+    return fig
 
 
-def plot_speed(rows: list[dict], path: Path) -> str | None:
+def plot_speed(rows: list[dict]) -> Figure | str:
+    """Mean epoch time and training throughput of each config, and the device they ran on."""
     if all(r["mean_epoch_time_s"] is None and r["img_per_s"] is None for r in rows):
         return "no finished run has final.mean_epoch_time_s or final.train_img_per_s"
     rows = rows[::-1]
-    fig = Figure(figsize=(11, 1.5 + 0.35 * len(rows)), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    y = np.arange(len(rows))
-    panels = (("mean_epoch_time_s", "mean epoch time (s)"), ("img_per_s", "training throughput (images/s)"))
-    for ax, (key, xlabel) in zip(axes, panels, strict=True):
-        ax.barh(y, [math.nan if r[key] is None else r[key] for r in rows], color="C1")
+    fig, axes = new_figure(11, 1.5 + 0.35 * len(rows), 1, 2, sharey=True)
+    for ax, key, xlabel in zip(axes, ("mean_epoch_time_s", "img_per_s"),
+                               ("mean epoch time (s)", "training throughput (images/s)"), strict=True):
+        ax.barh(range(len(rows)), [math.nan if r[key] is None else r[key] for r in rows], color="C1")
         ax.set(xlabel=xlabel)
         ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, [r["config"] for r in rows], fontsize=8)
+    axes[0].set_yticks(range(len(rows)), [r["config"] for r in rows], fontsize=8)
     devices = ", ".join(sorted({r["device"] for r in rows}))
     fig.suptitle(f"Training speed per config (mean over seeds; device: {devices})")
-    save_figure(fig, path)
+    return fig
 
 
-def plot_accuracy_vs(rows: list[dict], key: str, xlabel: str, path: Path, unit: float = 1, log: bool = False
-                     ) -> str | None:
+def plot_accuracy_vs(rows: list[dict], key: str) -> Figure | str:
+    """Test accuracy (mean ± 95 % CI) against parameter count (what model size buys) or total training time
+    (what compute buys)."""
     rows = [r for r in rows if r[key] is not None]
     if len(rows) < 2:
         return f"fewer than 2 configs have {key}"
-    fig = Figure(figsize=(8, 5.5), layout="constrained")
-    ax = fig.subplots()
+    xlabel, unit = {"params": ("parameters (millions, log scale)", 1e6)}.get(key, ("total training time (s)", 1))
+    fig, ax = new_figure(8, 5.5)
     for i, r in enumerate(rows):
         x, y = r[key] / unit, 100 * r["test_acc_mean"]
         ax.errorbar(x, y, yerr=100 * (r["test_acc_ci95"] or 0), marker="o", capsize=3, color=COLORS[i % 10])
@@ -708,17 +613,16 @@ def plot_accuracy_vs(rows: list[dict], key: str, xlabel: str, path: Path, unit: 
         ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(7 if i % 2 else -7, 0), va="center",
                     ha="left" if i % 2 else "right", fontsize=7)
     ax.margins(x=0.25)  # room for the labels beside the outermost points
-    if log:
+    if key == "params":
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%, mean ± 95 % CI)",
-           title=f"Test accuracy vs {xlabel.split(' (')[0]}")
+        log_axis(ax.xaxis)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%, mean ± 95 % CI)", title=f"Test accuracy vs {xlabel.split(' (')[0]}")
     ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    return fig
 
 
-def plot_bench(dirs: list[Path], path: Path) -> str | None:
+def plot_bench(dirs: list[Path]) -> Figure | str:
+    """Train-step throughput per architecture and mode, from the newest bench record."""
     files = [p for d in dirs for p in d.glob("bench/*.json")]
     if not files:
         return "no RESULTS_DIR/bench/*.json"
@@ -726,17 +630,14 @@ def plot_bench(dirs: list[Path], path: Path) -> str | None:
     try:
         bench = json.loads(newest.read_text())
         steps, speedup = bench["train_step"], bench.get("speedup", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        top = max(v for a in steps for v in steps[a].values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
         return f"{newest} is not a bench record ({type(e).__name__}: {e})"
-    archs = list(steps)
-    modes = list(dict.fromkeys(m for a in archs for m in steps[a]))  # union, first-seen order
-    width = 0.8 / len(modes)
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.subplots()
+    archs, modes = list(steps), list(dict.fromkeys(m for a in steps for m in steps[a]))  # union, first-seen order
+    fig, ax = new_figure(9, 5)
     for j, mode in enumerate(modes):
-        ax.bar(np.arange(len(archs)) + (j - (len(modes) - 1) / 2) * width,
-               [steps[a].get(mode, math.nan) for a in archs], width, label=mode)
-    top = max(v for a in archs for v in steps[a].values())
+        ax.bar(np.arange(len(archs)) + (j - (len(modes) - 1) / 2) * 0.8 / len(modes),
+               [steps[a].get(mode, math.nan) for a in archs], 0.8 / len(modes), label=mode)
     for i, a in enumerate(archs):
         if a in speedup:
             ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
@@ -747,10 +648,43 @@ def plot_bench(dirs: list[Path], path: Path) -> str | None:
                  f"loader overhead {bench.get('loader_overhead', math.nan):.2f}")
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside right upper", title="mode")
-    save_figure(fig, path)
+    return fig
 
 
-# ---- tables ----
+def draw_figures(configs: dict[str, list[dict]], rows: list[dict], by: str, classes: list[str], dirs: list[Path],
+                 out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Write every figure that applies: ({name: caption} of those drawn, {name: why not} of the others)."""
+    figures = {"loss_curves.png": (plot_loss_curves, configs)}
+    skipped, note = {}, ""
+    if rows:
+        shown, why = shown_run(rows[0])
+        print(f"confusion.png and predictions.png show {shown['name']} ({why})")
+        note = f" Shown: {shown['name']}, the {'chosen' if by == 'val' else 'best'} config's seed with {why}."
+        figures |= {"accuracy.png": (plot_accuracy, rows, by), "per_class.png": (plot_per_class, rows, classes),
+                    "confusion.png": (plot_confusion, shown, classes),
+                    "predictions.png": (plot_predictions, shown, classes), "datasize.png": (plot_datasize, rows),
+                    "speed.png": (plot_speed, rows), "accuracy_vs_params.png": (plot_accuracy_vs, rows, "params"),
+                    "accuracy_vs_time.png": (plot_accuracy_vs, rows, "train_time_s")}
+    else:
+        skipped = dict.fromkeys(FINAL_FIGURES, "no finished runs")
+    figures["bench.png"] = (plot_bench, dirs)
+    drawn = {}
+    for name, (plot, *inputs) in figures.items():
+        fig = plot(*inputs)
+        if isinstance(fig, str):
+            skipped[name] = fig
+        else:
+            save(out / name, fig)
+            drawn[name] = " ".join(plot.__doc__.split()) + note * (name in ("confusion.png", "predictions.png"))
+    for label, config_runs in configs.items():
+        name = f"curves/{re.sub(r'[^A-Za-z0-9._-]', '_', label)}.png"
+        save(out / name, plot_config_curves(label, config_runs))
+        drawn[name] = (f"Train, val and test loss and accuracy per epoch of {label}, mean over its "
+                       f"{len(config_runs)} run{'s' * (len(config_runs) > 1)}: over- or under-fitting at a glance.")
+    return drawn, skipped
+
+
+# ---- tables: summary.md, summary.csv and report.html are built from one list of blocks ----
 
 TABLE_HEADER = ["config", "arch", "pool", "opt", "stem", "pretrained", "fraction", "params", "epochs",
                 "val acc (%)", "test acc (%)", "± 95% CI", "sd", "n", "vs best", "epoch time (s)", "img/s", "device"]
@@ -765,12 +699,8 @@ TEST_NOTES = {
 }
 
 
-def cell(v: object, fmt: str = "") -> str:
-    return "" if v is None else format(v, fmt)
-
-
-def p_text(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+def cell(v: object, fmt: str = "", prefix: str = "", scale: float = 1) -> str:
+    return "" if v is None else prefix + format(v if scale == 1 else scale * v, fmt)
 
 
 def vs_best_text(r: dict) -> str:
@@ -778,22 +708,18 @@ def vs_best_text(r: dict) -> str:
         return "best"
     if r["vs_best_p"] is None:
         return f"untested: {r['vs_best_test']}"
-    return f"{r['vs_best']} ({r['vs_best_test']}, {p_text(r['vs_best_p'])})"
+    p = "p < 0.001" if r["vs_best_p"] < 0.001 else f"p = {r['vs_best_p']:.3f}"
+    return f"{r['vs_best']} ({r['vs_best_test']}, {p})"
 
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
-    cells = []
-    for r in rows:
-        params = None if r["params"] is None else r["params"] / 1e6
-        sd = None if r["test_acc_std_ddof1"] is None else 100 * r["test_acc_std_ddof1"]
-        ci = "" if r["test_acc_ci95"] is None else f"± {100 * r['test_acc_ci95']:.2f}"
-        cells.append([r["config"], cell(r["arch"]), cell(r["pool"]), cell(r["opt"]), cell(r["stem"]),
-                      cell(r["pretrained"]), cell(r["fraction"], "g"), cell(params, ".2f") + "M" * (params is not None),
-                      cell(r["epochs"]), "" if r["val_acc_mean"] is None else acc_text(r, "val"),
-                      f"{100 * r['test_acc_mean']:.2f}", ci + " †" * (r["test_acc_ci95_over"] == "images"),
-                      cell(sd, ".2f"), str(r["n_seeds"]), vs_best_text(r), cell(r["mean_epoch_time_s"], ".1f"),
-                      cell(r["img_per_s"], ".0f"), r["device"]])
-    return cells
+    return [[r["config"], cell(r["arch"]), cell(r["pool"]), cell(r["opt"]), cell(r["stem"]), cell(r["pretrained"]),
+             cell(r["fraction"], "g"), cell(r["params"], ".2f", scale=1e-6) + "M" * (r["params"] is not None),
+             cell(r["epochs"]), "" if r["val_acc_mean"] is None else acc_text(r, "val"),
+             f"{100 * r['test_acc_mean']:.2f}",
+             cell(r["test_acc_ci95"], ".2f", "± ", 100) + " †" * (r["test_acc_ci95_over"] == "images"),
+             cell(r["test_acc_std_ddof1"], ".2f", scale=100), str(r["n_seeds"]), vs_best_text(r),
+             cell(r["mean_epoch_time_s"], ".1f"), cell(r["img_per_s"], ".0f"), r["device"]] for r in rows]
 
 
 def table_notes(rows: list[dict], by: str) -> list[str]:
@@ -829,57 +755,69 @@ def factor_notes(effects: list[dict], confounded: list[str]) -> list[str]:
     return notes
 
 
-def markdown_table(header: list[str], cells: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])
-
-
-def summary_markdown(rows: list[dict], by: str, conclusion: list[str], effects: list[dict],
-                     confounded: list[str]) -> str:
-    parts = [*conclusion, markdown_table(TABLE_HEADER, table_cells(rows)), *table_notes(rows, by)]
+def summary_blocks(rows: list[dict], by: str, conclusion: list[str], effects: list[dict],
+                   confounded: list[str]) -> list[tuple]:
+    """What summary.md and report.html both say, as (kind, ...) blocks: conclusion, heading, table, note."""
+    blocks = [("conclusion", line) for line in conclusion]
+    blocks += [("heading", "Configs"), ("table", TABLE_HEADER, table_cells(rows), [r["vs_best"] for r in rows])]
+    blocks += [("note", n) for n in table_notes(rows, by)]
+    if effects or confounded:
+        blocks.append(("heading", "Factors"))
     if effects:
-        parts.append(markdown_table(FACTOR_HEADER, factor_cells(effects)))
-    return "\n\n".join(parts + factor_notes(effects, confounded)) + "\n"
+        blocks.append(("table", FACTOR_HEADER, factor_cells(effects), None))
+    return blocks + [("note", n) for n in factor_notes(effects, confounded)]
 
 
-def summary_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    # 8 significant digits: exact enough, without float noise like 0.8000000000000002
-    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    return buf.getvalue()
+def to_markdown(blocks: list[tuple]) -> str:
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    parts = []
+    for kind, *content in blocks:
+        if kind == "table":
+            header, cells, _ = content
+            parts.append("\n".join([row(header), "|" + "---|" * len(header), *map(row, cells)]))
+        else:
+            parts.append(("## " if kind == "heading" else "") + content[0])
+    return "\n\n".join(parts) + "\n"
 
 
-# ---- report.html: one self-contained page ----
+def html_table(header: list[str], cells: list[list[str]], row_classes: list[str] | None) -> str:
+    # short cells (numbers, "± 0.59 †") never break inside; long ones (config names, test names) wrap
+    def td(text: str) -> str:
+        return ('<td class="short">' if len(text) <= 16 else "<td>") + html.escape(text) + "</td>"
 
-FIGURE_CAPTIONS = {
-    "accuracy.png": "Mean test accuracy of each config with its 95 % interval (filled: t over seeds; open: one seed, "
-                    "test-set sampling only); green is the best config, blue the configs tied with it, grey the "
-                    "separably worse ones.",
-    "loss_curves.png": "Training loss per epoch, mean over each config's seeds (log scale): how fast and how far each "
-                       "config fits the training set.",
-    "per_class.png": "Test accuracy per true class, mean over seeds: which classes each config finds hard.",
-    "confusion.png": "Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the "
-                     "true class).",
-    "predictions.png": "A fixed class-balanced sample of test images, the same for every run, with the shown run's "
-                       "predictions (green: right; red bold: wrong).",
-    "datasize.png": "Test accuracy against the fraction of the training set used, one line per design: what more data "
-                    "buys.",
-    "speed.png": "Mean epoch time and training throughput of each config, and the device they ran on.",
-    "accuracy_vs_params.png": "Test accuracy (mean ± 95 % CI) against parameter count: what model size buys.",
-    "accuracy_vs_time.png": "Test accuracy (mean ± 95 % CI) against total training time: what compute buys.",
-    "bench.png": "Train-step throughput per architecture and mode, from the newest bench record.",
-}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(f'<tr class="{cls}">{"".join(map(td, row))}</tr>\n'
+                   for row, cls in zip(cells, row_classes or [""] * len(cells), strict=True))
+    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
+
+
 REPORT_CSS = """body { font-family: sans-serif; max-width: 1150px; margin: 1em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; }
-th { background: #f0f0f0; } td.short { white-space: nowrap; }
-tr.best td { background: #e6f4e6; } tr.tied td { background: #e8f0fb; }
-p.conclusion { font-size: 17px; font-weight: bold; margin: 0.3em 0; }
-p.note { font-size: 13px; color: #444; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 14px; margin-top: 0.3em; }"""
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; } th { background: #f0f0f0; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; } td.short { white-space: nowrap; }
+tr.best td { background: #e6f4e6; } tr.tied td { background: #e8f0fb; } p.note { font-size: 13px; color: #444; }
+p.conclusion { font-size: 17px; font-weight: bold; margin: 0.3em 0; } figcaption { font-size: 14px; margin-top: 0.3em; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }"""
+HTML_BLOCKS = {"title": "<h1>{}</h1>", "heading": "<h2>{}</h2>", "conclusion": '<p class="conclusion">{}</p>',
+               "note": '<p class="note">{}</p>'}
+
+
+def to_html(title: str, blocks: list[tuple]) -> str:
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for kind, *content in blocks:
+        if kind == "table":
+            parts.append(html_table(*content))
+        elif kind == "figure":  # a data URI, so the page is one file that can be mailed or archived alone
+            path, name, caption = content
+            png = base64.b64encode(path.read_bytes()).decode()
+            parts.append(f'<figure id="{html.escape(name)}"><img src="data:image/png;base64,{png}" '
+                         f'alt="{html.escape(name)}"><figcaption><b>{html.escape(name)}</b>: '
+                         f"{html.escape(caption)}</figcaption></figure>")
+        else:
+            parts.append(HTML_BLOCKS[kind].format(html.escape(content[0])))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+            f"<style>\n{REPORT_CSS}\n</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
 def environment(runs: list[dict]) -> list[list[str]]:
@@ -893,85 +831,45 @@ def environment(runs: list[dict]) -> list[list[str]]:
             for key, counts in seen.items()]
 
 
-def html_cell(text: str) -> str:
-    # short cells (numbers, "± 0.59 †") never break inside; long ones (config names, test names) wrap
-    return ('<td class="short">' if len(text) <= 16 else "<td>") + html.escape(text) + "</td>"
+def summary_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    # 8 significant digits: exact enough, without float noise like 0.8000000000000002
+    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    return buf.getvalue()
 
 
-def html_table(header: list[str], cells: list[list[str]], row_classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(f'<tr class="{cls}">{"".join(map(html_cell, row))}</tr>\n'
-                   for row, cls in zip(cells, row_classes or [""] * len(cells), strict=True))
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
+# ---- --status: where each run stands, from the records alone ----
 
-
-def figure_html(path: Path, name: str, caption: str) -> str:
-    # a data URI, so the page is one file that can be mailed or archived without its folder
-    png = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure id="{html.escape(name)}"><img src="data:image/png;base64,{png}" alt="{html.escape(name)}">'
-            f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
-
-
-def report_html(title: str, conclusion: list[str], rows: list[dict], by: str, effects: list[dict],
-                confounded: list[str], figures: dict[str, str], out: Path, env: list[list[str]],
-                skipped: dict[str, str]) -> str:
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts += [f'<p class="conclusion">{html.escape(line)}</p>' for line in conclusion]
-    parts += ["<h2>Configs</h2>", html_table(TABLE_HEADER, table_cells(rows), [r["vs_best"] for r in rows])]
-    parts += [f'<p class="note">{html.escape(n)}</p>' for n in table_notes(rows, by)]
-    if effects or confounded:
-        parts.append("<h2>Factors</h2>")
-        parts += [html_table(FACTOR_HEADER, factor_cells(effects))] if effects else []
-        parts += [f'<p class="note">{html.escape(n)}</p>' for n in factor_notes(effects, confounded)]
-    parts += ["<h2>Environment</h2>", html_table(["field", "value"], env), "<h2>Figures</h2>"]
-    if skipped:
-        parts.append('<p class="note">Not drawn: ' + html.escape("; ".join(f"{n} ({why})" for n, why in
-                                                                             skipped.items())) + "</p>")
-    parts += [figure_html(out / name, name, caption) for name, caption in figures.items()]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
-            f"<style>\n{REPORT_CSS}\n</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+def print_status(dirs: list[Path]) -> None:
+    """One line per run record in dirs (a folder not made yet has none), then the total; the sweep prints it."""
+    runs, done_epochs, left_s = load_runs([d for d in dirs if d.is_dir()]), 0, 0.0
+    for r in runs:
+        done, total = (r["history"][-1]["epoch"] if r["history"] else 0), r["config"].get("epochs") or 0
+        # once finished, final's mean (steady epochs only); else the mean of the epochs so far
+        epoch_s = (r.get("final") or {}).get("mean_epoch_time_s") or mean_of([h.get("epoch_time_s")
+                                                                              for h in r["history"]])
+        acc = f"test {100 * r['final']['test_acc']:.2f} %" if is_finished(r) else ""
+        print((f"{r['name']:<32} {r.get('status', '?'):<11} {done:>3}/{total} epochs  {acc:<13}"
+               + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip())
+        done_epochs += done
+        if r.get("status") in ("running", "interrupted"):  # what a run that can go on still has to train
+            left_s += (total - done) * (epoch_s or 0)
+    counts = ", ".join(f"{n} {status}" for status, n in Counter(r.get("status", "?") for r in runs).most_common())
+    print(f"total: {len(runs)} runs" + (f" ({counts})" if runs else "")
+          + f"; {done_epochs}/{sum(r['config'].get('epochs') or 0 for r in runs)} epochs"
+          + (f"; about {left_s / 60:.0f} min of epochs left at the measured epoch times" if left_s else ""))
 
 
 # ---- main ----
 
-def draw_figures(configs: dict[str, list[dict]], rows: list[dict], by: str, classes: list[str], dirs: list[Path],
-                 out: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Every figure that applies: ({name: caption} of those drawn, {name: why not} of the others)."""
-    skipped = {"loss_curves.png": plot_loss_curves(configs, out / "loss_curves.png")}
-    captions = dict(FIGURE_CAPTIONS)
-    if rows:
-        shown, why = shown_run(rows[0])
-        print(f"confusion.png and predictions.png show {shown['name']} ({why})")
-        for name in ("confusion.png", "predictions.png"):
-            captions[name] += f" Shown: {shown['name']}, the {'chosen' if by == 'val' else 'best'} config's seed " \
-                              f"with {why}."
-        skipped |= {
-            "accuracy.png": plot_accuracy(rows, by, out / "accuracy.png"),
-            "per_class.png": plot_per_class(rows, classes, out / "per_class.png"),
-            "confusion.png": plot_confusion(shown, classes, out / "confusion.png"),
-            "predictions.png": plot_predictions(shown, classes, out / "predictions.png"),
-            "datasize.png": plot_datasize(rows, out / "datasize.png"),
-            "speed.png": plot_speed(rows, out / "speed.png"),
-            "accuracy_vs_params.png": plot_accuracy_vs(rows, "params", "parameters (millions, log scale)",
-                                                       out / "accuracy_vs_params.png", unit=1e6, log=True),
-            "accuracy_vs_time.png": plot_accuracy_vs(rows, "train_time_s", "total training time (s)",
-                                                     out / "accuracy_vs_time.png"),
-        }
-    else:
-        skipped |= dict.fromkeys(FINAL_FIGURES, "no finished runs")
-    skipped["bench.png"] = plot_bench(dirs, out / "bench.png")
-    drawn = {name: captions[name] for name in FIGURE_CAPTIONS if name in skipped and not skipped[name]}
-    for label, config_runs in configs.items():
-        name = f"curves/{re.sub(r'[^A-Za-z0-9._-]', '_', label)}.png"
-        plot_config_curves(label, config_runs, out / name)
-        drawn[name] = (f"Train, val and test loss and accuracy per epoch of {label}, mean over its "
-                       f"{len(config_runs)} run{'s' * (len(config_runs) > 1)}: over- or under-fitting at a glance.")
-    return drawn, {name: why for name, why in skipped.items() if why}
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dirs, out = [Path(d) for d in args.results_dirs], Path(args.out)
+    if args.status:
+        print_status(dirs)
+        return
     for d in dirs:
         if not d.is_dir():
             sys.exit(f"{d} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
@@ -980,10 +878,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no usable run JSONs in {', '.join(map(str, dirs))}: run train.py first")
     configs = defaultdict(list)
     for run in runs:
-        configs[config_label(run["name"])].append(run)
-    rows = summarize(configs)
-    by = ranking_metric(rows)
-    rows = rank(rows, by)
+        configs[re.sub(r"-s\d+$", "", run["name"])].append(run)  # a config: its runs' name less the seed
+        if not is_finished(run):
+            print(f"{run['_file']}: {run.get('status')}: drawn as curves, left out of final-accuracy figures "
+                  "and the table")
+    rows, by = rank(summarize(configs))
     if rows:
         mark_ties_with_best(rows, by)
     effects, confounded = factor_effects(rows)
@@ -1002,12 +901,16 @@ def main(argv: list[str] | None = None) -> None:
     elif by == "test" and rows:
         print("val split in only some configs: ranked by test acc (give every config --val-split to choose by val)")
 
-    markdown = summary_markdown(rows, by, conclusion, effects, confounded)
-    write_text_atomic(out / "summary.md", markdown)
-    write_text_atomic(out / "summary.csv", summary_csv(rows))
-    title = f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}"
-    write_text_atomic(out / "report.html", report_html(title, conclusion, rows, by, effects, confounded, figures, out,
-                                                       environment(runs), skipped))
+    blocks = summary_blocks(rows, by, conclusion, effects, confounded)
+    markdown = to_markdown(blocks)
+    save(out / "summary.md", markdown)
+    save(out / "summary.csv", summary_csv(rows))
+    page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
+            ("heading", "Figures")]
+    if skipped:
+        page.append(("note", "Not drawn: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())))
+    page += [("figure", out / name, name, caption) for name, caption in figures.items()]
+    save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
     print(f"wrote figures, summary.md, summary.csv and report.html to {out}/\n")
     print(markdown)
 

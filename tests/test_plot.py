@@ -58,10 +58,11 @@ def write_preview(results: Path) -> np.ndarray:
 
 
 def make_record(name: str, test_acc: float | None, status: str = "finished", epochs: int = 4, **config) -> dict:
-    """A run record shaped like train.py's (schema_version 1); final only when the run finished."""
-    cfg = {"arch": "resnet18", "pool": "avg", "stem": "cifar", "pretrained": False, "opt": "sgd", "lr": 0.4,
-           "wd": 5e-4, "batch_size": 512, "epochs": epochs, "fraction": 1.0, "val_split": 0.0,
-           "aug": "flip,translate", "seed": int(name.rsplit("-s", 1)[1]), "data_dir": "cifar-data"} | config
+    """A run record shaped like train.py's (schema_version 1); final only when the run finished. Its factors
+    are what train.py writes: the config less the seed, run control and the optimiser values it derived."""
+    factors = {"arch": "resnet18", "pool": "avg", "stem": "cifar", "pretrained": False, "opt": "sgd",
+               "batch_size": 512, "epochs": epochs, "fraction": 1.0, "val_split": 0.0, "aug": "flip,translate"} | config
+    cfg = factors | {"lr": 0.4, "wd": 5e-4, "seed": int(name.rsplit("-s", 1)[1]), "data_dir": "cifar-data"}
     has_val = cfg["val_split"] > 0
     history, speed = [], 2.0 - (test_acc or 0.8)  # better configs learn faster, so the curves differ
     for e in range(1, epochs + 1):
@@ -73,7 +74,7 @@ def make_record(name: str, test_acc: float | None, status: str = "finished", epo
             h |= {"val_loss": 1.9 / e, "val_acc": 0.2 + 0.15 * e}
         history.append(h)
     record = {"schema_version": 1, "name": name, "status": status, "started_at": "2026-11-21T23:00:00Z",
-              "ended_at": None, "config": cfg,
+              "ended_at": None, "config": cfg, "factors": factors,
               "run": {"device": "cpu", "amp": "off", "compile": False, "channels_last": True, "world_size": 1},
               "env": {"torch": "2.14.1", "device_name": "Test CPU"},  # where train.py puts the device's model
               "model": {"params": 23_520_842 if cfg["arch"] == "resnet50" else 11_173_962,
@@ -114,7 +115,8 @@ def read_csv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """The full sweep plus a malformed, a foreign, a running and a diverged file, and a bench record."""
+    """The full sweep plus a malformed, a foreign, another schema's, a running and a diverged file, and a bench
+    record."""
     project = tmp_path_factory.mktemp("sweep")
     results = project / "results"
     for config, (overrides, accs) in SWEEP.items():
@@ -127,6 +129,7 @@ def sweep(tmp_path_factory):
     write_json(results / "resnet34-avg-sgd-s0.json", diverged)
     (results / "bad.json").write_text('{"schema_version": 1, "name": ')
     write_json(results / "foreign.json", {"foo": 1})
+    write_json(results / "schema2.json", make_record("resnet18-avg-sgd-s9", 0.9) | {"schema_version": 2})
     write_json(results / "bench" / "bench-1.json",
                {"loader_ratio": 0.9, "loader_overhead": 0.05, "speedup": {"resnet18": 1.8, "resnet50": 1.5},
                 "train_step": {"resnet18": {"eager_fp32": 900.0, "channels_last": 1000.0, "compile": 1600.0},
@@ -166,19 +169,14 @@ def test_each_config_gets_its_own_curves_including_unfinished_ones(sweep):
     assert {p.stem for p in (project / "figures" / "curves").glob("*.png")} == expected
 
 
-def test_summary_csv_has_one_row_per_finished_config_sorted_by_mean_test_acc(sweep):
-    project, _ = sweep
-    rows = read_csv(project / "figures" / "summary.csv")
-    expected = sorted(SWEEP, key=lambda c: -statistics.fmean(SWEEP[c][1]))
-    assert [r["config"] for r in rows] == expected
-    assert [int(r["n_seeds"]) for r in rows] == [len(SWEEP[c][1]) for c in expected]
-
-
-def test_summary_csv_reports_mean_and_sample_std_over_seeds(sweep):
+def test_summary_csv_has_a_row_per_finished_config_by_mean_test_acc_with_mean_and_sample_std(sweep):
     """Std is the sample std (ddof=1), as the column name says; blank for a single seed."""
     project, _ = sweep
-    for row in read_csv(project / "figures" / "summary.csv"):
+    rows = read_csv(project / "figures" / "summary.csv")
+    assert [r["config"] for r in rows] == sorted(SWEEP, key=lambda c: -statistics.fmean(SWEEP[c][1]))
+    for row in rows:
         accs = SWEEP[row["config"]][1]
+        assert int(row["n_seeds"]) == len(accs)
         assert float(row["test_acc_mean"]) == pytest.approx(statistics.fmean(accs))
         if len(accs) >= 2:
             assert float(row["test_acc_std_ddof1"]) == pytest.approx(statistics.stdev(accs))
@@ -238,17 +236,13 @@ def test_summary_md_has_a_factor_table_that_says_what_it_averaged_over(sweep):
     assert "pool" in line and "arch" in line and "fraction" not in line
 
 
-def test_malformed_json_is_named_and_skipped(sweep):
+@pytest.mark.parametrize("file, why", [("bad.json", "malformed JSON"), ("foreign.json", "not a train.py run record"),
+                                       ("schema2.json", "schema_version 2 but plot.py reads 1")])
+def test_an_unusable_json_is_skipped_in_one_line_that_says_why(sweep, file, why):
     _, proc = sweep
     assert proc.returncode == 0
-    [line] = [ln for ln in proc.stdout.splitlines() if "bad.json" in ln]
-    assert "malformed JSON" in line
-
-
-def test_foreign_json_is_named_and_skipped(sweep):
-    _, proc = sweep
-    [line] = [ln for ln in proc.stdout.splitlines() if "foreign.json" in ln]
-    assert "not a train.py run record" in line
+    [line] = [ln for ln in proc.stdout.splitlines() if file in ln]
+    assert line.startswith("skipped ") and why in line
 
 
 def test_running_and_diverged_runs_are_reported_and_left_out_of_the_table(sweep):
@@ -266,7 +260,7 @@ def test_predictions_show_the_preview_images_kept_beside_the_records(sweep, tmp_
     images = write_preview(tmp_path)
     run = {"_file": tmp_path / "run.json", "final": {"predictions": {"images": PREVIEW}}}
     np.testing.assert_array_equal(plot.preview_images(run, [5, 0, 63]), images[[5, 0, 63]])
-    del run["final"]["predictions"]["images"]  # a record from before previews were kept
+    del run["final"]["predictions"]["images"]  # train.py could not keep them
     assert "names no preview images" in plot.preview_images(run, [0])
 
 
@@ -381,17 +375,28 @@ class FigureThatFailsMidWrite(Figure):
         raise OSError("No space left on device")
 
 
-def test_a_failed_figure_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
-    (tmp_path / "accuracy.png").write_bytes(b"old figure")
-    with pytest.raises(OSError, match="No space left"):
-        plot.save_figure(FigureThatFailsMidWrite(), tmp_path / "accuracy.png")
-    assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
-    assert (tmp_path / "accuracy.png").read_bytes() == b"old figure"
+@pytest.mark.parametrize("name, content, error", [
+    ("accuracy.png", FigureThatFailsMidWrite(), OSError),
+    ("summary.md", "new table \ud800", UnicodeEncodeError),  # a lone surrogate cannot be encoded
+])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, name, content, error):
+    (tmp_path / name).write_text("old")
+    with pytest.raises(error):
+        plot.save(tmp_path / name, content)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_text() == "old"
 
 
-def test_a_failed_table_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
-    (tmp_path / "summary.md").write_text("old table")
-    with pytest.raises(UnicodeEncodeError):
-        plot.write_text_atomic(tmp_path / "summary.md", "new table \ud800")  # a lone surrogate cannot be encoded
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
-    assert (tmp_path / "summary.md").read_text() == "old table"
+def test_status_prints_a_line_per_run_record_and_a_total(sweep, capsys):
+    project, _ = sweep
+    plot.main(["--status", str(project / "results"), str(project / "not-made-yet")])  # returns: exit 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("skipped ")}
+    assert lines["resnet18-pre-sgd-s0"].split() == ["resnet18-pre-sgd-s0", "finished", "4/4", "epochs", "test",
+                                                    "90.00", "%", "30.0", "s/epoch"]
+    assert lines["resnet50-avg-sgd-s0"].split()[1:3] == ["running", "4/4"]
+    assert lines["resnet34-avg-sgd-s0"].split()[1] == "diverged"
+    n_runs = sum(len(accs) for _, accs in SWEEP.values()) + 2
+    total = lines["total:"]
+    assert total.startswith(f"total: {n_runs} runs (") and f"; {4 * n_runs}/{4 * n_runs} epochs" in total
+    assert all(f"{n} {status}" in total for n, status in [(n_runs - 2, "finished"), (1, "running"), (1, "diverged")])
+    assert len(lines) == n_runs + 1 and not (project / "not-made-yet").exists()

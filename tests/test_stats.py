@@ -13,22 +13,21 @@ LABELS = "0123456789" * 1000  # a 10,000-image test set in test-set order
 
 def make_run(name: str, test_acc: float, val: float | None = None, preds: str | None = None, **config) -> dict:
     """The fields of a finished train.py record that the comparison reads."""
-    cfg = {"arch": "resnet18", "pool": "avg", "opt": "sgd", "seed": int(name.rsplit("-s", 1)[1]),
-           "val_split": 0.1 if val is not None else 0.0, "fraction": 1.0} | config
+    factors = {"arch": "resnet18", "pool": "avg", "opt": "sgd", "val_split": 0.1 if val is not None else 0.0,
+               "fraction": 1.0} | config
     final = {"test_acc": test_acc, "confusion": [[1000 if i == j else 0 for j in range(10)] for i in range(10)]}
     if val is not None:
         final["val_acc"] = val
     if preds is not None:
         final |= {"test_preds": preds, "test_labels": LABELS}
-    return {"name": name, "status": "finished", "config": cfg, "history": [], "final": final,
+    return {"name": name, "status": "finished", "config": factors | {"seed": int(name.rsplit("-s", 1)[1])},
+            "factors": factors, "history": [], "final": final,
             "run": {"train_images": 45_000}, "env": {"device_name": "Test CPU"}}
 
 
 def compare(configs: dict[str, list[dict]]) -> tuple[list[dict], str]:
     """plot.py's pipeline from grouped runs to ranked rows marked against the best."""
-    rows = plot.summarize(configs)
-    by = plot.ranking_metric(rows)
-    rows = plot.rank(rows, by)
+    rows, by = plot.rank(plot.summarize(configs))
     plot.mark_ties_with_best(rows, by)
     return rows, by
 
@@ -43,11 +42,6 @@ def preds_wrong_on(wrong: range) -> str:
 
 
 # ---- the distributions ----
-
-def test_normal_tail_at_1_96_is_2_5_percent():
-    assert plot.normal_sf(plot.Z_975) == pytest.approx(0.025, abs=1e-12)
-    assert plot.normal_sf(0) == 0.5
-
 
 def test_t_quantile_matches_closed_forms_and_the_printed_table():
     # 1 df is the Cauchy distribution: t_q = tan(pi (q - 1/2)) -> tan(0.475 pi) = 12.706
@@ -83,17 +77,9 @@ def test_interval_over_three_seeds_is_student_t_with_2_df():
 
 def test_interval_of_one_seed_is_the_test_sets_binomial_sampling_error():
     # 85 % on 10,000 images: SE = sqrt(0.85 × 0.15 / 10000) = 0.0035707 (0.36 points); 95 %: × 1.96 = 0.70 points
-    assert plot.binomial_se(0.85, 10_000) == pytest.approx(0.0035707, abs=1e-7)
     half, over = plot.accuracy_interval([0.85], 10_000)
     assert (half, over) == (pytest.approx(0.0069985, abs=1e-7), "images")
     assert plot.accuracy_interval([0.85], None) == (None, "")
-
-
-def test_test_set_size_comes_from_test_labels_else_the_confusion_matrix():
-    run = make_run("a-s0", 0.85)
-    assert plot.test_size(run) == 10_000  # 10 × 1000 in the confusion matrix
-    run["final"] |= {"test_labels": "0123", "test_preds": "0124"}
-    assert plot.test_size(run) == 4
 
 
 # ---- the tests against the best ----
@@ -130,7 +116,8 @@ def test_two_proportion_p():
     # 85 % vs 84 % on 10,000 each: pooled 0.845; se = sqrt(0.845 × 0.155 × 2 / 10000) = 0.0051181; z = 1.95385;
     # p = 2 (1 - Phi(1.95385)) = 0.0507 (normal table: Phi(1.95) = 0.97441, Phi(1.96) = 0.97500)
     assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(0.0507, abs=2e-4)
-    assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(2 * plot.normal_sf(1.95385), abs=1e-5)
+    assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(math.erfc(1.95385 / math.sqrt(2)),
+                                                                              abs=1e-5)
 
 
 # ---- ties with the best ----
@@ -176,14 +163,6 @@ def test_a_single_run_against_a_seeded_config_uses_the_seeds_spread():
 
 
 # ---- val picks, test reports ----
-
-def test_val_accuracy_is_final_val_acc_else_the_last_epochs():
-    run = make_run("a-s0", 0.85, val=0.9)
-    run["history"] = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}]
-    assert plot.val_acc(run) == 0.9
-    del run["final"]["val_acc"]  # a record from before final.val_acc
-    assert plot.val_acc(run) == 0.7
-
 
 def test_with_val_in_every_config_ranking_and_ties_use_val_and_the_test_accuracy_is_reported():
     rows, by = compare({"a": [make_run("a-s0", 0.84, val=0.90)], "b": [make_run("b-s0", 0.86, val=0.88)]})
@@ -243,21 +222,23 @@ def test_factors_that_never_change_alone_get_no_effect():
     assert effects == [] and confounded == ["stem", "pretrained"]
 
 
-def test_run_settings_are_not_factors():
-    runs = {"a": [make_run("a-s0", 0.85, device="cuda", workers=8, data_dir="x")],
-            "b": [make_run("b-s1", 0.84, device="cpu", workers=2, data_dir="y")]}
-    assert plot.varying_factors(plot.summarize(runs)) == []
+def test_factors_are_the_records_factors_and_nothing_else_of_its_config():
+    runs = {"a": [make_run("a-s0", 0.85)], "b": [make_run("b-s1", 0.84)]}
+    runs["a"][0]["config"] |= {"device": "cuda", "workers": 8, "lr": 0.1}
+    runs["b"][0]["config"] |= {"device": "cpu", "workers": 2, "lr": 0.2}
+    assert plot.factor_effects(plot.summarize(runs)) == ([], [])
 
 
 def test_an_optimiser_is_one_factor_with_the_recipe_train_py_derived_for_it():
-    """pool x opt, as GRID=quick: adam's lr, wd and schedule were derived, not given, so they are part of `opt`."""
+    """pool x opt, as GRID=quick: adam's lr, wd and schedule were derived, not given, so train.py left them out
+    of the factors: they are part of `opt`."""
     recipes = {"sgd": {"lr": 0.1, "wd": 5e-4, "schedule": "onecycle"},
                "adam": {"lr": 1e-3, "wd": 0.0, "schedule": "cosine"}}
     grid = {("avg", "sgd"): 0.41, ("max", "sgd"): 0.29, ("avg", "adam"): 0.38, ("max", "adam"): 0.31}
     runs = {}
     for (pool, opt), acc in grid.items():
-        run = make_run(f"{pool}-{opt}-s0", acc, pool=pool, opt=opt, **recipes[opt])
-        run["given"] = {"pool": pool, "opt": opt, "seed": 0}
+        run = make_run(f"{pool}-{opt}-s0", acc, pool=pool, opt=opt)
+        run["config"] |= recipes[opt]
         runs[f"{pool}-{opt}"] = [run]
     effects, confounded = plot.factor_effects(plot.summarize(runs))
     assert confounded == []
@@ -266,7 +247,3 @@ def test_an_optimiser_is_one_factor_with_the_recipe_train_py_derived_for_it():
     opt = by_factor["opt"]  # sgd vs adam: +3 points with avg pooling, -2 with max -> +0.5
     assert (opt["level"], opt["reference"], opt["pairs"], opt["over"]) == ("sgd", "adam", 2, ["pool"])
     assert 100 * opt["effect"] == pytest.approx(0.5)
-    # a record without `given` (older train.py) keeps every value as a choice: opt is then confounded
-    for [run] in runs.values():
-        del run["given"]
-    assert "opt" in plot.factor_effects(plot.summarize(runs))[1]
