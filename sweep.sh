@@ -16,7 +16,7 @@
 #   GPUS=         e.g. 0,1,2,3: the runs dealt out over the GPUs in turn, one run at a time on each
 #   NPROC=        every run under torchrun with NPROC processes (with GPUS: NPROC GPUs per run)
 #   SHARD=        i/n (0-based): only the runs whose index % n == i, e.g. SHARD=$SLURM_ARRAY_TASK_ID/4
-#   PREFLIGHT=1   0 skips the preflight of every config before the first run (if one fails, none starts)
+#   PREFLIGHT=1   0 skips the preflight of the configs to run, before the first run (if one fails, none starts)
 #   PYTHON=python
 # A run is `train.py ARGS --seed S --name NAME --out OUT --quiet --resume`: train.py skips it if finished
 # or diverged, resumes it if interrupted, and leaves it to a process that trains it (the run's lock), so
@@ -71,14 +71,16 @@ load_grid() {  # GRID -> CONFIGS ("NAME ARGS..." each), and OUT's default
   ((${#CONFIGS[@]})) || die "GRID=$GRID has no configs"
 }
 
-expand_runs() {  # RUNS: configs x seeds, seed 0 of every config first, then SHARD; CHECKS: their configs at seed 0
-  local seed c index=0
+expand_runs() {  # RUNS: configs x seeds, seed 0 of every config first, then SHARD
+  local seed c name args index=0  # CHECKS: the preflight of each config (all with --preflight, else those to run)
   RUNS=() CHECKS=()
   for ((seed = 0; seed < SEEDS; seed++)); do
     for c in "${!CONFIGS[@]}"; do
       ((index++ % SHARD_N == SHARD_I)) || continue
-      RUNS+=("${CONFIGS[c]%% *}-s$seed ${CONFIGS[c]#* } --seed $seed")
-      CHECKS[c]="${CONFIGS[c]%% *}-s0 ${CONFIGS[c]#* } --seed 0"
+      read -r name args <<<"${CONFIGS[c]}"
+      RUNS+=("$name-s$seed $args --seed $seed")
+      # A run whose weights are kept has finished (train.py will skip it): its config needs no check.
+      if [[ $MODE == preflight || ! -f $OUT/models/$name-s$seed.pt ]]; then CHECKS[c]="$name-s0 $args --seed 0"; fi
     done
   done
   CHECKS=("${CHECKS[@]}")  # in grid order, without gaps
@@ -122,14 +124,12 @@ outcome() {  # outcome LOG FROM -> TEXT, and its WORD: ok finished diverged skip
 }
 
 lane() {  # lane K: lane K's jobs one after another; a line on stdout and in TALLY as each ends
-  local k=$1 lanes=${#LANES[@]} gpu=${LANES[$1]:+ GPU ${LANES[$1]}} j n=0 total log from start took spent=0 timed=0
-  local eta STOP=0 CHILD=  # the trap's, as it runs here
-  # The sweep passes Ctrl-C on as SIGTERM; train.py stops on either (a terminal sends its SIGINT too).
+  local k=$1 gpu=${LANES[$1]:+ GPU ${LANES[$1]}} j n=0 total log from start took spent=0 timed=0 eta STOP=0 CHILD=
   trap 'STOP=1; if [[ -n $CHILD ]]; then kill -TERM "$CHILD" 2>/dev/null || true; fi' TERM
-  trap '' INT
+  trap '' INT  # the sweep passes Ctrl-C on as SIGTERM (to STOP and CHILD here); train.py stops on either
   if [[ -n ${LANES[k]} ]]; then export CUDA_VISIBLE_DEVICES=${LANES[k]}; fi
-  total=$(((${#JOBS[@]} - k + lanes - 1) / lanes))
-  for ((j = k; j < ${#JOBS[@]} && !STOP; j += lanes)); do
+  total=$(((${#JOBS[@]} - k + ${#LANES[@]} - 1) / ${#LANES[@]}))
+  for ((j = k; j < ${#JOBS[@]} && !STOP; j += ${#LANES[@]})); do
     train_command "${JOBS[j]}"
     n=$((n + 1)) log=$OUT/logs/$NAME.log start=$EPOCHSECONDS
     if [[ $FLAG == --preflight ]]; then NAME=${NAME%-s0} log=$PREFLIGHT_DIR/${NAME%-s0}.log; : >"$log"; fi
@@ -191,7 +191,7 @@ trap 'rm -f "$TALLY"' EXIT
 # Ctrl-C or SIGTERM: each lane stops its train.py, which keeps its checkpoint; run_lanes waits for them.
 trap 'STOPPED=1; note "sweep: stopping every run"; kill -TERM "${LANE_PIDS[@]}" 2>/dev/null || true' INT TERM
 if [[ $MODE == preflight ]]; then run_lanes --preflight "${CHECKS[@]}"; exit "$LANES_RC"; fi
-if ((PREFLIGHT)); then
+if ((PREFLIGHT && ${#CHECKS[@]})); then
   run_lanes --preflight "${CHECKS[@]}" >&2  # a sweep's stdout: one line per run
   ((LANES_RC != 1)) || note "sweep: no run started: fix the failing configs (or skip the check with PREFLIGHT=0)"
   ((LANES_RC == 0)) || exit "$LANES_RC"

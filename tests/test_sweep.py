@@ -398,6 +398,9 @@ def test_status_is_plot_pys_status_of_the_results_folder(tmp_path, fake):
 
 
 def test_preflight_checks_each_config_of_its_runs_once_at_seed_0_with_epochs_and_extra(tmp_path):
+    (tmp_path / "results" / "models").mkdir(parents=True)
+    (tmp_path / "results" / "models" / "resnet18-avg-sgd-s0.pt").touch()  # --preflight checks it all the same
+
     checks = dry_run(tmp_path, "--preflight", SEEDS=3, EPOCHS=2, EXTRA="--data-dir /d --no-compile")
 
     assert len(checks) == 12, "one check per config, not per seed"
@@ -437,16 +440,18 @@ def test_sweep_starts_no_run_when_the_preflight_fails(tmp_path, fake):
     assert calls(fake, preflight=False) == [], "no training run started"
 
 
-def test_sweep_preflights_every_config_before_its_first_run_and_preflight_0_skips_it(tmp_path, fake):
-    grid = write_grid(tmp_path, *THREE_CONFIGS)
+def test_sweep_preflights_the_configs_to_run_before_its_first_run_and_preflight_0_skips_it(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS, "d --arch cnn")
+    (tmp_path / "results" / "mine" / "models").mkdir(parents=True)
+    for finished in ("a-s0", "a-s1", "b-s0"):  # their weights kept: a has no run left to train
+        (tmp_path / "results" / "mine" / "models" / f"{finished}.pt").touch()
 
     result = sweep(cwd=tmp_path, GRID=grid, SEEDS=2, PYTHON=fake / "python")
 
     assert result.returncode == 0, result.stderr
-    assert [call["name"] for call in calls(fake)] == ["a-s0", "b-s0", "c-s0", "a-s0", "b-s0", "c-s0", "a-s1",
-                                                      "b-s1", "c-s1"]
-    assert [call["name"] for call in calls(fake, preflight=True)] == ["a-s0", "b-s0", "c-s0"]
-    assert len(result.stdout.splitlines()) == 6, "the terminal's stdout: one line per run"
+    assert [call["name"] for call in calls(fake, preflight=True)] == ["b-s0", "c-s0", "d-s0"]
+    assert [call["name"] for call in calls(fake)][3:] == [f"{config}-s{seed}" for seed in "01" for config in "abcd"]
+    assert len(result.stdout.splitlines()) == 8, "the terminal's stdout: one line per run"
     (fake / "calls.jsonl").unlink()
     assert sweep(cwd=tmp_path, GRID=write_grid(tmp_path, "d --arch cnn --bogus-flag", name="typo.txt"),
                  PYTHON=fake / "python", PREFLIGHT=0).returncode == 0
