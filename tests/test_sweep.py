@@ -567,6 +567,18 @@ def test_concurrent_make_data_calls_convert_one_at_a_time(make_folder):
     assert recorded(folder) == ["python data.py --data-dir data lock-held=yes"] * 2
 
 
+@pytest.mark.parametrize("grid, out", [("", "results"), ("default", "results"), ("quick", "results/quick"),
+                                       ("studies/my.txt", "results/my")])
+def test_make_sweep_gives_sweep_sh_the_grids_results_folder_and_plots_it(make_folder, grid, out):
+    folder, fake, env = make_folder
+
+    result = subprocess.run(["make", "-n", "-o", "data", "sweep", f"GRID={grid}", f"PYTHON={fake}"], cwd=folder,
+                            env=env, capture_output=True, text=True, timeout=60)
+
+    assert f'GRID="{grid}"' in result.stdout and f'OUT="{out}"' in result.stdout, result.stdout + result.stderr
+    assert f"plot.py {out} --out {out.replace('results', 'figures')}" in result.stdout
+
+
 # --- Real sweeps: train tiny configs with train.py (slow; last) ---------------------------------
 
 def tiny_settings(data_dir: Path, epochs: int = 1) -> dict:
