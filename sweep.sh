@@ -71,8 +71,8 @@ load_grid() {  # GRID -> CONFIGS ("NAME ARGS..." each), and OUT's default
   ((${#CONFIGS[@]})) || die "GRID=$GRID has no configs"
 }
 
-expand_runs() {  # RUNS: configs x seeds, seed 0 of every config first, then SHARD
-  local seed c name args index=0  # CHECKS: the preflight of each config (all with --preflight, else those to run)
+expand_runs() {  # RUNS: configs x seeds (seed 0 of each first), then SHARD; CHECKS: the configs to preflight
+  local seed c name args index=0
   RUNS=() CHECKS=()
   for ((seed = 0; seed < SEEDS; seed++)); do
     for c in "${!CONFIGS[@]}"; do
@@ -126,14 +126,14 @@ outcome() {  # outcome LOG FROM -> TEXT, and its WORD: ok finished diverged skip
 lane() {  # lane K: lane K's jobs one after another; a line on stdout and in TALLY as each ends
   local k=$1 gpu=${LANES[$1]:+ GPU ${LANES[$1]}} j n=0 total log from start took spent=0 timed=0 eta STOP=0 CHILD=
   trap 'STOP=1; if [[ -n $CHILD ]]; then kill -TERM "$CHILD" 2>/dev/null || true; fi' TERM
-  trap '' INT  # the sweep passes Ctrl-C on as SIGTERM (to STOP and CHILD here); train.py stops on either
+  trap '' INT  # Ctrl-C comes as the sweep's SIGTERM (the trap sees lane's locals); train.py stops on either
   if [[ -n ${LANES[k]} ]]; then export CUDA_VISIBLE_DEVICES=${LANES[k]}; fi
   total=$(((${#JOBS[@]} - k + ${#LANES[@]} - 1) / ${#LANES[@]}))
   for ((j = k; j < ${#JOBS[@]} && !STOP; j += ${#LANES[@]})); do
     train_command "${JOBS[j]}"
     n=$((n + 1)) log=$OUT/logs/$NAME.log start=$EPOCHSECONDS
     if [[ $FLAG == --preflight ]]; then NAME=${NAME%-s0} log=$PREFLIGHT_DIR/${NAME%-s0}.log; : >"$log"; fi
-    printf '# %(%F %T)T sweep.sh: %s\n' -1 "${CMD[*]}" >>"$log"
+    printf '# %(%F %T)T sweep.sh: %s%s\n' -1 "${LANES[k]:+CUDA_VISIBLE_DEVICES=${LANES[k]} }" "${CMD[*]}" >>"$log"
     from=$(($(wc -l <"$log") + 1))
     "${CMD[@]}" >>"$log" 2>&1 </dev/null &
     CHILD=$!

@@ -581,10 +581,9 @@ def test_make_sweep_gives_sweep_sh_the_grids_results_folder_and_plots_it(make_fo
 
 # --- Real sweeps: train tiny configs with train.py (slow; last) ---------------------------------
 
-def tiny_settings(data_dir: Path, epochs: int = 1) -> dict:
+def tiny_settings(data_dir: Path) -> dict:
     return {
         "GRID": "tiny.txt",
-        "EPOCHS": epochs,
         "EXTRA": f"--data-dir {data_dir} --no-compile --amp off --channels-last --aug none --batch-size 32",
         # These tests are about runs (a broken config must fail as a run, not be stopped by the
         # preflight); the fast tests cover the preflight with a fake train.py.
@@ -597,8 +596,8 @@ def record(out: Path, name: str) -> dict:
 
 
 def test_real_sweep_line_per_run_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes(synthetic_data, tmp_path):
-    write_grid(tmp_path, "a --arch cnn", "b --arch cnn --pool max", name="tiny.txt")
-    out, settings = tmp_path / "results" / "tiny", tiny_settings(synthetic_data, epochs=3)
+    write_grid(tmp_path, "a --arch cnn --epochs 1", "b --arch cnn --pool max --epochs 3", name="tiny.txt")
+    out, settings = tmp_path / "results" / "tiny", tiny_settings(synthetic_data)
     process = subprocess.Popen(["bash", str(SWEEP)], cwd=tmp_path, env=sweep_env(settings), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -627,7 +626,8 @@ def test_real_sweep_line_per_run_ctrl_c_keeps_the_checkpoint_and_the_same_comman
 
 
 def test_real_failing_config_does_not_stop_the_sweep_and_a_locked_run_is_left_alone(synthetic_data, tmp_path):
-    write_grid(tmp_path, "broken --arch nope", "boom --arch cnn --lr 1e12", "locked --arch cnn", name="tiny.txt")
+    write_grid(tmp_path, "broken --arch nope", "boom --arch cnn --lr 1e12 --epochs 1", "locked --arch cnn",
+               name="tiny.txt")
     out = tmp_path / "results" / "tiny"
 
     with hold_lock(out / "checkpoints" / "locked-s0.lock"):  # another sweep trains it
