@@ -32,7 +32,6 @@ HERE=$(dirname "$0") TRAIN=$HERE/train.py TRAIN=${TRAIN#./}
 MODE=sweep DRY_RUN=0 STOPPED=0 LANE_PIDS=()
 
 die() { echo "sweep: $*" >&2; exit 2; }
-note() { echo "$*" >&2; }
 
 duration() {  # 42 -> 42s, 242 -> 4m02s, 3900 -> 1h05m
   if (($1 >= 3600)); then printf '%dh%02dm' $(($1 / 3600)) $(($1 % 3600 / 60)); return; fi
@@ -114,8 +113,9 @@ outcome() {  # outcome LOG FROM -> TEXT, and its WORD: ok finished diverged skip
     NF { last = $0 }
     END { print last; print said }' "$1")
   case $STOP:$RC:$FLAG:$TEXT:$last in  # under torchrun every failing exit code is 1, a diverged run's too
-    1:* | 0:130:*) TEXT="interrupted (the same command resumes it)" ;;
     0:0:--preflight:*) TEXT=ok ;;
+    *:*:--resume:interrupted*) TEXT="${TEXT%%;*} (the same command resumes it)" ;;  # torchrun: exit 1
+    1:* | 0:130:*) TEXT="interrupted (the same command resumes it)" ;;
     0:0:* | 0:*:--resume:diverged*) TEXT=${TEXT:-finished} ;;
     *"is being trained by another process"*) TEXT="busy: ${last#error: }" ;;
     *) TEXT="failed (exit $RC): $last" ;;
@@ -154,14 +154,14 @@ lane() {  # lane K: lane K's jobs one after another; a line on stdout and in TAL
 }
 
 run_lanes() {  # run_lanes FLAG JOB...: the jobs over the lanes at once -> LANES_RC: 0, 1 (a job failed) or 130
-  local k counts
+  local k c
   FLAG=$1 TAG=${1/--resume/} TAG=${TAG/--preflight/preflight } JOBS=("${@:2}") LANES_RC=0 SECONDS=0
   : >"$TALLY"
   for k in "${!LANES[@]}"; do lane "$k" & LANE_PIDS+=($!); done
   until wait; do :; done  # a trap cuts a wait short
   LANE_PIDS=()  # then how they ended, and the failures
-  counts=$(cut -d' ' -f1 "$TALLY" | sort | uniq -c | awk '{ printf "%s%s %s", sep, $1, $2; sep = ", " }')
-  note "${TAG:-sweep of $OUT }ended: $(wc -l <"$TALLY") of ${#JOBS[@]} in $(duration "$SECONDS")${counts:+: $counts}"
+  c=$(cut -d' ' -f1 "$TALLY" | sort | uniq -c | awk '{ printf "%s%s %s", sep, $1, $2; sep = ", " }')
+  echo "${TAG:-sweep of $OUT }ended: $(wc -l <"$TALLY") of ${#JOBS[@]} in $(duration "$SECONDS")${c:+: $c}" >&2
   if grep '^failed ' "$TALLY" | cut -d' ' -f2- | sed 's/^/failed  /' >&2; then LANES_RC=1; fi
   if ((STOPPED)) || grep -q '^interrupted ' "$TALLY"; then LANES_RC=130; fi
 }
@@ -189,11 +189,11 @@ mkdir -p "$OUT/logs" "$PREFLIGHT_DIR"
 TALLY=$(mktemp)
 trap 'rm -f "$TALLY"' EXIT
 # Ctrl-C or SIGTERM: each lane stops its train.py, which keeps its checkpoint; run_lanes waits for them.
-trap 'STOPPED=1; note "sweep: stopping every run"; kill -TERM "${LANE_PIDS[@]}" 2>/dev/null || true' INT TERM
+trap 'STOPPED=1; echo "sweep: stopping every run" >&2; kill -TERM "${LANE_PIDS[@]}" 2>/dev/null || true' INT TERM
 if [[ $MODE == preflight ]]; then run_lanes --preflight "${CHECKS[@]}"; exit "$LANES_RC"; fi
 if ((PREFLIGHT && ${#CHECKS[@]})); then
   run_lanes --preflight "${CHECKS[@]}" >&2  # a sweep's stdout: one line per run
-  ((LANES_RC != 1)) || note "sweep: no run started: fix the failing configs (or skip the check with PREFLIGHT=0)"
+  ((LANES_RC != 1)) || echo "sweep: no run started: fix the failing configs (or skip the check with PREFLIGHT=0)" >&2
   ((LANES_RC == 0)) || exit "$LANES_RC"
 fi
 run_lanes --resume "${RUNS[@]}"

@@ -311,7 +311,8 @@ OUTCOMES = {  # behaviour, NPROC, the run's line after its name, the sweep's exi
     "crashed-torchrun": ({"end": "crash"}, 2, "failed (exit 1): error: boom", 1),  # the rank's line, not torchrun's
     "trained-elsewhere": ({"end": "busy"}, None, "busy: a-s0 is being trained by another process right now (results/"
                           "mine/checkpoints/a-s0.lock is locked): wait for it, or give this run another --name", 0),
-    "interrupted": ({"end": "interrupted"}, None, "interrupted (the same command resumes it)", 130),
+    "interrupted": ({"end": "interrupted"}, None, "interrupted after epoch 0 (the same command resumes it)", 130),
+    "interrupted-torchrun": ({"end": "interrupted"}, 2, "interrupted after epoch 0 (the same command resumes it)", 130),
 }
 
 
