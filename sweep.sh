@@ -71,14 +71,13 @@ load_grid() {  # GRID -> CONFIGS ("NAME ARGS..." each), and OUT's default
 }
 
 expand_runs() {  # RUNS: configs x seeds (seed 0 of each first), then SHARD; CHECKS: the configs to preflight
-  local seed c name args index=0
+  local seed c name args index=0  # a run with kept weights has finished (train.py skips it): no check of its config
   RUNS=() CHECKS=()
   for ((seed = 0; seed < SEEDS; seed++)); do
     for c in "${!CONFIGS[@]}"; do
       ((index++ % SHARD_N == SHARD_I)) || continue
       read -r name args <<<"${CONFIGS[c]}"
       RUNS+=("$name-s$seed $args --seed $seed")
-      # A run whose weights are kept has finished (train.py will skip it): its config needs no check.
       if [[ $MODE == preflight || ! -f $OUT/models/$name-s$seed.pt ]]; then CHECKS[c]="$name-s0 $args --seed 0"; fi
     done
   done
@@ -103,21 +102,22 @@ train_command() {  # train_command "NAME ARGS..." -> NAME, CMD: its train.py cal
   CMD+=("$TRAIN" "${args[@]:1}" --name "$NAME" --out "$OUT" --quiet ${EPOCHS:+--epochs "$EPOCHS"} "${extra[@]}" "$FLAG")
 }
 
-outcome() {  # outcome LOG FROM -> TEXT, and its WORD: ok finished diverged skipped busy failed interrupted
-  local last  # the job's last line from line FROM on, not torchrun's report after it; TEXT: its last "NAME: "
-  { IFS= read -r last && IFS= read -r TEXT || true; } < <(awk -v from="$2" -v name="$NAME: " 'NR < from { next }
+outcome() {  # outcome LOG FROM -> TEXT (train.py's last "NAME: " line, or ours) and its WORD: ok finished ...
+  local last busy  # from line FROM: the last line (not torchrun's report), and train.py's refusal of a locked run
+  { read -r last && read -r busy && read -r TEXT || true; } < <(awk -v from="$2" -v name="$NAME: " 'NR < from { next }
+    /is being trained by another process/ { busy = $0 }  # anywhere: a sweep that trains the run logs here too
     /failed \(exitcode: -?[0-9]+\) local_rank/ { exit }
     /^Traceback \(most recent call last\):/ { before = last }
     /ChildFailedError/ { last = before; exit }
     index($0, name) == 1 { said = substr($0, length(name) + 1); sub(/ -> .*/, "", said) }
     NF { last = $0 }
-    END { print last; print said }' "$1")
-  case $STOP:$RC:$FLAG:$TEXT:$last in  # under torchrun every failing exit code is 1, a diverged run's too
+    END { print last; print busy; print said }' "$1")
+  if ((RC)) && [[ -n $busy ]]; then TEXT="busy: ${busy#error: }" WORD=busy && return; fi
+  case $STOP:$RC:$FLAG:$TEXT in  # under torchrun every failing exit code is 1, a diverged run's too
     0:0:--preflight:*) TEXT=ok ;;
     *:*:--resume:interrupted*) TEXT="${TEXT%%;*} (the same command resumes it)" ;;  # torchrun: exit 1
     1:* | 0:130:*) TEXT="interrupted (the same command resumes it)" ;;
     0:0:* | 0:*:--resume:diverged*) TEXT=${TEXT:-finished} ;;
-    *"is being trained by another process"*) TEXT="busy: ${last#error: }" ;;
     *) TEXT="failed (exit $RC): $last" ;;
   esac
   WORD=${TEXT%%[: ]*} WORD=${WORD/already/skipped}

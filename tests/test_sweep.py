@@ -89,9 +89,9 @@ def dry_run(cwd: Path, *args: str, **settings) -> list[dict]:
 FAKE_PYTHON = r"""
 # A stand-in for PYTHON. A train.py call (under torchrun or not) is appended to calls.jsonl, then acts
 # as behaviour.json says for its config: {"CONFIG": {"end": "finished" | "diverged" | "crash" | "busy"
-# | "interrupted", "sleep": seconds}} ("finished" if not said). A finished record (NAME.json) makes
-# --resume say so and end. SIGINT or SIGTERM end it as train.py does (exit 130), after 0.3 s. A
-# plot.py call prints what it was given.
+# | "interrupted", "sleep": seconds, "then": [lines printed last]}} ("finished" if not said). A finished
+# record (NAME.json) makes --resume say so and end. SIGINT or SIGTERM end it as train.py does (exit 130),
+# after 0.3 s. A plot.py call prints what it was given.
 import json, os, signal, sys, time
 from pathlib import Path
 
@@ -145,7 +145,7 @@ if ending == "diverged":
     end(3, f"{name}: diverged in epoch 1 (non-finite training loss): lower --lr")
 if ending == "busy":
     end(1, f"error: {name} is being trained by another process right now ({out}/checkpoints/{name}.lock is "
-           "locked): wait for it, or give this run another --name")
+           "locked): wait for it, or give this run another --name", *behaviour.get("then", []))
 if ending == "interrupted":
     end(130, f"{name}: interrupted after epoch 0")
 end(1, "a line before the error", "error: boom")
@@ -302,6 +302,8 @@ def test_shards_are_disjoint_and_cover_the_grid(tmp_path):
 
 # --- How a run ended: one line each -------------------------------------------------------------
 
+BUSY = ("busy: a-s0 is being trained by another process right now (results/mine/checkpoints/a-s0.lock is locked): "
+        "wait for it, or give this run another --name")
 OUTCOMES = {  # behaviour, NPROC, the run's line after its name, the sweep's exit code
     "finished": ({}, None, "finished: test acc 50.00%, mean epoch 1.0 s, 100 img/s", 0),
     "already-finished": ({"planted": True}, None, "already finished (results/mine/a-s0.json); nothing to resume", 0),
@@ -309,8 +311,9 @@ OUTCOMES = {  # behaviour, NPROC, the run's line after its name, the sweep's exi
     "diverged-torchrun": ({"end": "diverged"}, 2, "diverged in epoch 1 (non-finite training loss): lower --lr", 0),
     "crashed": ({"end": "crash"}, None, "failed (exit 1): error: boom", 1),
     "crashed-torchrun": ({"end": "crash"}, 2, "failed (exit 1): error: boom", 1),  # the rank's line, not torchrun's
-    "trained-elsewhere": ({"end": "busy"}, None, "busy: a-s0 is being trained by another process right now (results/"
-                          "mine/checkpoints/a-s0.lock is locked): wait for it, or give this run another --name", 0),
+    "trained-elsewhere": ({"end": "busy"}, None, BUSY, 0),
+    # the log is shared: the process that trains the run writes there after this one's refusal
+    "trained-elsewhere-which-logs-after": ({"end": "busy", "then": ["a-s0: diverged in epoch 1"]}, None, BUSY, 0),
     "interrupted": ({"end": "interrupted"}, None, "interrupted after epoch 0 (the same command resumes it)", 130),
     "interrupted-torchrun": ({"end": "interrupted"}, 2, "interrupted after epoch 0 (the same command resumes it)", 130),
 }
