@@ -25,10 +25,11 @@ NPROC    ?=
 SHARD    ?=
 PREFLIGHT ?= 1
 QUICK    ?=
-# Results and figures of a named grid go to their own folders, so studies are plotted apart.
+# Results and figures of a grid other than the default go to their own folders (as sweep.sh chooses),
+# so studies are plotted apart: GRID=quick or GRID=path/quick.txt -> results/quick, figures/quick.
 GRID_NAME := $(basename $(notdir $(GRID)))
-OUT      ?= results$(if $(GRID),/$(GRID_NAME))
-FIGURES  ?= figures$(if $(GRID),/$(GRID_NAME))
+OUT      ?= results$(if $(filter-out default,$(GRID)),/$(GRID_NAME))
+FIGURES  ?= figures$(if $(filter-out default,$(GRID)),/$(GRID_NAME))
 
 .PHONY: setup system-deps data sweep plot bench test lint clean distclean
 

@@ -242,11 +242,11 @@ def test_killed_sweep_resumes_without_retraining_finished_configs(tmp_path, synt
                                start_new_session=True)
     wait_until(lambda: json.loads((out / "a-s0.json").read_text())["status"] == "finished"
                and epochs_done(out / "b-s0.json") >= 1, process, timeout=600)
-    # The whole session: sweep.sh puts each run in a process group of its own.
+    # The whole session: the sweep, its lanes and their train.py.
     subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
     process.communicate()
     while subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True).returncode == 0:
-        time.sleep(0.05)  # until the killed train.py is gone, and with it the sweep lock it inherited
+        time.sleep(0.05)  # until the killed train.py is gone, and with it the run's lock
     finished_at = (out / "a-s0.json").stat().st_mtime_ns
     assert json.loads((out / "b-s0.json").read_text())["status"] == "running"
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)

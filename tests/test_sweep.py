@@ -1,10 +1,11 @@
-"""Specification of sweep.sh: its grids and run names, seeds, shards, locking and resuming, and of
-the Makefile's locks around set-up and data (the tasks of a Slurm array run them at once).
+"""Specification of sweep.sh: its grids and run names, seeds, GPUs, shards, the preflight, the line per
+ended run, Ctrl-C and resuming; and of the Makefile's locks around set-up and data (the tasks of a Slurm
+array run them at once).
 
-The fast tests need no train.py: they read `--dry-run` output, plant result JSONs, or run sweeps
-with a fake PYTHON that records each train.py call and acts as told (see FAKE_TRAIN). The
-`test_real_*` tests at the end train tiny configs with the real train.py on the synthetic data
-set; to run only the fast ones:  python -m pytest -q tests/test_sweep.py -k "not real"
+The fast tests need no train.py: they read `--dry-run` output or run sweeps with a fake PYTHON that
+records each call and acts as told (see FAKE_PYTHON). The `test_real_*` tests at the end train tiny
+configs with the real train.py on the synthetic data set; to run only the fast ones:
+    python -m pytest -q tests/test_sweep.py -k "not real"
 """
 
 import fcntl
@@ -14,10 +15,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,39 +27,51 @@ from conftest import make_env
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.sh"
 SETTINGS = ("GRID", "OUT", "SEEDS", "EPOCHS", "EXTRA", "PYTHON", "GPUS", "NPROC", "SHARD", "PREFLIGHT")
-GRID_SIZES = {
-    "default": 12,
-    "quick": 4,
-    "datasize": 12,
-    "cifar-resnets": 5,
-    "augment": 6,
-    "optim": 12,
-    "batch": 5,
-    "stem": 6,
-}
 FLAGS_WITHOUT_VALUE = {"--pretrained", "--resume", "--quiet", "--no-compile", "--preflight"}
+R18_34_50 = ["resnet18", "resnet34", "resnet50"]
+# Each named grid: the flags that tell its configs apart, and their values config by config, in order.
+GRIDS = {
+    "default": (("arch", "pool", "opt"), itertools.product(R18_34_50, ["avg", "max"], ["sgd", "adam"])),
+    "quick": (("arch", "pool", "opt", "epochs", "fraction", "batch-size"),
+              itertools.product(["resnet20"], ["avg", "max"], ["sgd", "adam"], ["2"], ["0.1"], ["128"])),
+    "datasize": (("arch", "fraction", "pretrained", "stem", "pool", "opt"),
+                 itertools.product(["resnet18", "resnet50"], ["0.0625", "0.5", "1"], [None, True], ["imagenet"],
+                                   ["avg"], ["sgd"])),
+    "cifar-resnets": (("arch", "pool", "opt"), itertools.product([f"resnet{n}" for n in (20, 32, 44, 56, 110)],
+                                                                  ["avg"], ["sgd"])),
+    "augment": (("aug", "arch"), [(aug, "resnet18") for aug in ["none", "translate", "translate,flip",
+                                  "translate,flip,rotate", "translate,flip,rotate,cutout",
+                                  "translate,flip,rotate,cutout,jitter"]]),
+    "optim": (("opt", "lr", "wd"), itertools.chain(itertools.product(["sgd"], ["0.1", "0.4"], ["5e-4", "5e-5"]),
+                                                   itertools.product(["adam"], ["1e-3", "3e-4"], ["0", "5e-4"]),
+                                                   itertools.product(["adamw"], ["1e-3", "3e-4"], ["0.05", "5e-4"]))),
+    # no --lr: train.py scales sgd's lr with the batch (0.4 at 512)
+    "batch": (("batch-size", "opt", "lr"), itertools.product(["64", "128", "256", "512", "1024"], ["sgd"], [None])),
+    "stem": (("arch", "stem"), itertools.product(R18_34_50, ["cifar", "imagenet"])),
+}
+GRIDS = {name: (keys, list(cells)) for name, (keys, cells) in GRIDS.items()}
 
 
 def sweep(*args: str, cwd: Path, timeout: float = 60, **settings) -> subprocess.CompletedProcess:
     """Run `bash sweep.sh ARGS` in cwd with exactly the given settings (GRID=..., SEEDS=...)."""
+    return subprocess.run(["bash", str(SWEEP), *args], cwd=cwd, env=sweep_env(settings), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def sweep_env(settings: dict) -> dict:
     env = {key: value for key, value in os.environ.items() if key not in SETTINGS}
-    env["PYTHON"] = sys.executable
-    env.update({key: str(value) for key, value in settings.items()})
-    return subprocess.run(
-        ["bash", str(SWEEP), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return {**env, "PYTHON": sys.executable, **{key: str(value) for key, value in settings.items()}}
 
 
 def parse_command(line: str) -> dict:
-    """'python train.py --arch resnet18 --pretrained' -> {'arch': 'resnet18', 'pretrained': True}"""
+    """'CUDA_VISIBLE_DEVICES=0 python train.py --arch resnet18 --pretrained'
+    -> {'gpus': '0', 'arch': 'resnet18', 'pretrained': True}"""
     words = shlex.split(line)
     train = next(i for i, word in enumerate(words) if word.endswith("train.py"))
     flags, rest = {}, words[train + 1 :]
+    if words[0].startswith("CUDA_VISIBLE_DEVICES="):
+        flags["gpus"] = words[0].split("=", 1)[1]
+    flags["torchrun"] = "torch.distributed.run" in words[:train]
     while rest:
         flag = rest.pop(0)
         assert flag.startswith("--"), f"not a flag: {flag!r} in {line!r}"
@@ -66,93 +79,76 @@ def parse_command(line: str) -> dict:
     return flags
 
 
-def dry_run(cwd: Path, **settings) -> list[dict]:
-    """The runs `sweep.sh --dry-run` would start, parsed; stdout must hold nothing else."""
-    result = sweep("--dry-run", cwd=cwd, **settings)
+def dry_run(cwd: Path, *args: str, **settings) -> list[dict]:
+    """The calls `sweep.sh --dry-run` prints, parsed; stdout must hold nothing else."""
+    result = sweep("--dry-run", *args, cwd=cwd, **settings)
     assert result.returncode == 0, result.stderr
     return [parse_command(line) for line in result.stdout.splitlines()]
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0
-    assert result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    return result.stderr
-
-
-def write_result(out: Path, name: str, status: str, test_acc: float = 0.5) -> Path:
-    """Plant OUT/NAME.json as train.py would leave it."""
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"status": status}
-    if status == "finished":
-        record["final"] = {"test_acc": test_acc, "mean_epoch_time_s": 1.0}
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(record))
-    return path
-
-
-def hold_lock(path: Path, mode: int):
-    """Take a flock on path (LOCK_EX or LOCK_SH), as a running sweep would; close to release."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "w")
-    fcntl.flock(handle, mode | fcntl.LOCK_NB)
-    return handle
-
-
-FAKE_TRAIN = r"""
-# A stand-in for PYTHON: `-c` goes to the real interpreter (sweep.sh reads JSONs so); a train.py
-# call, under torchrun or not, is recorded in calls.jsonl, then acts as behaviour.json says for its
-# config, e.g. {"CONFIG": {"status": "diverged", "exit": 1, "epoch_time_s": 60, "done": 1}}
-# (status "none": write no JSON; done: epochs in its history; wait_for: a file to wait for before
-# ending; touch: a file to create when ending).
-import json, os, sys, time
+FAKE_PYTHON = r"""
+# A stand-in for PYTHON. A train.py call (under torchrun or not) is appended to calls.jsonl, then acts
+# as behaviour.json says for its config: {"CONFIG": {"end": "finished" | "diverged" | "crash" | "busy"
+# | "interrupted", "sleep": seconds, "then": [lines printed last]}} ("finished" if not said). A finished
+# record (NAME.json) makes --resume say so and end. SIGINT or SIGTERM end it as train.py does (exit 130),
+# after 0.3 s. A plot.py call prints what it was given.
+import json, os, signal, sys, time
 from pathlib import Path
 
-here = Path(__file__).parent
-argv = sys.argv[1:]
-if argv[:1] == ["-c"]:
-    os.execv(sys.executable, [sys.executable, *argv])
+here, argv, started = Path(__file__).parent, sys.argv[1:], time.time()
+if argv[0].endswith("plot.py"):
+    sys.exit(print("plot.py", *argv[1:]))
 torchrun = argv[:2] == ["-m", "torch.distributed.run"]
 args = argv[next(i for i, word in enumerate(argv) if word.endswith("train.py")) + 1 :]
-with open(here / "calls.jsonl", "a") as calls:
-    calls.write(json.dumps({"args": args, "torchrun": torchrun, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
 value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag.startswith("--")}
-config = value["--name"].rsplit("-s", 1)[0]
-behaviour = json.loads((here / "behaviour.json").read_text()).get(config, {})
+name, out = value["--name"], Path(value["--out"])
+call = {"name": name, "args": args, "torchrun": torchrun, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "start": started}
 
+
+def end(code, *lines):
+    for line in lines:
+        print(line, flush=True)
+    if torchrun and code:  # torchrun's own report, as torch 2.x prints it after the ranks' output
+        print(f"E1123 08:37:49.667000 11127 torch/distributed/elastic/multiprocessing/api.py:1002] failed "
+              f"(exitcode: {code}) local_rank: 0 (pid: 11222) of binary: {sys.executable}\nTraceback (most "
+              "recent call last):\n  File \"torch/distributed/run.py\", line 1142, in <module>\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + "=" * 60, flush=True)
+        code = 1
+    with open(here / "calls.jsonl", "a") as calls:
+        calls.write(json.dumps({**call, "end": time.time(), "exit": code}) + "\n")
+    os._exit(code)
+
+
+def stop(signum, frame):
+    time.sleep(0.3)  # saving: the sweep must wait for it
+    end(130, f"{name}: interrupted after epoch 0 by {signal.Signals(signum).name}")
+
+
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+config = name.rsplit("-s", 1)[0]
+behaviour = json.loads((here / "behaviour.json").read_text()).get(config, {})
 if "--preflight" in args:
     if "--bogus-flag" in args:  # as argparse says it
-        print("usage: train.py [-h] [--arch ARCH] ...", file=sys.stderr)
-        print("train.py: error: unrecognized arguments: --bogus-flag", file=sys.stderr)
-        code = 2
-    else:
-        print("preflight: 2 steps and 1 eval batch ok")
-        code = 0
-else:
-    status = behaviour.get("status", "finished")
-    code = behaviour.get("exit", {"finished": 0, "diverged": 3}.get(status, 1))
-    epochs, epoch_time = int(value.get("--epochs", 2)), behaviour.get("epoch_time_s", 1.0)
-    history = [{"epoch": e + 1, "epoch_time_s": epoch_time} for e in range(behaviour.get("done", epochs))]
-    record = {"status": status, "config": {"epochs": epochs}, "history": history}
-    if status == "finished":
-        record["final"] = {"test_acc": 0.5, "mean_epoch_time_s": epoch_time}
-    deadline = time.monotonic() + 30
-    while "wait_for" in behaviour and not Path(behaviour["wait_for"]).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if status != "none":
-        Path(value["--out"], value["--name"] + ".json").write_text(json.dumps(record))
-    if "touch" in behaviour:
-        Path(behaviour["touch"]).touch()
-    print(f"{value['--name']}: {status}")
-if torchrun and code != 0:  # torchrun's own report, as torch 2.x prints it after the ranks' output
-    print("E1123 08:37:49.667000 11127 torch/distributed/elastic/multiprocessing/api.py:1002] "
-          f"failed (exitcode: {code}) local_rank: 0 (pid: 11222) of binary: {sys.executable}", file=sys.stderr)
-    print("Traceback (most recent call last):", file=sys.stderr)
-    print('  File "torch/distributed/run.py", line 1142, in <module>', file=sys.stderr)
-    print("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", file=sys.stderr)
-    print("=" * 60, file=sys.stderr)
-    code = 1
-sys.exit(code)
+        end(2, "usage: train.py [-h] [--arch ARCH] ...", "train.py: error: unrecognized arguments: --bogus-flag")
+    end(0, f"preflight ok: {name}")
+record = out / f"{name}.json"
+if "--resume" in args and record.exists():
+    end(0, f"{name}: already finished ({record}); nothing to resume")
+time.sleep(behaviour.get("sleep", 0))
+ending = behaviour.get("end", "finished")
+if ending == "finished":
+    record.write_text(json.dumps({"status": "finished"}))
+    end(0, f"{name}: finished: test acc 50.00%, mean epoch 1.0 s, 100 img/s -> {record}")
+if ending == "diverged":
+    end(3, f"{name}: diverged in epoch 1 (non-finite training loss): lower --lr")
+if ending == "busy":
+    end(1, f"error: {name} is being trained by another process right now ({out}/checkpoints/{name}.lock is "
+           "locked): wait for it, or give this run another --name", *behaviour.get("then", []))
+if ending == "interrupted":
+    end(130, f"{name}: interrupted after epoch 0")
+end(1, "a line before the error", "error: boom")
 """
 
 
@@ -162,34 +158,32 @@ def fake(tmp_path) -> Path:
     folder = tmp_path / "fake"
     folder.mkdir()
     python = folder / "python"
-    python.write_text(f"#!{sys.executable}" + FAKE_TRAIN)
+    python.write_text(f"#!{sys.executable}" + FAKE_PYTHON)
     python.chmod(0o755)
     (folder / "behaviour.json").write_text("{}")
     return folder
 
 
 def behave(fake: Path, **configs: dict) -> None:
-    """Tell the fake train.py how each config's run ends, e.g. behave(fake, a={"status": "diverged"})."""
+    """Tell the fake train.py how each config's run goes, e.g. behave(fake, a={"end": "diverged"})."""
     (fake / "behaviour.json").write_text(json.dumps(configs))
 
 
-def calls(fake: Path) -> list[dict]:
-    """The train.py calls the fake received, in order: {"args": [...], "torchrun": bool, "gpus": str | None}."""
+def calls(fake: Path, preflight: bool | None = None) -> list[dict]:
+    """The train.py calls the fake received, in the order they ended (all, or only the preflights or runs)."""
     path = fake / "calls.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    ended = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [call for call in ended if preflight is None or ("--preflight" in call["args"]) == preflight]
 
 
-def is_preflight(call: dict) -> bool:
-    return "--preflight" in call["args"]
-
-
-def name_of(call: dict) -> str:
-    return call["args"][call["args"].index("--name") + 1]
-
-
-def write_grid(folder: Path, *lines: str, name: str = "mine.grid") -> str:
+def write_grid(folder: Path, *lines: str, name: str = "mine.txt") -> str:
     (folder / name).write_text("".join(f"{line}\n" for line in lines))
     return name
+
+
+def write_finished(out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"status": "finished"}))
 
 
 THREE_CONFIGS = ("a --arch cnn --opt sgd", "b --arch cnn --opt adam", "c --arch cnn --opt adamw")
@@ -198,395 +192,229 @@ THREE_CONFIGS = ("a --arch cnn --opt sgd", "b --arch cnn --opt adam", "c --arch 
 # --- Grids and names ---------------------------------------------------------------------------
 
 
-def test_default_grid_is_the_original_12_config_comparison(tmp_path):
-    runs = dry_run(tmp_path)
-
-    expected = itertools.product(["resnet18", "resnet34", "resnet50"], ["avg", "max"], ["sgd", "adam"])
-    assert sorted((r["arch"], r["pool"], r["opt"]) for r in runs) == sorted(expected)
-    for run in runs:
-        assert run["name"] == f"{run['arch']}-{run['pool']}-{run['opt']}-s0"
-        assert (run["seed"], run["out"], run["quiet"]) == ("0", "results", True)
-        assert "resume" not in run
-    assert not (tmp_path / "results").exists(), "a dry run must not touch the disk"
-
-
-@pytest.mark.parametrize("grid", GRID_SIZES)
-def test_each_named_grid_has_its_size_unique_names_and_own_results_folder(tmp_path, grid):
+@pytest.mark.parametrize("grid", GRIDS)
+def test_each_named_grid_is_its_configs_at_seed_0_resumed_into_its_own_folder(tmp_path, grid):
     runs = dry_run(tmp_path, GRID=grid)
 
-    assert len(runs) == GRID_SIZES[grid]
-    assert len({r["name"] for r in runs}) == len(runs)
-    assert {r["out"] for r in runs} == {"results" if grid == "default" else f"results/{grid}"}
+    keys, cells = GRIDS[grid]
+    assert [tuple(run.get(key) for key in keys) for run in runs] == cells
+    assert len({run["name"] for run in runs}) == len(runs)
     for run in runs:
-        assert {"arch", "pool", "opt"} <= run.keys()
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+,=-]*-s0", run["name"]), run["name"]
+        assert (run["seed"], run["quiet"], run["resume"]) == ("0", True, True)
+        assert run["out"] == ("results" if grid == "default" else f"results/{grid}")
+    assert grid != "augment" or runs[2]["name"] == "resnet18-aug-translate+flip-s0"
+    assert list(tmp_path.iterdir()) == [], "a dry run must not touch the disk"
 
 
-def test_datasize_grid_varies_only_train_fraction_and_pretraining(tmp_path):
-    runs = dry_run(tmp_path, GRID="datasize")
-
-    assert {r["stem"] for r in runs} == {"imagenet"}
-    cells = Counter((r["arch"], r["fraction"], r.get("pretrained", False)) for r in runs)
-    expected = itertools.product(["resnet18", "resnet50"], ["0.0625", "0.5", "1"], [False, True])
-    assert cells == Counter(expected)
-    assert "resnet18-f0.0625-pretrained-s0" in {r["name"] for r in runs}
-
-
-def test_cifar_resnets_grid_covers_the_five_depths(tmp_path):
-    runs = dry_run(tmp_path, GRID="cifar-resnets")
-
-    assert [r["arch"] for r in runs] == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-    assert {(r["pool"], r["opt"]) for r in runs} == {("avg", "sgd")}
-
-
-def test_augment_grid_adds_one_augmentation_at_a_time(tmp_path):
-    runs = dry_run(tmp_path, GRID="augment")
-
-    augs = [r["aug"] for r in runs]
-    assert augs[0] == "none"
-    assert augs[1:] == [
-        "translate",
-        "translate,flip",
-        "translate,flip,rotate",
-        "translate,flip,rotate,cutout",
-        "translate,flip,rotate,cutout,jitter",
-    ]
-    assert runs[2]["name"] == "resnet18-aug-translate+flip-s0"
-
-
-def test_optim_grid_crosses_learning_rates_and_weight_decays_per_optimizer(tmp_path):
-    runs = dry_run(tmp_path, GRID="optim")
-
-    cells = {(r["opt"], r["lr"], r["wd"]) for r in runs}
-    assert cells == {
-        *itertools.product(["sgd"], ["0.1", "0.4"], ["5e-4", "5e-5"]),
-        *itertools.product(["adam"], ["1e-3", "3e-4"], ["0", "5e-4"]),
-        *itertools.product(["adamw"], ["1e-3", "3e-4"], ["0.05", "5e-4"]),
-    }
-
-
-def test_batch_grid_varies_batch_size_and_leaves_lr_to_train_pys_linear_scaling(tmp_path):
-    runs = dry_run(tmp_path, GRID="batch")
-
-    assert [int(r["batch-size"]) for r in runs] == [64, 128, 256, 512, 1024]
-    assert {r["opt"] for r in runs} == {"sgd"}
-    assert not any("lr" in r for r in runs), "train.py scales sgd's lr: 0.4 at batch 512"
-
-
-def test_stem_grid_pairs_cifar_and_imagenet_stems_per_depth(tmp_path):
-    runs = dry_run(tmp_path, GRID="stem")
-
-    expected = itertools.product(["resnet18", "resnet34", "resnet50"], ["cifar", "imagenet"])
-    assert sorted((r["arch"], r["stem"]) for r in runs) == sorted(expected)
-
-
-def test_grid_file_gives_one_run_per_config_line(tmp_path):
-    grid = tmp_path / "grids" / "mine.grid"
-    grid.parent.mkdir()
-    grid.write_text(
-        "# two configs\n"
-        "\n"
-        "small  --arch cnn --pool avg --opt sgd\n"
-        "deep --arch resnet110 --pool max --opt adam --lr 1e-3  # a comment\n"
-    )
-    runs = dry_run(tmp_path, GRID="grids/mine.grid")
-
-    assert [r["name"] for r in runs] == ["small-s0", "deep-s0"]
-    assert (runs[1]["arch"], runs[1]["pool"], runs[1]["opt"], runs[1]["lr"]) == (
-        "resnet110",
-        "max",
-        "adam",
-        "1e-3",
-    )
-    assert {r["out"] for r in runs} == {"results/mine"}
-
-
-# A grid file as other editors save it, each from the same two configs.
+# A grid file as editors save it, each of the same two configs.
 EDITED_GRIDS = {
+    "comments-and-blank-lines": "# two\n\nsmall  --arch cnn --opt sgd\ndeep --arch resnet20 --lr 0.1  # a comment\n",
     "crlf": "small --arch cnn --opt sgd\r\n# a comment\r\n\r\ndeep --arch resnet20 --lr 0.1\r\n",
     "bom": "\ufeffsmall --arch cnn --opt sgd\ndeep --arch resnet20 --lr 0.1\n",
     "tabs-and-trailing-spaces": "small\t--arch cnn\t--opt sgd  \n\t\ndeep --arch\tresnet20 --lr 0.1\t \n",
+    "no-newline-at-the-end": "small --arch cnn --opt sgd\ndeep --arch resnet20 --lr 0.1",
     "all-at-once": "\ufeffsmall\t--arch cnn --opt sgd \t\r\n\t# a comment\r\ndeep --arch resnet20 --lr 0.1  # fast\r\n",
 }
 
 
 @pytest.mark.parametrize("text", EDITED_GRIDS.values(), ids=EDITED_GRIDS.keys())
-def test_grid_file_from_any_editor_runs_its_configs_with_exactly_their_arguments(tmp_path, fake, text):
-    (tmp_path / "mine.grid").write_bytes(text.encode("utf-8"))
+def test_grid_file_from_any_editor_gives_each_config_exactly_its_arguments(tmp_path, text):
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "mine.grid").write_bytes(text.encode("utf-8"))
 
-    result = sweep(cwd=tmp_path, GRID="mine.grid", PYTHON=fake / "python")
+    result = sweep("--dry-run", cwd=tmp_path, GRID="studies/mine.grid")
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    runs = [call["args"] for call in calls(fake) if not is_preflight(call)]
-    tail = ["--out", "results/mine", "--quiet"]
-    assert runs == [["--arch", "cnn", "--opt", "sgd", "--seed", "0", "--name", "small-s0", *tail],
-                    ["--arch", "resnet20", "--lr", "0.1", "--seed", "0", "--name", "deep-s0", *tail]]
-
-
-def test_grid_file_with_a_repeated_name_is_refused(tmp_path):
-    (tmp_path / "twice.grid").write_text("a --arch cnn\na --arch resnet20\n")
-
-    assert "'a'" in one_line_error(sweep("--dry-run", cwd=tmp_path, GRID="twice.grid"))
+    assert result.returncode == 0, result.stderr
+    tail = ["--out", "results/mine", "--quiet", "--resume"]
+    assert [shlex.split(line)[2:] for line in result.stdout.splitlines()] == [
+        ["--arch", "cnn", "--opt", "sgd", "--seed", "0", "--name", "small-s0", *tail],
+        ["--arch", "resnet20", "--lr", "0.1", "--seed", "0", "--name", "deep-s0", *tail],
+    ]
 
 
-def test_unknown_grid_fails_with_a_one_line_message_listing_the_grids(tmp_path):
-    message = one_line_error(sweep("--dry-run", cwd=tmp_path, GRID="nope"))
-
-    assert "nope" in message
-    for grid in GRID_SIZES:
-        assert grid in message
-
-
-# --- Seeds, flags for every run, torchrun -------------------------------------------------------
-
-
-def test_seeds_run_every_config_with_seeds_0_to_n_minus_1(tmp_path):
-    runs = dry_run(tmp_path, SEEDS=3)
-
-    assert len(runs) == 36
-    assert Counter(r["seed"] for r in runs) == {"0": 12, "1": 12, "2": 12}
-    assert all(r["name"].endswith(f"-s{r['seed']}") for r in runs)
-    assert len({r["name"] for r in runs}) == 36
+BAD_SETTINGS = {
+    "unknown-grid": ({"GRID": "nope"}, ["nope", *GRIDS]),
+    "name-twice": ({"GRID": "twice.txt"}, ["'a'", "twice"]),
+    "unsafe-name": ({"GRID": "unsafe.txt"}, ["'a/b'", "filename-safe"]),
+    "empty-grid": ({"GRID": "empty.txt"}, ["no configs"]),
+    "gpus-not-split-by-nproc": ({"GPUS": "0,1,2", "NPROC": 2}, ["GPUS", "NPROC"]),
+    "gpus": ({"GPUS": "0,,1"}, ["GPUS"]),
+    "seeds": ({"SEEDS": "0"}, ["SEEDS"]),
+    "epochs": ({"EPOCHS": "two"}, ["EPOCHS"]),
+    "nproc": ({"NPROC": "-1"}, ["NPROC"]),
+    "preflight": ({"PREFLIGHT": "yes"}, ["PREFLIGHT"]),
+    "python": ({"PYTHON": "/no/python"}, ["PYTHON", "/no/python"]),
+    **{f"shard-{shard}": ({"SHARD": shard}, ["SHARD"]) for shard in ["3/3", "0/0", "1", "a/b", "-1/2", "0/2/4"]},
+}
 
 
-def test_epochs_and_extra_reach_every_run(tmp_path):
-    runs = dry_run(tmp_path, GRID="stem", EPOCHS=3, EXTRA="--data-dir /data/c10 --no-compile")
+@pytest.mark.parametrize("settings, words", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_bad_settings_fail_in_one_line_naming_them_and_write_nothing(tmp_path, settings, words):
+    write_grid(tmp_path, "a --arch cnn", "a --arch resnet20", name="twice.txt")
+    write_grid(tmp_path, "a/b --arch cnn", name="unsafe.txt")
+    write_grid(tmp_path, "# nothing yet", name="empty.txt")
 
+    result = sweep(cwd=tmp_path, **settings)
+
+    assert (result.returncode, result.stdout) == (2, "")
+    assert len(result.stderr.splitlines()) == 1 and all(word in result.stderr for word in words), result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_argument_fails_in_one_line(tmp_path):
+    result = sweep("--bogus", cwd=tmp_path)
+
+    assert (result.returncode, result.stdout, len(result.stderr.splitlines())) == (2, "", 1)
+    assert "--bogus" in result.stderr
+
+
+# --- Seeds, flags for every run, GPUs, torchrun, shards -----------------------------------------
+
+
+def test_seeds_epochs_and_extra_reach_every_run_seed_0_of_each_config_first(tmp_path):
+    runs = dry_run(tmp_path, SEEDS=3, EPOCHS=3, EXTRA="--data-dir /data/c10 --no-compile")
+
+    assert [run["seed"] for run in runs] == ["0"] * 12 + ["1"] * 12 + ["2"] * 12
+    assert len({run["name"] for run in runs}) == 36
     for run in runs:
+        assert run["name"].endswith(f"-s{run['seed']}")
         assert (run["epochs"], run["data-dir"], run["no-compile"]) == ("3", "/data/c10", True)
 
 
-def test_nproc_runs_each_config_under_torchrun(tmp_path):
-    result = sweep("--dry-run", cwd=tmp_path, NPROC=2, GPUS="0,1,2,3")
+@pytest.mark.parametrize("gpus, nproc, lanes", [("0,1", None, ["0", "1"]), ("0,1,2,3", 2, ["0,1", "2,3"]),
+                                                (None, 2, [None])])
+def test_gpus_deal_the_runs_out_in_turn_and_nproc_runs_each_under_torchrun(tmp_path, gpus, nproc, lanes):
+    settings = {key: value for key, value in {"GPUS": gpus, "NPROC": nproc}.items() if value}
+    runs = dry_run(tmp_path, **settings)
 
-    lines = result.stdout.splitlines()
-    assert len(lines) == 12
-    for line in lines:
-        assert "-m torch.distributed.run --standalone --nproc_per_node=2 " in line
-
-
-def test_gpus_must_split_evenly_into_groups_of_nproc(tmp_path):
-    assert "GPUS" in one_line_error(sweep("--dry-run", cwd=tmp_path, NPROC=2, GPUS="0,1,2"))
-
-
-# --- Shards -------------------------------------------------------------------------------------
+    assert [run.get("gpus") for run in runs] == lanes * (12 // len(lanes))
+    assert all(run["torchrun"] == bool(nproc) for run in runs)
 
 
 def test_shards_are_disjoint_and_cover_the_grid(tmp_path):
-    everything = [r["name"] for r in dry_run(tmp_path, SEEDS=2)]
-    shards = [[r["name"] for r in dry_run(tmp_path, SEEDS=2, SHARD=f"{i}/3")] for i in range(3)]
+    everything = [run["name"] for run in dry_run(tmp_path, SEEDS=2)]
+    shards = [[run["name"] for run in dry_run(tmp_path, SEEDS=2, SHARD=f"{i}/3")] for i in range(3)]
 
-    assert sorted(itertools.chain(*shards)) == sorted(everything)
     for i, shard in enumerate(shards):
         assert shard == everything[i::3], "shard i holds the runs whose index % n == i"
 
 
-@pytest.mark.parametrize("shard", ["3/3", "0/0", "1", "a/b", "-1/2", "0/2/4"])
-def test_invalid_shard_fails_with_a_one_line_message(tmp_path, shard):
-    assert "SHARD" in one_line_error(sweep("--dry-run", cwd=tmp_path, SHARD=shard))
+# --- How a run ended: one line each -------------------------------------------------------------
+
+BUSY = ("busy: a-s0 is being trained by another process right now (results/mine/checkpoints/a-s0.lock is locked): "
+        "wait for it, or give this run another --name")
+OUTCOMES = {  # behaviour, NPROC, the run's line after its name, the sweep's exit code
+    "finished": ({}, None, "finished: test acc 50.00%, mean epoch 1.0 s, 100 img/s", 0),
+    "already-finished": ({"planted": True}, None, "already finished (results/mine/a-s0.json); nothing to resume", 0),
+    "diverged": ({"end": "diverged"}, None, "diverged in epoch 1 (non-finite training loss): lower --lr", 0),
+    "diverged-torchrun": ({"end": "diverged"}, 2, "diverged in epoch 1 (non-finite training loss): lower --lr", 0),
+    "crashed": ({"end": "crash"}, None, "failed (exit 1): error: boom", 1),
+    "crashed-torchrun": ({"end": "crash"}, 2, "failed (exit 1): error: boom", 1),  # the rank's line, not torchrun's
+    "trained-elsewhere": ({"end": "busy"}, None, BUSY, 0),
+    # the log is shared: the process that trains the run writes there after this one's refusal
+    "trained-elsewhere-which-logs-after": ({"end": "busy", "then": ["a-s0: diverged in epoch 1"]}, None, BUSY, 0),
+    "interrupted": ({"end": "interrupted"}, None, "interrupted after epoch 0 (the same command resumes it)", 130),
+    "interrupted-torchrun": ({"end": "interrupted"}, 2, "interrupted after epoch 0 (the same command resumes it)", 130),
+}
 
 
-# --- Resuming -----------------------------------------------------------------------------------
-
-
-def test_dry_run_skips_finished_and_diverged_runs_and_resumes_running_ones(tmp_path):
-    out = tmp_path / "results"
-    write_result(out, "resnet18-avg-sgd-s0", "finished")
-    write_result(out, "resnet18-avg-adam-s0", "diverged")
-    write_result(out, "resnet18-max-sgd-s0", "running")
-    (out / "resnet18-max-adam-s0.json").write_text('{"status": "fini')  # torn: start over
-
-    runs = {r["name"]: r for r in dry_run(tmp_path)}
-
-    assert len(runs) == 10
-    assert "resnet18-avg-sgd-s0" not in runs and "resnet18-avg-adam-s0" not in runs
-    assert runs["resnet18-max-sgd-s0"].get("resume") is True
-    assert [name for name, run in runs.items() if "resume" in run] == ["resnet18-max-sgd-s0"]
-
-
-def test_sweep_whose_runs_all_finished_trains_nothing(tmp_path):
-    for run in dry_run(tmp_path, GRID="stem"):
-        write_result(tmp_path / "results" / "stem", run["name"], "finished")
-
-    result = sweep(cwd=tmp_path, GRID="stem")
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == ""
-    assert result.stderr.count("skip") == 6
-    assert list((tmp_path / "results" / "stem" / "logs").iterdir()) == []
-
-
-# --- How a run ended ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "behaviour, nproc, outcome, sweep_exit",
-    [
-        ({"status": "diverged", "exit": 1}, 2, "diverged", 0),  # torchrun turns exit 3 into 1
-        ({"status": "diverged"}, None, "diverged", 0),
-        ({"status": "finished", "exit": 1}, 2, "finished", 0),  # e.g. a failing teardown after the record
-        ({"status": "running", "exit": 1}, 2, "failed (exit 1, status running)", 1),
-        ({"status": "none", "exit": 0}, None, "failed (exit 0, status missing)", 1),  # exit 0, no record
-        ({"status": "running", "exit": 130}, None, "interrupted", 130),
-    ],
-    ids=["diverged-torchrun", "diverged", "finished-torchrun", "crashed-torchrun", "no-record", "interrupted"],
-)
-def test_run_outcome_comes_from_its_json_status_not_its_exit_code(tmp_path, fake, behaviour, nproc, outcome,
-                                                                  sweep_exit):
+@pytest.mark.parametrize("behaviour, nproc, line, exit_code", OUTCOMES.values(), ids=OUTCOMES.keys())
+def test_each_ended_run_gets_a_line_with_train_pys_word_on_it(tmp_path, fake, behaviour, nproc, line, exit_code):
     grid = write_grid(tmp_path, "a --arch cnn")
     behave(fake, a=behaviour)
+    if behaviour.get("planted"):
+        write_finished(tmp_path / "results" / "mine", "a-s0")
     settings = {"NPROC": nproc} if nproc else {}
 
     result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0, **settings)
 
-    assert result.returncode == sweep_exit, result.stdout + result.stderr
-    assert re.match(rf"\[1/1\] a-s0  {re.escape(outcome)}  ", result.stdout), result.stdout
-    assert ("failed  a-s0" in result.stderr) == outcome.startswith("failed")
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    assert re.fullmatch(rf"\[1/1\] a-s0  {re.escape(line)}  \d+s", result.stdout.strip()), result.stdout
+    failed = re.search(r"^failed  a-s0 exit 1 results/mine/logs/a-s0\.log$", result.stderr, re.M)
+    assert bool(failed) == line.startswith("failed"), result.stderr
 
 
-# --- Progress and status ------------------------------------------------------------------------
-
-
-def test_progress_lines_give_each_runs_time_and_the_time_left_from_measured_epochs(tmp_path, fake):
+def test_run_lines_count_the_runs_and_give_an_eta_from_the_runs_trained_so_far(tmp_path, fake):
     grid = write_grid(tmp_path, *THREE_CONFIGS)
-    behave(fake, **{config: {"epoch_time_s": 100} for config in "abc"})
+    write_finished(tmp_path / "results" / "mine", "a-s0")  # skipped: no measure of a run's time
+    behave(fake, b={"sleep": 1.2})
 
-    result = sweep(cwd=tmp_path, GRID=grid, EPOCHS=2, PYTHON=fake / "python", PREFLIGHT=0)
+    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)
 
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    # one run measured: 100 s per epoch, 2 epochs for each of the 2 runs left, one slot
-    assert re.fullmatch(r"\[1/3\] a-s0  finished  test_acc 50\.00%  \d+s  ETA 6m40s", lines[0])
-    assert re.fullmatch(r"\[2/3\] b-s0  finished  test_acc 50\.00%  \d+s  ETA 3m20s", lines[1])
-    assert re.fullmatch(r"\[3/3\] c-s0  finished  test_acc 50\.00%  \d+s", lines[2])
-    assert "start  b-s0  (run 2 of 3)" in result.stderr
-    assert re.search(r"3 of 3 runs ended in \d+s, 0 failed", result.stderr)
+    a, b, c = result.stdout.splitlines()
+    assert re.fullmatch(r"\[1/3\] a-s0  already finished \(.*\); nothing to resume  \d+s  ETA \?", a)
+    took, eta = re.fullmatch(r"\[2/3\] b-s0  finished: .*  (\d+)s  ETA (\d+)s", b).groups()
+    assert int(took) >= 1 and eta == took, "one run left, as long as the one trained"
+    assert re.fullmatch(r"\[3/3\] c-s0  finished: .*  \d+s", c)
+    assert re.search(r"^sweep of results/mine ended: 3 of 3 in \d+s: 2 finished, 1 skipped$", result.stderr, re.M)
 
 
-def test_time_left_counts_the_epochs_left_of_resumed_runs_and_divides_by_the_slots(tmp_path, fake):
-    grid = write_grid(tmp_path, *THREE_CONFIGS)
-    out = tmp_path / "results" / "mine"
-    out.mkdir(parents=True)
-    (out / "c-s0.json").write_text(json.dumps({"status": "running", "config": {"epochs": 4},
-                                               "history": [{"epoch": 1, "epoch_time_s": 60, "eval_time_s": 40}]}))
-    # a ends first: b (on the other GPU) waits until c, which starts after a, has ended
-    c_ended = str(tmp_path / "c-ended")
-    behave(fake, a={"epoch_time_s": 100}, b={"wait_for": c_ended}, c={"touch": c_ended})
+def test_each_gpu_trains_its_share_of_the_runs_one_at_a_time(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS, "d --arch cnn")
+    behave(fake, **{config: {"sleep": 0.5} for config in "abcd"})
 
     result = sweep(cwd=tmp_path, GRID=grid, GPUS="0,1", PYTHON=fake / "python", PREFLIGHT=0)
 
     assert result.returncode == 0, result.stderr
-    # measured: a's 2 epochs and c's 1, 100 s each; left: b's 3 (the recorded runs' mean: 2 and 4)
-    # and c's 4 - 1; over 2 GPUs: 6 x 100 s / 2
-    assert re.fullmatch(r"\[1/3\] a-s0  finished  test_acc 50\.00%  \d+s  ETA 5m00s", result.stdout.splitlines()[0])
-    assert "start  c-s0  (run 3 of 3, GPU 0)" in result.stderr
+    runs = {call["name"]: call for call in calls(fake)}
+    assert {name: run["gpus"] for name, run in runs.items()} == {"a-s0": "0", "b-s0": "1", "c-s0": "0", "d-s0": "1"}
+    assert runs["c-s0"]["start"] >= runs["a-s0"]["end"] and runs["d-s0"]["start"] >= runs["b-s0"]["end"]
+    assert runs["b-s0"]["start"] < runs["a-s0"]["end"], "the GPUs train at once"
+    assert re.search(r"^\[2/2 GPU 1\] d-s0  finished", result.stdout, re.M), result.stdout
 
 
-def test_time_left_falls_back_to_the_wall_time_of_ended_runs_when_no_epoch_is_measured(tmp_path, fake):
-    grid = write_grid(tmp_path, *THREE_CONFIGS)
-    behave(fake, **{config: {"done": 0} for config in "abc"})
-
-    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)
-
-    assert re.search(r"  ETA \d+s$", result.stdout.splitlines()[0]), result.stdout
-
-
-def test_status_tells_finished_diverged_running_interrupted_failed_and_pending_runs(tmp_path, fake):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-the-sweep"])
+def test_ctrl_c_stops_every_running_run_and_waits_for_each_to_save(tmp_path, fake, how):
+    grid = write_grid(tmp_path, *THREE_CONFIGS, "d --arch cnn")
+    behave(fake, **{config: {"sleep": 60} for config in "abcd"})
     out = tmp_path / "results" / "mine"
-    # a sweep that ends a, b and f: b's train.py dies after its first epoch
-    behave(fake, b={"status": "running", "done": 1, "exit": 1}, f={"status": "diverged", "done": 1})
-    sweep(cwd=tmp_path, GRID=write_grid(tmp_path, "a --arch cnn", "b --arch cnn", "f --arch cnn"),
-          PYTHON=fake / "python", PREFLIGHT=0)
-    # then the grid grows; c runs now (its train.py holds its lock), d was killed, e never started
-    grid = write_grid(tmp_path, *THREE_CONFIGS, "d --arch cnn", "e --arch cnn", "f --arch cnn")
-    write_result(out, "c-s0", "running")
-    write_result(out, "d-s0", "running")
+    process = subprocess.Popen(["bash", str(SWEEP)], cwd=tmp_path, start_new_session=True, text=True,
+                               env=sweep_env({"GRID": grid, "GPUS": "0,1", "PYTHON": fake / "python"}),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not all((out / "logs" / f"{name}-s0.log").exists() for name in "ab"):  # both GPUs train
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # until the fakes have set their handlers, as train.py does once imported
+    if how == "ctrl-c":  # a terminal's Ctrl-C: SIGINT to the whole foreground process group
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
 
-    with hold_lock(out / "checkpoints" / "c-s0.lock", fcntl.LOCK_EX), hold_lock(out / ".sweep.lock", fcntl.LOCK_EX):
-        result = sweep("--status", cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
-
-    assert result.returncode == 0, result.stderr
-    header, *rows, count = result.stdout.splitlines()
-    assert header.split() == ["run", "epochs", "test", "acc", "epoch", "time", "status"]
-    table = {row.split()[0]: re.split(r"\s{2,}", row.strip(), maxsplit=4)[1:] for row in rows}
-    assert table == {
-        "a-s0": ["2/2", "50.00%", "1.0s", "finished"],
-        "b-s0": ["1/2", "-", "1.0s", "failed (exit 1, status running)"],
-        "c-s0": ["-", "-", "-", "running"],
-        "d-s0": ["-", "-", "-", "interrupted (resume with make sweep)"],
-        "e-s0": ["-", "-", "-", "pending"],
-        "f-s0": ["1/2", "-", "1.0s", "diverged"],
-    }
-    assert count == "6 runs in results/mine: 1 finished, 1 diverged, 1 running, 1 interrupted, 1 failed, 1 pending"
-    assert not (out / "checkpoints" / "d-s0.lock").exists(), "--status only looks"
+    assert process.returncode == 130, stdout + stderr
+    runs = calls(fake, preflight=False)
+    assert sorted(run["name"] for run in runs) == ["a-s0", "b-s0"], "no run starts after the signal"
+    assert {run["exit"] for run in runs} == {130}
+    assert sorted(re.findall(r"\] (\S+)  interrupted", stdout)) == ["a-s0", "b-s0"], stdout
+    assert "sweep: stopping every run" in stderr
 
 
-def test_odd_or_torn_records_stop_neither_the_status_nor_the_sweep(tmp_path, fake):
-    grid = write_grid(tmp_path, "a --arch cnn", "odd --arch cnn", "torn --arch cnn", "weird --arch cnn")
-    out = tmp_path / "results" / "mine"
-    out.mkdir(parents=True)
-    (out / "odd-s0.json").write_text(json.dumps({"status": "running", "config": {"epochs": 2.5}, "history": [{}]}))
-    (out / "torn-s0.json").write_text('{"status": "runn')
-    (out / "weird-s0.json").write_text(json.dumps({"status": "half done"}))
+def test_status_is_plot_pys_status_of_the_results_folder(tmp_path, fake):
+    result = sweep("--status", cwd=tmp_path, GRID="quick", PYTHON=fake / "python")
 
-    status = sweep("--status", cwd=tmp_path, GRID=grid)
-    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)  # ETAs read the records
-
-    assert status.returncode == 0, status.stderr
-    assert status.stdout.splitlines()[-1] == "4 runs in results/mine: 1 interrupted, 3 pending"
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 4
-
-
-# --- Locking ------------------------------------------------------------------------------------
-
-
-def test_second_sweep_on_a_locked_out_folder_refuses(tmp_path):
-    with hold_lock(tmp_path / "results" / ".sweep.lock", fcntl.LOCK_EX):
-        assert "another sweep" in one_line_error(sweep(cwd=tmp_path))
-        assert "another sweep" in one_line_error(sweep(cwd=tmp_path, SHARD="1/2"))
-        assert list((tmp_path / "results" / "logs").iterdir()) == []
-
-
-def test_dry_run_takes_no_lock(tmp_path):
-    with hold_lock(tmp_path / "results" / ".sweep.lock", fcntl.LOCK_EX):
-        assert len(dry_run(tmp_path)) == 12
-
-
-def test_shards_of_one_sweep_can_share_an_out_folder(tmp_path):
-    out = tmp_path / "results"
-    for run in dry_run(tmp_path):
-        write_result(out, run["name"], "finished")
-
-    # shard 0/2 running: a shared lock on the folder, an exclusive one on its share
-    with hold_lock(out / ".sweep.lock", fcntl.LOCK_SH), hold_lock(out / ".sweep.shard-0-of-2.lock", fcntl.LOCK_EX):
-        assert sweep(cwd=tmp_path, SHARD="1/2").returncode == 0
-        assert "another sweep" in one_line_error(sweep(cwd=tmp_path, SHARD="0/2"))
-        assert "another sweep" in one_line_error(sweep(cwd=tmp_path))
+    assert (result.returncode, result.stdout) == (0, "plot.py --status results/quick\n"), result.stderr
 
 
 # --- Preflight ----------------------------------------------------------------------------------
 
 
-def test_preflight_checks_each_config_once_at_seed_0_with_epochs_and_extra_and_never_resumes(tmp_path):
-    write_result(tmp_path / "results", "resnet18-max-sgd-s0", "running")
+def test_preflight_checks_each_config_of_its_runs_once_at_seed_0_with_epochs_and_extra(tmp_path):
+    (tmp_path / "results" / "models").mkdir(parents=True)
+    (tmp_path / "results" / "models" / "resnet18-avg-sgd-s0.pt").touch()  # --preflight checks it all the same
 
-    result = sweep("--preflight", "--dry-run", cwd=tmp_path, SEEDS=3, EPOCHS=2, EXTRA="--data-dir /d --no-compile")
+    checks = dry_run(tmp_path, "--preflight", SEEDS=3, EPOCHS=2, EXTRA="--data-dir /d --no-compile")
 
-    assert result.returncode == 0, result.stderr
-    checks = [parse_command(line) for line in result.stdout.splitlines()]
     assert len(checks) == 12, "one check per config, not per seed"
     for check in checks:
         assert check["preflight"] is True and "resume" not in check
         assert (check["seed"], check["epochs"], check["data-dir"], check["no-compile"]) == ("0", "2", "/d", True)
-
-
-def test_preflight_of_a_shard_checks_the_configs_of_its_runs(tmp_path):
-    names = {r["name"].removesuffix("-s0") for r in dry_run(tmp_path, SHARD="1/5")}
-
-    result = sweep("--preflight", "--dry-run", cwd=tmp_path, SHARD="1/5")
-
-    assert {parse_command(line)["name"].removesuffix("-s0") for line in result.stdout.splitlines()} == names
+    configs_of_shard = {run["name"].rsplit("-s", 1)[0] for run in dry_run(tmp_path, SEEDS=2, SHARD="1/5")}
+    shard_checks = dry_run(tmp_path, "--preflight", SEEDS=2, SHARD="1/5")
+    assert [check["name"] for check in shard_checks] == [
+        name for name in (check["name"] for check in checks) if name.removesuffix("-s0") in configs_of_shard]
 
 
 def test_preflight_names_the_config_whose_grid_line_has_an_unknown_flag(tmp_path, fake):
@@ -595,14 +423,14 @@ def test_preflight_names_the_config_whose_grid_line_has_an_unknown_flag(tmp_path
     result = sweep("--preflight", cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
 
     assert result.returncode == 1
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3, result.stdout
-    assert re.search(r"\bgood\b.*\bok$", lines[0]) and re.search(r"\bfine\b.*\bok$", lines[2])
-    assert re.search(r"\btypo\b.*failed \(exit 2\): train.py: error: unrecognized arguments: --bogus-flag$", lines[1])
-    assert "1 failed" in result.stderr
-    assert re.search(r"failed\s+typo\s+exit 2\s+results/mine/logs/preflight/typo\.log", result.stderr)
+    good, typo, fine = result.stdout.splitlines()
+    assert re.fullmatch(r"preflight \[1/3\] good  ok  \d+s", good) and re.search(r"\] fine  ok  \d+s$", fine)
+    assert re.fullmatch(r"preflight \[2/3\] typo  failed \(exit 2\): train.py: error: unrecognized arguments: "
+                        r"--bogus-flag  \d+s", typo), typo
+    assert re.search(r"^preflight ended: 3 of 3 in \d+s: 1 failed, 2 ok$", result.stderr, re.M), result.stderr
+    assert "failed  typo exit 2 results/mine/logs/preflight/typo.log" in result.stderr
     assert "--bogus-flag" in (tmp_path / "results/mine/logs/preflight/typo.log").read_text()
-    assert all(is_preflight(call) for call in calls(fake)) and len(calls(fake)) == 3
+    assert len(calls(fake, preflight=True)) == len(calls(fake)) == 3
 
 
 def test_sweep_starts_no_run_when_the_preflight_fails(tmp_path, fake):
@@ -610,33 +438,28 @@ def test_sweep_starts_no_run_when_the_preflight_fails(tmp_path, fake):
 
     result = sweep(cwd=tmp_path, GRID=grid, SEEDS=2, PYTHON=fake / "python")
 
-    assert result.returncode == 1
-    assert result.stdout == "", "no run ended"
+    assert (result.returncode, result.stdout) == (1, ""), "no run ended"
     assert "typo" in result.stderr and "PREFLIGHT=0" in result.stderr
-    assert [name_of(call) for call in calls(fake)] == ["good-s0", "typo-s0"]
-    assert all(is_preflight(call) for call in calls(fake)), "no training run started"
-    assert list((tmp_path / "results" / "mine").glob("*.json")) == []
+    assert sorted(call["name"] for call in calls(fake, preflight=True)) == ["good-s0", "typo-s0"]
+    assert calls(fake, preflight=False) == [], "no training run started"
 
 
-def test_sweep_preflights_the_configs_it_will_run_before_its_first_run(tmp_path, fake):
-    grid = write_grid(tmp_path, *THREE_CONFIGS)
-    write_result(tmp_path / "results" / "mine", "a-s0", "finished")
+def test_sweep_preflights_the_configs_to_run_before_its_first_run_and_preflight_0_skips_it(tmp_path, fake):
+    grid = write_grid(tmp_path, *THREE_CONFIGS, "d --arch cnn")
+    (tmp_path / "results" / "mine" / "models").mkdir(parents=True)
+    for finished in ("a-s0", "a-s1", "b-s0"):  # their weights kept: a has no run left to train
+        (tmp_path / "results" / "mine" / "models" / f"{finished}.pt").touch()
 
-    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python")
-
-    assert result.returncode == 0, result.stderr
-    names = [(name_of(call), is_preflight(call)) for call in calls(fake)]
-    assert names == [("b-s0", True), ("c-s0", True), ("b-s0", False), ("c-s0", False)]
-    assert len(result.stdout.splitlines()) == 2, "the terminal's stdout: one line per run"
-
-
-def test_preflight_0_skips_the_check(tmp_path, fake):
-    grid = write_grid(tmp_path, "typo --arch cnn --bogus-flag")
-
-    result = sweep(cwd=tmp_path, GRID=grid, PYTHON=fake / "python", PREFLIGHT=0)
+    result = sweep(cwd=tmp_path, GRID=grid, SEEDS=2, PYTHON=fake / "python")
 
     assert result.returncode == 0, result.stderr
-    assert [is_preflight(call) for call in calls(fake)] == [False]
+    assert [call["name"] for call in calls(fake, preflight=True)] == ["b-s0", "c-s0", "d-s0"]
+    assert [call["name"] for call in calls(fake)][3:] == [f"{config}-s{seed}" for seed in "01" for config in "abcd"]
+    assert len(result.stdout.splitlines()) == 8, "the terminal's stdout: one line per run"
+    (fake / "calls.jsonl").unlink()
+    assert sweep(cwd=tmp_path, GRID=write_grid(tmp_path, "d --arch cnn --bogus-flag", name="typo.txt"),
+                 PYTHON=fake / "python", PREFLIGHT=0).returncode == 0
+    assert [call["args"][-1] for call in calls(fake)] == ["--resume"]
 
 
 def test_shards_keep_their_preflight_logs_apart(tmp_path, fake):
@@ -649,19 +472,17 @@ def test_shards_keep_their_preflight_logs_apart(tmp_path, fake):
         assert "--bogus-flag" in (tmp_path / f"results/mine/logs/preflight-shard-{shard}/typo.log").read_text()
 
 
-def test_preflight_runs_under_torchrun_on_the_gpu_slots_and_reports_the_ranks_error(tmp_path, fake):
+def test_preflight_runs_under_torchrun_on_the_gpus_and_reports_the_ranks_error(tmp_path, fake):
     grid = write_grid(tmp_path, "typo --arch cnn --bogus-flag", *THREE_CONFIGS)
 
     result = sweep("--preflight", cwd=tmp_path, GRID=grid, GPUS="0,1,2,3", NPROC=2, PYTHON=fake / "python")
 
     assert result.returncode == 1
     assert all(call["torchrun"] for call in calls(fake))
-    assert {call["gpus"] for call in calls(fake)} <= {"0,1", "2,3"}
-    gpus = {name_of(call): call["gpus"] for call in calls(fake)}
-    assert {gpus["typo-s0"], gpus["a-s0"]} == {"0,1", "2,3"}, "the first two configs start at once, one per slot"
-    # torchrun exits 1 and ends with its own report; the line shown is the rank's
-    [line] = [line for line in result.stdout.splitlines() if re.search(r"\btypo\b", line)]  # in the order they end
-    assert re.search(r"failed \(exit 1\): train.py: error: unrecognized arguments: --bogus-flag$", line), line
+    assert {call["name"]: call["gpus"] for call in calls(fake)} == {"typo-s0": "0,1", "a-s0": "2,3", "b-s0": "0,1",
+                                                                    "c-s0": "2,3"}
+    [line] = [line for line in result.stdout.splitlines() if " typo " in line]
+    assert re.search(r"failed \(exit 1\): train.py: error: unrecognized arguments: --bogus-flag  \d+s$", line), line
 
 
 # --- Makefile: set-up and data under a lock (a Slurm array's tasks all run them at once) ----------
@@ -672,6 +493,14 @@ if flock -n "$LOCK" true; then held=no; else held=yes; fi
 echo "$(basename "$0") $* lock-held=$held" >>"$CALLS"
 case "$*" in *"-m venv .venv"*) mkdir -p .venv ;; esac
 """
+
+
+def hold_lock(path: Path):
+    """Take an exclusive flock on path, as another task would; close to release."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
 
 
 def waiting_on(lock: Path) -> int:
@@ -716,7 +545,7 @@ def test_concurrent_setups_build_the_venv_once_under_a_lock(make_folder):
     lock = folder / ".venv.lock"
     env["LOCK"] = str(lock)
 
-    with hold_lock(lock, fcntl.LOCK_EX):
+    with hold_lock(lock):
         makes = start_concurrent_makes(folder, lock, ".venv/.installed-pypi", fake=fake, env=env)
         assert recorded(folder) == [], "nothing runs while another task holds the lock"
     assert [make.wait(timeout=60) for make in makes] == [0, 0]
@@ -733,7 +562,7 @@ def test_concurrent_make_data_calls_convert_one_at_a_time(make_folder):
     lock = folder / "data" / ".lock"
     env["LOCK"] = str(lock)
 
-    with hold_lock(lock, fcntl.LOCK_EX):
+    with hold_lock(lock):
         # -o setup: the venv and system libraries are not this test's business
         makes = start_concurrent_makes(folder, lock, "-o", "setup", "data", "DATA_DIR=data", fake=fake, env=env)
         assert recorded(folder) == []
@@ -742,21 +571,23 @@ def test_concurrent_make_data_calls_convert_one_at_a_time(make_folder):
     assert recorded(folder) == ["python data.py --data-dir data lock-held=yes"] * 2
 
 
+@pytest.mark.parametrize("grid, out", [("", "results"), ("default", "results"), ("quick", "results/quick"),
+                                       ("studies/my.txt", "results/my")])
+def test_make_sweep_gives_sweep_sh_the_grids_results_folder_and_plots_it(make_folder, grid, out):
+    folder, fake, env = make_folder
+
+    result = subprocess.run(["make", "-n", "-o", "data", "sweep", f"GRID={grid}", f"PYTHON={fake}"], cwd=folder,
+                            env=env, capture_output=True, text=True, timeout=60)
+
+    assert f'GRID="{grid}"' in result.stdout and f'OUT="{out}"' in result.stdout, result.stdout + result.stderr
+    assert f"plot.py {out} --out {out.replace('results', 'figures')}" in result.stdout
+
+
 # --- Real sweeps: train tiny configs with train.py (slow; last) ---------------------------------
-
-TINY_GRID = """\
-# three configs that train in seconds on the synthetic data set
-cnn-avg-sgd  --arch cnn --pool avg --opt sgd
-cnn-max-sgd  --arch cnn --pool max --opt sgd
-cnn-avg-adam --arch cnn --pool avg --opt adam
-"""
-TINY_NAMES = ["cnn-avg-sgd-s0", "cnn-max-sgd-s0", "cnn-avg-adam-s0"]
-
 
 def tiny_settings(data_dir: Path) -> dict:
     return {
-        "GRID": "tiny.grid",
-        "EPOCHS": 1,
+        "GRID": "tiny.txt",
         "EXTRA": f"--data-dir {data_dir} --no-compile --amp off --channels-last --aug none --batch-size 32",
         # These tests are about runs (a broken config must fail as a run, not be stopped by the
         # preflight); the fast tests cover the preflight with a fake train.py.
@@ -764,84 +595,50 @@ def tiny_settings(data_dir: Path) -> dict:
     }
 
 
-def status(out: Path, name: str) -> str:
-    return json.loads((out / f"{name}.json").read_text())["status"]
+def record(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
 
 
-def snapshot(out: Path) -> dict:
-    """What a run changes: each JSON's mtime and each log's size."""
-    files = [*out.glob("*.json"), *(out / "logs").glob("*.log")]
-    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in files}
+def test_real_sweep_line_per_run_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes(synthetic_data, tmp_path):
+    write_grid(tmp_path, "a --arch cnn --epochs 1", "b --arch cnn --pool max --epochs 3", name="tiny.txt")
+    out, settings = tmp_path / "results" / "tiny", tiny_settings(synthetic_data)
+    process = subprocess.Popen(["bash", str(SWEEP)], cwd=tmp_path, env=sweep_env(settings), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "b-s0.pt").exists():  # b trains its second epoch
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
 
+    assert process.returncode == 130, stdout + stderr
+    a_line, b_line = stdout.splitlines()
+    assert re.fullmatch(r"\[1/2\] a-s0  finished: test acc \d+\.\d\d%, mean epoch .*  \d+s  ETA \d+s", a_line), a_line
+    assert re.match(r"\[2/2\] b-s0  interrupted", b_line) and (out / "checkpoints" / "b-s0.pt").exists()
+    assert record(out, "a-s0")["status"] == "finished" and 0 <= record(out, "a-s0")["final"]["test_acc"] <= 1
+    assert record(out, "b-s0")["status"] == "running"
+    assert "--name a-s0 " in (out / "logs" / "a-s0.log").read_text()
+    a_finished_at = (out / "a-s0.json").stat().st_mtime_ns
 
-@pytest.fixture(scope="module")
-def finished_sweep(synthetic_data, tmp_path_factory):
-    """A folder with tiny.grid in which a tiny sweep has run to the end once."""
-    folder = tmp_path_factory.mktemp("tiny-sweep")
-    (folder / "tiny.grid").write_text(TINY_GRID)
-    result = sweep(cwd=folder, timeout=900, **tiny_settings(synthetic_data))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return folder, result
-
-
-def test_real_sweep_writes_one_finished_json_per_config(finished_sweep):
-    folder, result = finished_sweep
-    out = folder / "results" / "tiny"
-
-    for name in TINY_NAMES:
-        record = json.loads((out / f"{name}.json").read_text())
-        assert record["status"] == "finished"
-        assert 0 <= record["final"]["test_acc"] <= 1
-        assert (out / "logs" / f"{name}.log").stat().st_size > 0
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3, "one line per run"
-    assert all(re.search(r"finished\s+test_acc \d+\.\d\d%", line) for line in lines)
-
-
-def test_real_second_sweep_trains_nothing(finished_sweep, synthetic_data):
-    folder, _ = finished_sweep
-    out = folder / "results" / "tiny"
-    before = snapshot(out)
-
-    result = sweep(cwd=folder, **tiny_settings(synthetic_data))
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == ""
-    assert result.stderr.count("skip") == 3
-    assert snapshot(out) == before
-
-
-def test_real_interrupted_sweep_resumes_without_rerunning_finished_configs(finished_sweep, synthetic_data, tmp_path):
-    folder = shutil.copytree(finished_sweep[0], tmp_path / "copy")
-    out = folder / "results" / "tiny"
-    interrupted, lost, done = TINY_NAMES
-    record = json.loads((out / f"{interrupted}.json").read_text())
-    (out / f"{interrupted}.json").write_text(json.dumps({**record, "status": "running"}))
-    (out / f"{lost}.json").unlink()
-    log_sizes = {name: (out / "logs" / f"{name}.log").stat().st_size for name in TINY_NAMES}
-    untouched = snapshot(out)[f"{done}.json"], snapshot(out)[f"{done}.log"]
-
-    result = sweep(cwd=folder, timeout=600, **tiny_settings(synthetic_data))
+    result = sweep(cwd=tmp_path, timeout=600, **settings)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert [status(out, name) for name in TINY_NAMES] == ["finished"] * 3
-    new_log = (out / "logs" / f"{interrupted}.log").read_text()[log_sizes[interrupted] :]
-    assert "--resume" in new_log
-    assert "--resume" not in (out / "logs" / f"{lost}.log").read_text()[log_sizes[lost] :]
-    assert (out / "logs" / f"{lost}.log").stat().st_size > log_sizes[lost]
-    assert (snapshot(out)[f"{done}.json"], snapshot(out)[f"{done}.log"]) == untouched
-    assert len(result.stdout.splitlines()) == 2
+    assert re.search(r"\] a-s0  already finished", result.stdout), result.stdout
+    assert (out / "a-s0.json").stat().st_mtime_ns == a_finished_at
+    assert "b-s0: resuming after epoch" in (out / "logs" / "b-s0.log").read_text()
+    assert [row["epoch"] for row in record(out, "b-s0")["history"]] == [1, 2, 3]
 
 
-def test_real_failing_config_does_not_stop_the_sweep(synthetic_data, tmp_path):
-    (tmp_path / "tiny.grid").write_text(
-        "broken --arch nope --pool avg --opt sgd\nboom --arch cnn --lr 1e12\n"
-        "cnn-avg-sgd --arch cnn --pool avg --opt sgd\n"
-    )
+def test_real_failing_config_does_not_stop_the_sweep_and_a_locked_run_is_left_alone(synthetic_data, tmp_path):
+    write_grid(tmp_path, "broken --arch nope", "boom --arch cnn --lr 1e12 --epochs 1", "locked --arch cnn",
+               name="tiny.txt")
+    out = tmp_path / "results" / "tiny"
 
-    result = sweep(cwd=tmp_path, timeout=600, **tiny_settings(synthetic_data))
+    with hold_lock(out / "checkpoints" / "locked-s0.lock"):  # another sweep trains it
+        result = sweep(cwd=tmp_path, timeout=600, **tiny_settings(synthetic_data))
 
-    assert result.returncode != 0
-    assert re.search(r"broken-s0\s+exit 2\s+results/tiny/logs/broken-s0\.log", result.stderr)
-    assert status(tmp_path / "results" / "tiny", "cnn-avg-sgd-s0") == "finished"
-    assert status(tmp_path / "results" / "tiny", "boom-s0") == "diverged"  # a diverging config: the sweep goes on
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^failed  broken-s0 exit 2 results/tiny/logs/broken-s0\.log$", result.stderr, re.M)
+    assert re.search(r"\] locked-s0  busy: locked-s0 is being trained by another process", result.stdout)
+    assert not (out / "locked-s0.json").exists()
+    assert record(out, "boom-s0")["status"] == "diverged"  # after a failed config: the sweep goes on
