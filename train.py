@@ -194,9 +194,7 @@ FLAGS = {a.dest: a for a in build_parser()._actions if hasattr(a, "role")}  # de
 ROLES = {dest: flag.role for dest, flag in FLAGS.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration ---------------------------------------------------------------------------------------
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; --from RESULT.json supplies the flags its run was given; derive the optimiser's
@@ -299,6 +297,7 @@ def config_problem(args: argparse.Namespace) -> str | None:
          f"--pretrained: {args.arch} has no ImageNet weights; they exist for {pretrained_archs}"),
         (not stray, f"{', '.join('--' + k.replace('_', '-') for k in stray)}: for --arch {', '.join(owners)} only"),
         (not (args.resume and args.overwrite), "--resume continues a run, --overwrite starts it over: pick one"),
+        (args.from_json or not args.eval_only, "--eval-only evaluates a finished run: pass --from results/<name>.json"),
         (args.name is None or re.fullmatch(r"[\w.,+=-]+", args.name) is not None,
          f"--name {args.name!r}: use letters, digits and . , + = - _ only"),
     ]
@@ -341,9 +340,7 @@ def rank0_value(value, world: int, device: torch.device):
     return holder[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)
-# ---------------------------------------------------------------------------------------------
+# --- Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK) --------------------------------------------
 
 def distributed_env() -> tuple[int, int | None, int]:
     """(world size, local rank, processes on this node) as torchrun sets them; (1, None, 1) otherwise."""
@@ -371,9 +368,7 @@ def all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return tensor
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, optimiser, schedule
-# ---------------------------------------------------------------------------------------------
+# --- Model, optimiser, schedule --------------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # No weight decay on biases and BatchNorm parameters, as in most CIFAR-10 recipes.
@@ -421,9 +416,7 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Names
     return min(factor, (step + 1) / WARMUP_MIN_STEPS) if rate_limited else factor
 
 
-# ---------------------------------------------------------------------------------------------
-# Training and evaluation
-# ---------------------------------------------------------------------------------------------
+# --- Training and evaluation -----------------------------------------------------------------------------
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                     progress_desc, max_steps: int | None = None):
@@ -526,9 +519,7 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
             kept[1].tolist())
 
 
-# ---------------------------------------------------------------------------------------------
-# Records: JSON and checkpoint, both written atomically
-# ---------------------------------------------------------------------------------------------
+# --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
 
 def environment(device: torch.device) -> dict:
     def version(package: str) -> str | None:
@@ -643,9 +634,7 @@ def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[obje
     return lock, None
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
+# --- The run ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     speed.check_torch()
@@ -760,11 +749,18 @@ def resume_progress(args: argparse.Namespace, state: dict | None, training: Trai
 def start_record(args: argparse.Namespace, device: torch.device, world: int, training: Training, loaders: Loaders,
                  progress: dict, rank: int, print0) -> dict:
     """The run's JSON record as it starts (written at once), and its first line on the terminal."""
-    meta, train_loader = loaders.meta, loaders.train
-    record = new_record(args, device, world, train_loader, training, meta["classes"])
-    record.update(history=progress["history"], started_at=progress["started_at"])
-    record["run"].update(training.switches, compile_time_s=training.compile_time)
-    total_steps = args.epochs * len(train_loader)
+    train_loader, steps_per_epoch = loaders.train, len(loaders.train)
+    record = {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
+              "started_at": progress["started_at"], "ended_at": None, "config": config_of(args),
+              "factors": factors_of(args), "given": args.given, "from": args.from_json,
+              "run": {"device": str(device), "world_size": world,
+                      "backend": torch.distributed.get_backend() if world > 1 else None,
+                      "train_images": train_loader.num_samples, "steps_per_epoch": steps_per_epoch,
+                      "warmup_steps": warmup_steps(args, steps_per_epoch),
+                      **training.switches, "compile_time_s": training.compile_time},
+              "env": environment(device), "model": {"params": training.params, "flops_per_image": training.flops},
+              "classes": loaders.meta["classes"], "history": progress["history"]}
+    total_steps = args.epochs * steps_per_epoch
     if total_steps < FEW_STEPS and not args.preflight:
         record["run"]["warnings"] = [
             f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag behind, "
@@ -982,19 +978,6 @@ def compile_if_chosen(training: Training, device: torch.device, args: argparse.N
     speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
 
 
-def new_record(args, device, world, train_loader, training: Training, classes) -> dict:
-    steps_per_epoch = len(train_loader)
-    return {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
-            "started_at": now(), "ended_at": None, "config": config_of(args), "factors": factors_of(args),
-            "given": args.given, "from": args.from_json,
-            "run": {"device": str(device), "world_size": world,
-                    "backend": torch.distributed.get_backend() if world > 1 else None,
-                    "train_images": train_loader.num_samples, "steps_per_epoch": steps_per_epoch,
-                    "warmup_steps": warmup_steps(args, steps_per_epoch)},
-            "env": environment(device), "model": {"params": training.params, "flops_per_image": training.flops},
-            "classes": classes, "history": []}
-
-
 def checkpoint_state(args, meta: dict, progress: dict, record: dict, training: Training, device) -> dict:
     # progress holds the record's history and start time (the same objects): the checkpoint keeps them
     return {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(args, meta), **progress,
@@ -1109,9 +1092,7 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     return final
 
 
-# ---------------------------------------------------------------------------------------------
-# TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT`
-# ---------------------------------------------------------------------------------------------
+# --- TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT` ----------
 
 # The history's columns as TensorBoard tags: a quantity's train, val and test curves share a chart.
 BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
@@ -1215,9 +1196,7 @@ def hparams_summary(record: dict, ended: bool = False):
     return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data_pb))])
 
 
-# ---------------------------------------------------------------------------------------------
-# --eval-only: a finished run's kept weights on the test set again
-# ---------------------------------------------------------------------------------------------
+# --- --eval-only: a finished run's kept weights on the test set again ------------------------------------
 
 def evaluate_saved(args: argparse.Namespace) -> int:
     """Evaluate the weights a finished run kept and print what the record's `final` shows; write nothing.
@@ -1225,8 +1204,6 @@ def evaluate_saved(args: argparse.Namespace) -> int:
     Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device
     and torch build this gives the record's test accuracy exactly (a compiled run's evaluation used
     other kernels, which may round differently)."""
-    if not args.from_json:
-        build_parser().error("--eval-only evaluates a finished run: pass --from results/<name>.json")
     record, source = args.from_record, Path(args.from_json)
     weights = kept_weights(record, source, args.eval_weights)
     device = speed.resolve_device(args.device, None)
