@@ -1114,53 +1114,50 @@ class TensorBoardLog:
 
     def __init__(self, out: Path, record: dict, resumed_after: int, print0, enabled: bool = True):
         self.print0, self.writer = print0, None
-        if not enabled:
-            return
-        folder = out / "tensorboard" / record["name"]
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            if not resumed_after:
-                shutil.rmtree(folder, ignore_errors=True)
-            started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
-            self.writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
-            if not started:
-                self.writer.file_writer.add_summary(hparams_summary(record))
-            self.writer.flush()
-        except Exception as error:  # of any type: see stop
-            self.stop(error)
+        if enabled:
+            self.guarded(self.open, out / "tensorboard" / record["name"], record, resumed_after)
+
+    def open(self, folder: Path, record: dict, resumed_after: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        if not resumed_after:
+            shutil.rmtree(folder, ignore_errors=True)
+        started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
+        self.writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
+        if not started:
+            self.writer.file_writer.add_summary(hparams_summary(record))
+        self.writer.flush()
 
     def log_epoch(self, row: dict) -> None:
         """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
-        if self.writer is None:
-            return
-        try:
+        def write():
             for key, tag in BOARD_TAGS.items():
                 if row.get(key) is not None:
                     self.writer.add_scalar(tag, row[key], row["epoch"])
             self.writer.flush()
-        except Exception as error:
-            self.stop(error)
+        if self.writer is not None:
+            self.guarded(write)
 
     def close(self, record: dict) -> None:
         """The final figures and the HParams session's end (finished or diverged), then close the files."""
-        if self.writer is None:
-            return
-        try:
+        def write():
             step = record["history"][-1]["epoch"] if record["history"] else 0
             for key in BOARD_FINAL:
                 if (record.get("final") or {}).get(key) is not None:
                     self.writer.add_scalar(f"final/{key}", record["final"][key], step)
             self.writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
             self.writer.close()
-        except Exception as error:
-            self.stop(error)
+        if self.writer is not None:
+            self.guarded(write)
 
-    def stop(self, error: Exception) -> None:
-        """Say once that the event files stopped. The writer's thread re-raises whatever stopped it (a
-        full disk, a deleted folder) at the next call, as any exception type."""
-        self.writer = None
-        self.print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and "
-                    "its JSON record, the source of truth, is complete")
+    def guarded(self, write, *args) -> None:
+        """write(*args), or say once that the event files stopped. The writer's thread re-raises whatever
+        stopped it (a full disk, a deleted folder) at the next call, as any exception type."""
+        try:
+            write(*args)
+        except Exception as error:
+            self.writer = None
+            self.print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, "
+                        "and its JSON record, the source of truth, is complete")
 
 
 def hparams_of(record: dict) -> dict:
