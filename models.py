@@ -45,16 +45,14 @@ def torchvision_resnet(name: str, num_classes: int, pool: str, stem: str, pretra
     if pretrained:  # IMAGENET1K_V1 at every depth (one recipe), cached in $TORCH_HOME/hub/checkpoints
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
-    if stem == "cifar":
-        # a stride-4 stem would leave 8x8 maps in layer1: keep CIFAR's full 32x32 resolution
+    if stem == "cifar":  # a stride-4 stem would leave 8x8 maps in layer1: keep CIFAR's 32x32
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
         model.maxpool = nn.Identity()
         if pretrained:
             print(f"{name}: ImageNet's 7x7 conv1 does not fit the 3x3 cifar stem; "
                   "loaded all other weights, conv1 starts from scratch")
-    # torchvision's name for it, even when it is a max pool
-    model.avgpool = pooling(pool, model.fc.in_features, pool_norm=pool_norm)
+    model.avgpool = pooling(pool, model.fc.in_features, pool_norm=pool_norm)  # torchvision's name, even for max
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
@@ -92,6 +90,7 @@ class BasicBlock(nn.Module):
 
 
 def mlp_head(c_in: int, hidden: tuple[int, ...], num_classes: int, dropout: float) -> nn.Module:
+    """Linear layers of widths hidden..., num_classes, with ReLU between them and dropout before each."""
     layers: list[nn.Module] = []
     for width in (*hidden, num_classes):
         if layers:
@@ -121,8 +120,7 @@ def basic_resnet(num_classes: int, pool: str, blocks: tuple[int, ...] = (2, 2, 2
         raise ValueError(f"resnet_custom: kernel_size={kernel_size} must be odd to keep 'same' padding")
     if not 0 <= dropout < 1:
         raise ValueError(f"resnet_custom: dropout={dropout} must be in [0, 1)")
-    # torchvision's module names (conv1, layer1, avgpool, fc), so hooks and "fc." param groups
-    # written for one family work for all
+    # torchvision's module names (conv1, layer1, avgpool, fc): hooks and "fc." param groups work for all
     layers: dict[str, nn.Module] = dict(conv1=nn.Conv2d(3, channels[0], 3, 1, 1, bias=False),
                                         bn1=nn.BatchNorm2d(channels[0]), relu=nn.ReLU(inplace=True))
     c_in = channels[0]
@@ -172,11 +170,9 @@ def resnet9(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
 
 
 def plain_cnn(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
-    """conv-conv-pool x2 (32, 32, pool, 64, 64, pool), flatten 64x8x8, Linear 512, Linear classes.
-    Convs are conv-BN-ReLU so it trains at the ResNets' learning rates: the comparison isolates
-    depth and shortcuts, not normalisation. No global pool: `pool` picks its two 2x2 pools (the
-    second standardised with pool_norm, as the ResNets' global pool), and it needs 32x32 inputs
-    (2.17 M params, most in the first Linear)."""
+    """conv-conv-pool x2 (32, 32, pool, 64, 64, pool), flatten 64x8x8, Linear 512, Linear classes (2.17 M
+    params). conv-BN-ReLU, so it trains at the ResNets' learning rates: the comparison isolates depth and
+    shortcuts. No global pool: `pool` picks its two 2x2 pools (the second with pool_norm); 32x32 inputs only."""
     down = nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
     return nn.Sequential(conv_bn(3, 32), conv_bn(32, 32), down, conv_bn(32, 64), conv_bn(64, 64),
                          pooling(pool, 64, 8, pool_norm), nn.Flatten(), nn.Linear(64 * 8 * 8, 512),  # 16x16 -> 8x8
