@@ -1,18 +1,15 @@
 """CIFAR-10 models: one table of architectures (ARCHS) and build_model(arch, ...) to make them.
 
-  resnet18..152  torchvision's ResNets, not re-implemented. stem="cifar" (default): 3x3 stride-1
-                 conv1 and no max-pool, so layer1 sees 32x32; stem="imagenet": torchvision's 7x7
-                 stride-2 conv1 and max-pool, so layer1 sees 8x8. pretrained=True loads ImageNet.
-  resnet20..110  the CIFAR ResNets of He et al. 2015: 6n+2 layers, 16/32/64 channels, option-A
-                 (zero-pad) shortcuts, so parameter counts match the paper.
+  resnet18..152  torchvision's ResNets. stem="cifar" (default): a 3x3 stride-1 conv1 and no max-pool,
+                 so layer1 sees 32x32; stem="imagenet": torchvision's own (layer1 sees 8x8); pretrained.
+  resnet20..110  the CIFAR ResNets of He et al. 2015: 6n+2 layers, 16/32/64 channels, option-A shortcuts.
   resnet9        the DAWNBench / FFCV CIFAR example network (FFCV pools with max: pass pool="max").
-  resnet_custom  basic-block ResNet with chosen blocks, channels and MLP head (see custom_resnet).
+  resnet_custom  basic-block ResNet with chosen blocks, channels and MLP head (see basic_resnet).
   cnn            plain baseline without shortcuts (see plain_cnn).
 
-Every architecture takes pool="avg"|"max" (the global pooling before the classifier; for cnn, its
-two 2x2 pools) and pool_norm (the pooled features standardised before the classifier: see pooling).
-Only the torchvision ResNets take stem="imagenet" and pretrained=True; the others have the cifar
-stem only. `python models.py` prints params and forward MFLOPs as Markdown.
+Every architecture takes pool="avg"|"max" (the global pooling before the classifier) and pool_norm
+(see pooling); only the torchvision ResNets take stem="imagenet" and pretrained=True.
+`python models.py` prints params and forward MFLOPs as Markdown.
 """
 from collections import OrderedDict
 from functools import partial
@@ -32,55 +29,35 @@ def pooling(pool: str, channels: int, size: int = 1, pool_norm: bool = True) -> 
     """The global pool to size x size before the classifier; with pool_norm, its output standardised
     per channel by a BatchNorm without parameters.
 
-    Why: the classifier's curvature grows with the size of what it reads. In ResNet-20 at init, on
-    CIFAR-10 images, a max pool hands it features of mean squared norm 2,271 (avg: 121), and the
-    top eigenvalue of its loss Hessian is 691 (avg: 24). SGD with momentum 0.9 is stable only below
-    lr 2(1 + 0.9) / 691 = 0.005, a 20th of the peak at batch 128: in the quick look's max-pool runs
-    the loss rose from 3.7 to 10 in the warm-up, and the comparison measured that accident, not the
-    pooling. Standardised, the eigenvalue is 6.2 (avg: 7.0) and both heads are stable up to lr 0.5,
-    past SGD's peak of 0.4. The network computes the same functions (in eval mode the norm is a fixed
-    per-channel affine map, which a classifier with a bias absorbs) and has no more parameters."""
+    Why: the classifier's curvature grows with the size of what it reads. In ResNet-20 at init a max
+    pool's features have mean squared norm 2,271 (avg: 121) and the top Hessian eigenvalue of the
+    loss is 691 (avg: 24): SGD with momentum 0.9 is then stable only below lr 2(1 + 0.9) / 691 = 0.005.
+    Standardised, it is 6.2 (avg: 7.0), stable up to lr 0.5, past SGD's peak of 0.4. In eval mode the
+    norm is a fixed per-channel affine map, which the classifier absorbs: no more parameters."""
     pooled = nn.AdaptiveAvgPool2d(size) if pool == "avg" else nn.AdaptiveMaxPool2d(size)
-    return standardised(pooled, channels, pool_norm)
-
-
-def standardised(pooled: nn.Module, channels: int, pool_norm: bool) -> nn.Module:
-    """`pooled`, followed with pool_norm by a per-channel BatchNorm without parameters."""
     return nn.Sequential(pooled, nn.BatchNorm2d(channels, affine=False)) if pool_norm else pooled
 
 
-def pool_norm_of(config: dict) -> bool:
-    """Whether a recorded run's pooled features were standardised: records, kept weights and
-    checkpoints from before pool_norm existed trained the plain pool."""
-    return bool(config.get("pool_norm", False))
-
-
 # ---------------------------------------------------------------- torchvision ResNets
-
 def torchvision_resnet(name: str, num_classes: int, pool: str, stem: str, pretrained: bool,
                        pool_norm: bool = True) -> nn.Module:
     model = getattr(torchvision.models, name)()  # 1000 classes, so the ImageNet state dict fits as is
-    if pretrained:
-        # IMAGENET1K_V1 at every depth: one training recipe, so depth is the only difference
+    if pretrained:  # IMAGENET1K_V1 at every depth (one recipe), cached in $TORCH_HOME/hub/checkpoints
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        # cached in $TORCH_HOME/hub/checkpoints; the hash is checked when it is downloaded
         model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
-    if stem == "cifar":
-        # a stride-4 stem would leave 8x8 maps in layer1: keep CIFAR's full 32x32 resolution
+    if stem == "cifar":  # a stride-4 stem would leave 8x8 maps in layer1: keep CIFAR's 32x32
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
         model.maxpool = nn.Identity()
         if pretrained:
             print(f"{name}: ImageNet's 7x7 conv1 does not fit the 3x3 cifar stem; "
                   "loaded all other weights, conv1 starts from scratch")
-    # torchvision's name for it, even when it is a max pool
-    model.avgpool = pooling(pool, model.fc.in_features, pool_norm=pool_norm)
+    model.avgpool = pooling(pool, model.fc.in_features, pool_norm=pool_norm)  # torchvision's name, even for max
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
 # ---------------------------------------------------------------- basic-block ResNets
-
 class ZeroPadShortcut(nn.Module):
     """Option A of He et al. 2015: subsample by the stride and zero-pad the new channels (no weights)."""
 
@@ -103,12 +80,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, kernel_size, 1, kernel_size // 2, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        if stride == 1 and c_in == c_out:
-            self.shortcut = nn.Identity()
-        elif zero_pad:
-            self.shortcut = ZeroPadShortcut(c_out - c_in, stride)
-        else:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (nn.Identity() if stride == 1 and c_in == c_out else
+                         ZeroPadShortcut(c_out - c_in, stride) if zero_pad else
+                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -116,6 +90,7 @@ class BasicBlock(nn.Module):
 
 
 def mlp_head(c_in: int, hidden: tuple[int, ...], num_classes: int, dropout: float) -> nn.Module:
+    """Linear layers of widths hidden..., num_classes, with ReLU between them and dropout before each."""
     layers: list[nn.Module] = []
     for width in (*hidden, num_classes):
         if layers:
@@ -127,11 +102,25 @@ def mlp_head(c_in: int, hidden: tuple[int, ...], num_classes: int, dropout: floa
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
-def basic_resnet(num_classes: int, pool: str, blocks: tuple[int, ...], channels: tuple[int, ...],
-                 kernel_size: int = 3, zero_pad: bool = False, avgpool_size: int = 1,
-                 head: tuple[int, ...] = (), dropout: float = 0.0, pool_norm: bool = True) -> nn.Sequential:
-    # torchvision's module names (conv1, layer1, avgpool, fc), so hooks and "fc." param groups
-    # written for one family work for all
+def basic_resnet(num_classes: int, pool: str, blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 channels: tuple[int, ...] = (64, 128, 256, 512), kernel_size: int = 3, zero_pad: bool = False,
+                 avgpool_size: int = 1, head: tuple[int, ...] = (), dropout: float = 0.0,
+                 pool_norm: bool = True) -> nn.Sequential:
+    """Basic-block ResNet: 3x3 stem conv, one stage per entry of blocks/channels (the first at
+    stride 1, the others stride 2), 1x1 projection shortcuts (option A with zero_pad), global pool to
+    avgpool_size^2, then an MLP with `head` hidden widths and dropout before each Linear. The
+    defaults are exactly resnet18 with the cifar stem (11,173,962 params). Examples (10 classes):
+      blocks=(3, 4, 4, 3), channels=(32, 64, 128, 256), head=(256, 128)   4,833,066 params
+      blocks=(2, 2, 2), channels=(32, 64, 96)                               481,962 params
+    """
+    if len(blocks) != len(channels) or min(blocks, default=0) < 1 or min(channels, default=0) < 1:
+        raise ValueError(f"resnet_custom: blocks {tuple(blocks)} and channels {tuple(channels)} need one positive "
+                         "entry per stage, e.g. blocks=(2, 2, 2), channels=(32, 64, 128)")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"resnet_custom: kernel_size={kernel_size} must be odd to keep 'same' padding")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"resnet_custom: dropout={dropout} must be in [0, 1)")
+    # torchvision's module names (conv1, layer1, avgpool, fc): hooks and "fc." param groups work for all
     layers: dict[str, nn.Module] = dict(conv1=nn.Conv2d(3, channels[0], 3, 1, 1, bias=False),
                                         bn1=nn.BatchNorm2d(channels[0]), relu=nn.ReLU(inplace=True))
     c_in = channels[0]
@@ -141,49 +130,11 @@ def basic_resnet(num_classes: int, pool: str, blocks: tuple[int, ...], channels:
             for j in range(n)])
         c_in = c
     layers.update(avgpool=pooling(pool, c_in, avgpool_size, pool_norm), flatten=nn.Flatten(),
-                  fc=mlp_head(c_in * avgpool_size**2, head, num_classes, dropout))
+                  fc=mlp_head(c_in * avgpool_size**2, tuple(head), num_classes, dropout))
     return nn.Sequential(OrderedDict(layers))
 
 
-def cifar_resnet(depth: int, num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
-    n = (depth - 2) // 6
-    return basic_resnet(num_classes, pool, blocks=(n, n, n), channels=(16, 32, 64), zero_pad=True,
-                        pool_norm=pool_norm)
-
-
-def custom_problem(blocks: tuple[int, ...] = (2, 2, 2, 2), channels: tuple[int, ...] = (64, 128, 256, 512),
-                   kernel_size: int = 3, dropout: float = 0.0, **other_options) -> str | None:
-    """What is wrong with resnet_custom's options, or None: checked without building the model."""
-    if len(blocks) != len(channels) or min(blocks, default=0) < 1 or min(channels, default=0) < 1:
-        return (f"resnet_custom: blocks {blocks} and channels {channels} need one positive entry per stage, "
-                "e.g. blocks=(2, 2, 2), channels=(32, 64, 128)")
-    if kernel_size % 2 == 0:
-        return f"resnet_custom: kernel_size={kernel_size} must be odd to keep 'same' padding"
-    if not 0 <= dropout < 1:
-        return f"resnet_custom: dropout={dropout} must be in [0, 1)"
-    return None
-
-
-def custom_resnet(num_classes: int, pool: str, blocks: tuple[int, ...] = (2, 2, 2, 2),
-                  channels: tuple[int, ...] = (64, 128, 256, 512), kernel_size: int = 3,
-                  avgpool_size: int = 1, head: tuple[int, ...] = (), dropout: float = 0.0,
-                  pool_norm: bool = True) -> nn.Module:
-    """Basic-block ResNet: 3x3 stem conv, one stage per entry of blocks/channels (the first at
-    stride 1, the others stride 2), 1x1 projection shortcuts, global pool to avgpool_size^2, then
-    an MLP with `head` hidden widths and dropout before each Linear. The defaults are exactly
-    resnet18 with the cifar stem (11,173,962 params). Examples (10 classes, counts tested):
-      blocks=(3, 4, 4, 3), channels=(32, 64, 128, 256), head=(256, 128)   4,833,066 params
-      blocks=(2, 2, 2), channels=(32, 64, 96)                               481,962 params
-    """
-    problem = custom_problem(blocks, channels, kernel_size, dropout)
-    if problem:
-        raise ValueError(problem)
-    return basic_resnet(num_classes, pool, tuple(blocks), tuple(channels), kernel_size,
-                        avgpool_size=avgpool_size, head=tuple(head), dropout=dropout, pool_norm=pool_norm)
-
-
 # ---------------------------------------------------------------- ResNet-9 and plain CNN
-
 def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1) -> nn.Module:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
@@ -219,33 +170,31 @@ def resnet9(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
 
 
 def plain_cnn(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
-    """conv-conv-pool x2 (32, 32, pool, 64, 64, pool), flatten 64x8x8, Linear 512, Linear classes.
-    Convs are conv-BN-ReLU so it trains at the ResNets' learning rates: the comparison isolates
-    depth and shortcuts, not normalisation. No global pool: `pool` picks its two 2x2 pools (the
-    second standardised with pool_norm, as the ResNets' global pool), and it needs 32x32 inputs
-    (2.17 M params, most in the first Linear)."""
-    down = nn.AvgPool2d if pool == "avg" else nn.MaxPool2d
-    return nn.Sequential(conv_bn(3, 32), conv_bn(32, 32), down(2), conv_bn(32, 64), conv_bn(64, 64),
-                         standardised(down(2), 64, pool_norm), nn.Flatten(), nn.Linear(64 * 8 * 8, 512),
+    """conv-conv-pool x2 (32, 32, pool, 64, 64, pool), flatten 64x8x8, Linear 512, Linear classes (2.17 M
+    params). conv-BN-ReLU, so it trains at the ResNets' learning rates: the comparison isolates depth and
+    shortcuts. No global pool: `pool` picks its two 2x2 pools (the second with pool_norm); 32x32 inputs only."""
+    down = nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
+    return nn.Sequential(conv_bn(3, 32), conv_bn(32, 32), down, conv_bn(32, 64), conv_bn(64, 64),
+                         pooling(pool, 64, 8, pool_norm), nn.Flatten(), nn.Linear(64 * 8 * 8, 512),  # 16x16 -> 8x8
                          nn.ReLU(inplace=True), nn.Linear(512, num_classes))
 
 
 # ---------------------------------------------------------------- the table
-
 class Arch(NamedTuple):
     build: Callable[..., nn.Module]  # build(num_classes=, pool=, pool_norm=, [stem=, pretrained=,] **options)
     about: str
     stems: tuple[str, ...] = ("cifar",)
     pretrained: bool = False  # ImageNet weights exist (torchvision); its builders also take stem=
-    options: tuple[str, ...] = ()  # extra keyword options passed through build_model
+    options: tuple[str, ...] = ()  # the keyword options build_model passes through (train.py's flags)
 
 
 ARCHS: dict[str, Arch] = {
     **{f"resnet{d}": Arch(partial(torchvision_resnet, f"resnet{d}"), "torchvision", STEMS, True)
        for d in (18, 34, 50, 101, 152)},
-    **{f"resnet{d}": Arch(partial(cifar_resnet, d), "He et al. 2015 CIFAR") for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": Arch(partial(basic_resnet, blocks=((d - 2) // 6,) * 3, channels=(16, 32, 64), zero_pad=True),
+                          "He et al. 2015 CIFAR") for d in (20, 32, 44, 56, 110)},
     "resnet9": Arch(resnet9, "DAWNBench / FFCV"),
-    "resnet_custom": Arch(custom_resnet, "custom basic-block", options=(
+    "resnet_custom": Arch(basic_resnet, "custom basic-block", options=(
         "blocks", "channels", "kernel_size", "avgpool_size", "head", "dropout")),
     "cnn": Arch(plain_cnn, "plain CNN"),
 }
@@ -263,23 +212,23 @@ def build_model(arch: str, num_classes: int = 10, pool: str = "avg", stem: str =
     if pretrained and not spec.pretrained:
         raise ValueError(f"{arch} has no pretrained weights; pretrained=True is for "
                          f"{', '.join(a for a in ARCHS if ARCHS[a].pretrained)}")
-    for option in options:
-        if option not in spec.options:
-            raise ValueError(f"{arch} does not take option {option!r}: it takes num_classes, pool, pool_norm, stem"
-                             + ", pretrained" * spec.pretrained + "".join(f", {o}" for o in spec.options))
+    for option in set(options) - set(spec.options):
+        raise ValueError(f"{arch} does not take option {option!r}: it takes num_classes, pool, pool_norm, stem"
+                         + ", pretrained" * spec.pretrained + "".join(f", {o}" for o in spec.options))
     if spec.pretrained:
         options.update(stem=stem, pretrained=pretrained)
     return spec.build(num_classes=num_classes, pool=pool, pool_norm=pool_norm, **options)
 
 
-def build_from_config(config: dict, num_classes: int) -> nn.Module:
-    """The untrained network of a train.py record's `config`, ready for its kept state dict:
+def build_from_config(config: dict, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """The network of a train.py config (its arch, pool, stem, pool_norm and the arch's options), e.g.
+    the untrained network of a record, ready for its kept state dict:
         model = build_from_config(record["config"], num_classes=len(record["classes"]))
         model.load_state_dict(torch.load(weights_path, weights_only=True))
-    pretrained is left off: the kept weights replace ImageNet's, so nothing is downloaded."""
-    options = {k: config[k] for k in ARCHS[config["arch"]].options if config.get(k) is not None}
-    return build_model(config["arch"], num_classes=num_classes, pool=config.get("pool", "avg"),
-                       stem=config.get("stem", "cifar"), pool_norm=pool_norm_of(config), **options)
+    pretrained is off by default: kept weights replace ImageNet's, so nothing need be downloaded."""
+    options = {k: config[k] for k in ARCHS[config["arch"]].options if config[k] is not None}
+    return build_model(config["arch"], num_classes, config["pool"], config["stem"], pretrained, config["pool_norm"],
+                       **options)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -299,7 +248,7 @@ def forward_flops(model: nn.Module, image_size: int = 32) -> int:
     return counter.get_total_flops()
 
 
-def print_table() -> None:
+if __name__ == "__main__":
     print("| arch | family | stem | params | MFLOPs / 32x32 image |")
     print("|---|---|---|--:|--:|")
     for name, spec in ARCHS.items():
@@ -307,7 +256,3 @@ def print_table() -> None:
             model = build_model(name, stem=stem)
             print(f"| {name} | {spec.about} | {stem} | {count_parameters(model):,} "
                   f"| {forward_flops(model) / 1e6:,.1f} |")
-
-
-if __name__ == "__main__":
-    print_table()

@@ -40,7 +40,7 @@ import data
 import models
 import speed
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of the JSON record and the checkpoint: one of another version is refused where it is read
 # Published CIFAR-10 recipes, one per optimiser; see the README's "Defaults" section for sources.
 # SGD's lr is for batch 512 and scales linearly with the batch size (Goyal et al., 2017).
 OPTIMIZER_DEFAULTS = {
@@ -50,17 +50,22 @@ OPTIMIZER_DEFAULTS = {
 }
 SGD_REFERENCE_BATCH = 512
 SCHEDULES = ("onecycle", "cosine", "step", "multistep", "constant")
-CUSTOM_OPTIONS = ("blocks", "channels", "kernel_size", "avgpool_size", "head", "dropout")
-# Flags that change how a run is carried out but not what it computes: a checkpoint written under
-# other values of these may still be resumed (--tta changes only the evaluation; the data is checked
-# by its checksum, not by the spelling of --data-dir).
-RUN_CONTROL = ("resume", "quiet", "out", "name", "workers", "from_json", "device", "early_stop", "compile",
-               "overwrite", "preflight", "tta", "data_dir", "eval_only", "eval_weights")
-# Resolved from --opt, --batch-size and --epochs when not given; a --from replay derives them again.
-DERIVED = ("lr", "momentum", "nesterov", "wd", "betas", "schedule", "warmup_epochs", "milestones")
-# The default name spells these out; any other flag that changes the run adds a short hash of them.
-NAMED = ("arch", "pool", "opt", "stem", "pretrained", "fraction", "epochs", "batch_size", "val_split", "aug",
-         "tta", "seed")
+# Every flag has one role, declared where build_parser adds it; what each role takes part in:
+#   model, recipe, data  what is trained: the checkpoint's fingerprint (a resume must match it), the default
+#                        name (spelled out or hashed), the record's "factors" (what plot.py compares configs by)
+#   derived  recipe values resolved from --opt, --batch-size and --epochs unless given; a --from replay
+#            derives them again, and they are factors only when given
+#   eval     how the result is evaluated and reported (--tta, --early-stop): a resume may change it
+#   seed     fingerprinted and spelled last in the name; never a factor
+#   speed    autocast dtype and memory layout: fingerprinted and named, not factors (HParams show the resolved ones)
+#   run      how the run is carried out (data dir, device, workers, compile, progress bars): replayed by --from
+#   place    where its files go (--out, --name): recorded, not replayed (a replay lands beside its source)
+#   call     what this command does (--resume, --from, --preflight, --eval-only, ...): not recorded
+FINGERPRINTED = {"model", "recipe", "derived", "data", "seed", "speed"}
+NAME_HASHED = {"model", "recipe", "derived", "data", "eval", "speed"}  # when given, unless spelled out
+FACTORS = {"model", "recipe", "derived", "data", "eval"}
+HPARAMS = FACTORS | {"seed"}
+REPLAYED = FINGERPRINTED | {"eval", "run"}
 # A warm-up of a handful of steps lets a short run (2 epochs on 10% of the data is 18 steps at batch
 # 512) reach SGD's peak lr 0.4 in under 4 steps, and the net blows up. So by default the lr rises by at
 # most 1/WARMUP_MIN_STEPS of its peak per step (see lr_factor).
@@ -77,111 +82,138 @@ def csv_of(kind):
     return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
 
 
+def add(group, role: str, *names: str, name_part=None, **kw) -> None:
+    """One flag, with its role (see FINGERPRINTED ...) and, if the default name spells it out, its
+    part of the name: name_part(value) -> text, or None to leave it out."""
+    action = group.add_argument(*names, **kw)
+    action.role, action.name_part = role, name_part
+
+
+def aug_part(aug: str) -> str | None:
+    augs = data.parse_aug(aug)
+    return None if augs == data.parse_aug(data.DEFAULT_AUG) else "aug-" + ("+".join(augs) or "none")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag with its default and help: a table (one add_argument each, by group), hence its length."""
+    """Every flag with its role, default and help: a table (one add each, by group), hence its length."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture")
-    m.add_argument("--pool", default="avg", choices=models.POOLS, help="global pooling before the classifier")
-    m.add_argument("--stem", default="cifar", choices=models.STEMS,
-                   help="cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7 stride-2 conv + max-pool")
-    m.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
-    m.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
-                        "see models.pooling); --no-pool-norm: torchvision's plain pool")
-    m.add_argument("--blocks", type=csv_of(int), default=None, help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
-    m.add_argument("--channels", type=csv_of(int), default=None, help="resnet_custom: channels per stage")
-    m.add_argument("--kernel-size", type=int, default=None, help="resnet_custom: convolution kernel size")
-    m.add_argument("--avgpool-size", type=int, default=None, help="resnet_custom: output size of the final pool")
-    m.add_argument("--head", type=csv_of(int), default=None,
-                   help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
-    m.add_argument("--dropout", type=float, default=None, help="resnet_custom: dropout in the head")
-    o = p.add_argument_group("optimisation (None = the optimiser's default, see OPTIMIZER_DEFAULTS)")
-    o.add_argument("--opt", default="sgd", choices=tuple(OPTIMIZER_DEFAULTS), help="optimiser")
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
-    o.add_argument("--momentum", type=float, default=None, help="sgd momentum (0.9)")
-    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd Nesterov momentum")
-    o.add_argument("--wd", "--weight-decay", type=float, default=None,
-                   help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
-    o.add_argument("--betas", type=csv_of(float), default=None, help="adam/adamw betas (0.9,0.999)")
-    o.add_argument("-b", "--batch-size", type=int, default=512, help="global batch size")
-    o.add_argument("--epochs", type=int, default=10, help="training epochs")
-    o.add_argument("--schedule", default=None, choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
-    o.add_argument("--warmup-epochs", type=float, default=None,
-                   help=f"linear warm-up (onecycle: the peak); default min(2, epochs/5), and the lr rises by at "
-                        f"most 1/{WARMUP_MIN_STEPS} of its peak per step")
-    o.add_argument("--milestones", type=csv_of(float), default=None,
-                   help="multistep: epochs where the lr is multiplied by --gamma (step: at 50%% and 75%%)")
-    o.add_argument("--gamma", type=float, default=0.1, help="step/multistep decay factor")
-    o.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    o = p.add_argument_group("optimisation (None = derived from --opt, --batch-size, --epochs; see OPTIMIZER_DEFAULTS)")
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", default=data.DATA_DIR, help="folder with train.beton, test.beton, meta.json")
-    d.add_argument("--aug", default=data.DEFAULT_AUG,
-                   help=f"comma list from {', '.join(data.AUGMENTATIONS)}, or none")
-    d.add_argument("--fraction", type=float, default=1.0, help="class-balanced fraction of the train set to use")
-    d.add_argument("--val-split", type=float, default=0.0, help="fraction of the train set held out for validation")
-    d.add_argument("-j", "--workers", type=int, default=None,
-                   help="FFCV loader workers (default: the CPUs this process may use, shared among local "
-                        "ranks, at most 8)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="seed of weights, data order, subsets and splits")
-    r.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
-    r.add_argument("--amp", default="auto", type=speed.amp_name, choices=("auto", *speed.AMP_DTYPES),
-                   help="autocast dtype (fp32: autocast off; 'off' is read as fp32); auto: bf16 on CUDA (fp16 on "
-                        "GPUs without bf16), on CPU the faster of fp32 and bf16 in a few timed steps")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model; unset: on for CUDA, on CPU only if compiled steps time faster")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format for model and inputs; unset: on for CUDA, on CPU only if "
-                        "it times faster")
-    r.add_argument("--out", "--output-dir", default="results",
-                   help="results folder (with --from: the source record's folder)")
-    r.add_argument("--name", default=None, help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
-    r.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start over even if a finished record or a checkpoint of this name exists")
-    r.add_argument("--preflight", action="store_true",
-                   help="check that this config runs: data, model, switches, compile, two training steps, one "
-                        "eval batch and a checkpoint round trip, in a temporary folder; exits 0 or with the error")
-    r.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a better val accuracy (needs --val-split)")
-    r.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
-    r.add_argument("--from", dest="from_json", default=None, metavar="RESULT.json",
-                   help="take the config of this result (flags given here still override)")
-    r.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars (for sweeps)")
     e = p.add_argument_group("evaluate a finished run")
-    e.add_argument("--eval-only", action="store_true",
-                   help="with --from RESULT.json: evaluate the run's kept weights on the test set (eager, with the "
-                        "run's amp, layout and --tta unless --tta is given) and print accuracy, per-class accuracy "
-                        "and the confusion matrix; writes nothing")
-    e.add_argument("--weights", dest="eval_weights", default="final", choices=("final", "best-val"),
-                   help="--eval-only: the last epoch's weights, or the best val epoch's (runs with --val-split)")
+    # First the flags the default name spells out, in its order: resnet20-avg-sgd-f0.1-e2-b128-s3
+    add(m, "model", "--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture",
+        name_part=str)
+    add(m, "model", "--pool", default="avg", choices=models.POOLS, help="global pooling before the classifier",
+        name_part=str)
+    add(o, "recipe", "--opt", default="sgd", choices=tuple(OPTIMIZER_DEFAULTS), help="optimiser", name_part=str)
+    add(m, "model", "--stem", default="cifar", choices=models.STEMS,
+        help="cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7 stride-2 conv + max-pool",
+        name_part=lambda stem: None if stem == "cifar" else stem)
+    add(m, "model", "--pretrained", action="store_true", help="start from torchvision's ImageNet weights",
+        name_part=lambda on: "pretrained" if on else None)
+    add(d, "data", "--fraction", type=float, default=1.0, help="class-balanced fraction of the train set to use",
+        name_part=lambda f: f"f{f:g}" if f < 1 else None)
+    add(o, "recipe", "--epochs", type=int, default=10, help="training epochs",
+        name_part=lambda e: f"e{e}" if e != 10 else None)
+    add(o, "recipe", "-b", "--batch-size", type=int, default=512, help="global batch size",
+        name_part=lambda b: f"b{b}" if b != 512 else None)
+    add(d, "data", "--val-split", type=float, default=0.0, help="fraction of the train set held out for validation",
+        name_part=lambda v: f"val{v:g}" if v else None)
+    add(d, "data", "--aug", default=data.DEFAULT_AUG, help=f"comma list from {', '.join(data.AUGMENTATIONS)}, or none",
+        name_part=aug_part)
+    add(r, "eval", "--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation",
+        name_part=lambda on: "tta" if on else None)
+    add(r, "seed", "--seed", type=int, default=0, help="seed of weights, data order, subsets and splits",
+        name_part=lambda s: f"s{s}")  # last: default_name puts the hash of other flags before it
+    # The other flags, by group
+    add(m, "model", "--pool-norm", action=argparse.BooleanOptionalAction, default=True,
+        help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
+             "see models.pooling); --no-pool-norm: torchvision's plain pool")
+    add(m, "model", "--blocks", type=csv_of(int), default=None, help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
+    add(m, "model", "--channels", type=csv_of(int), default=None, help="resnet_custom: channels per stage")
+    add(m, "model", "--kernel-size", type=int, default=None, help="resnet_custom: convolution kernel size")
+    add(m, "model", "--avgpool-size", type=int, default=None, help="resnet_custom: output size of the final pool")
+    add(m, "model", "--head", type=csv_of(int), default=None,
+        help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
+    add(m, "model", "--dropout", type=float, default=None, help="resnet_custom: dropout in the head")
+    add(o, "derived", "--lr", type=float, default=None,
+        help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
+    add(o, "derived", "--momentum", type=float, default=None, help="sgd momentum (0.9)")
+    add(o, "derived", "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd Nesterov momentum")
+    add(o, "derived", "--wd", "--weight-decay", type=float, default=None,
+        help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
+    add(o, "derived", "--betas", type=csv_of(float), default=None, help="adam/adamw betas (0.9,0.999)")
+    add(o, "derived", "--schedule", default=None, choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
+    add(o, "derived", "--warmup-epochs", type=float, default=None,
+        help=f"linear warm-up (onecycle: the peak); default min(2, epochs/5), and the lr rises by at "
+             f"most 1/{WARMUP_MIN_STEPS} of its peak per step")
+    add(o, "derived", "--milestones", type=csv_of(float), default=None,
+        help="multistep: epochs where the lr is multiplied by --gamma (step: at 50%% and 75%%)")
+    add(o, "recipe", "--gamma", type=float, default=0.1, help="step/multistep decay factor")
+    add(o, "recipe", "--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    add(o, "recipe", "--sync-bn", action="store_true",
+        help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    add(d, "run", "--data-dir", default=data.DATA_DIR, help="folder with train.beton, test.beton, meta.json")
+    add(d, "run", "-j", "--workers", type=int, default=None,
+        help="FFCV loader workers (default: the CPUs this process may use, shared among local ranks, at most 8)")
+    add(r, "run", "--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
+    add(r, "speed", "--amp", default="auto", type=speed.amp_name, choices=("auto", *speed.AMP_DTYPES),
+        help="autocast dtype (fp32: autocast off; 'off' is read as fp32); auto: bf16 on CUDA (fp16 on "
+             "GPUs without bf16), on CPU the faster of fp32 and bf16 in a few timed steps")
+    add(r, "run", "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model; unset: on for CUDA, on CPU only if compiled steps time faster")
+    add(r, "speed", "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="channels-last memory format for model and inputs; unset: on for CUDA, on CPU only if it times faster")
+    add(r, "place", "--out", "--output-dir", default="results",
+        help="results folder (with --from: the source record's folder)")
+    add(r, "place", "--name", default=None, help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
+    add(r, "call", "--resume", action="store_true", help="continue from the run's checkpoint")
+    add(r, "call", "--overwrite", action="store_true",
+        help="start over even if a finished record or a checkpoint of this name exists")
+    add(r, "call", "--preflight", action="store_true",
+        help="check that this config runs: data, model, switches, compile, two training steps, one "
+             "eval batch and a checkpoint round trip, in a temporary folder; exits 0 or with the error")
+    add(r, "eval", "--early-stop", type=int, default=None, metavar="PATIENCE",
+        help="stop after PATIENCE epochs without a better val accuracy (needs --val-split)")
+    add(r, "call", "--from", dest="from_json", default=None, metavar="RESULT.json",
+        help="take the config of this result (flags given here still override)")
+    add(r, "run", "--quiet", action="store_true", help="no progress bars (for sweeps)")
+    add(e, "call", "--eval-only", action="store_true",
+        help="with --from RESULT.json: evaluate the run's kept weights on the test set (eager, with the "
+             "run's amp, layout and --tta unless --tta is given) and print accuracy, per-class accuracy "
+             "and the confusion matrix; writes nothing")
+    add(e, "call", "--weights", dest="eval_weights", default="final", choices=("final", "best-val"),
+        help="--eval-only: the last epoch's weights, or the best val epoch's (runs with --val-split)")
     return p
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+FLAGS = {a.dest: a for a in build_parser()._actions if hasattr(a, "role")}  # dest -> its argparse action
+ROLES = {dest: flag.role for dest, flag in FLAGS.items()}
+
+
+# --- Configuration ---------------------------------------------------------------------------------------
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; --from RESULT.json supplies the flags its run was given; derive the optimiser's
     defaults; validate. `args.given` holds the flags given (here or by --from's record), which is
     what a later --from replays: derived values (the lr scaled to the batch, the warm-up) are derived
-    again for the new config, never frozen."""
+    again for the new config, never frozen. `args.from_record` is --from's record."""
     parser = build_parser()
     args = parser.parse_args(argv)  # first: --help and argparse's own errors speak with the real defaults
-    given = given_flags(argv)
+    given, record = given_flags(argv), None
     if args.from_json:
-        inherited = flags_of_record(args.from_json, parser)
+        record = read_record(args.from_json, parser)
+        inherited = {k: v for k, v in record["given"].items() if ROLES.get(k) in REPLAYED}
         parser.set_defaults(**inherited)
         args = parser.parse_args(argv)
         given = {**inherited, **given}
         if "out" not in given:  # a replay lands beside its source
             args.out = str(Path(args.from_json).parent)
-    args.given = {k: v for k, v in given.items() if k not in ("from_json", "resume", "overwrite", "preflight")}
+    args.given = {k: v for k, v in given.items() if ROLES[k] != "call"}
+    args.from_record = record
     for key, value in OPTIMIZER_DEFAULTS[args.opt].items():
         if getattr(args, key, None) is None:
             if key == "lr" and args.opt == "sgd":
@@ -204,30 +236,23 @@ _UNSET = object()
 def given_flags(argv: list[str] | None) -> dict:
     """The flags given on the command line, with their parsed values (defaults left out)."""
     probe = build_parser()
-    probe.set_defaults(**{a.dest: _UNSET for a in probe._actions if a.dest != "help"})
+    probe.set_defaults(**{dest: _UNSET for dest in FLAGS})
     return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
 
 
-def flags_of_record(path: str, parser: argparse.ArgumentParser) -> dict:
-    """The flags a recorded run was given. Records before `given` existed hold only the resolved
-    config: take it without the derived values and the run's own name and folder."""
+def read_record(path: str, parser: argparse.ArgumentParser) -> dict:
+    """A run record of this train.py's schema, or argparse's one-line error naming the fix."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         parser.error(f"--from {path}: not a readable JSON file ({type(error).__name__}: {error}): pass a "
                      "results/<name>.json that train.py wrote")
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        parser.error(f"--from {path}: not a run record of train.py (no 'config'): pass a results/<name>.json")
-    if record.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-        parser.error(f"--from {path}: written by a newer train.py (schema {record['schema_version']}, this one reads "
-                     f"{SCHEMA_VERSION}): update this checkout (git pull)")
-    flags = record["given"] if isinstance(record.get("given"), dict) else {
-        k: v for k, v in record["config"].items() if k not in DERIVED + ("name", "out")}
-    if "pool_norm" not in record["config"]:  # a record from before --pool-norm: replay its plain pool
-        flags = {**flags, "pool_norm": models.pool_norm_of(record["config"])}
-    known = {a.dest for a in parser._actions}
-    return {k: v for k, v in flags.items()
-            if k in known and k not in ("from_json", "resume", "name", "out", "overwrite", "preflight")}
+    if not isinstance(record, dict) or "schema_version" not in record:
+        parser.error(f"--from {path}: not a run record of train.py (no schema_version): pass a results/<name>.json")
+    if record["schema_version"] != SCHEMA_VERSION:
+        parser.error(f"--from {path}: written by another train.py (schema {record['schema_version']}, this one "
+                     f"reads {SCHEMA_VERSION}): run it with the train.py that wrote it, or train the run again")
+    return record
 
 
 def config_problem(args: argparse.Namespace) -> str | None:
@@ -235,7 +260,9 @@ def config_problem(args: argparse.Namespace) -> str | None:
     Flags given are checked before the values derived from them (a --batch-size of 0 would
     otherwise show up as an lr of 0)."""
     spec, given = models.ARCHS[args.arch], args.given
-    custom = [f"--{k.replace('_', '-')}" for k in CUSTOM_OPTIONS if getattr(args, k) is not None]
+    stray = [k for s in models.ARCHS.values() for k in s.options
+             if k not in spec.options and getattr(args, k) is not None]
+    owners = [a for a, s in models.ARCHS.items() if stray and stray[0] in s.options]
     pretrained_archs = ", ".join(a for a, s in models.ARCHS.items() if s.pretrained)
     checks = [
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
@@ -268,8 +295,9 @@ def config_problem(args: argparse.Namespace) -> str | None:
                                   "CIFAR stem: drop --stem"),
         (not args.pretrained or spec.pretrained,
          f"--pretrained: {args.arch} has no ImageNet weights; they exist for {pretrained_archs}"),
-        (args.arch == "resnet_custom" or not custom, f"{', '.join(custom)}: for --arch resnet_custom only"),
+        (not stray, f"{', '.join('--' + k.replace('_', '-') for k in stray)}: for --arch {', '.join(owners)} only"),
         (not (args.resume and args.overwrite), "--resume continues a run, --overwrite starts it over: pick one"),
+        (args.from_json or not args.eval_only, "--eval-only evaluates a finished run: pass --from results/<name>.json"),
         (args.name is None or re.fullmatch(r"[\w.,+=-]+", args.name) is not None,
          f"--name {args.name!r}: use letters, digits and . , + = - _ only"),
     ]
@@ -281,34 +309,26 @@ def config_problem(args: argparse.Namespace) -> str | None:
 
 
 def default_name(args: argparse.Namespace) -> str:
-    """resnet34-avg-sgd-s0: the config in words, plus a short hash of any other flag that changes the
-    run, so that two different configs never share a name (and a record)."""
-    parts = [args.arch, args.pool, args.opt]
-    if args.stem != "cifar":
-        parts.append(args.stem)
-    if args.pretrained:
-        parts.append("pretrained")
-    if args.fraction < 1:
-        parts.append(f"f{args.fraction:g}")
-    if args.epochs != 10:
-        parts.append(f"e{args.epochs}")
-    if args.batch_size != 512:
-        parts.append(f"b{args.batch_size}")
-    if args.val_split:
-        parts.append(f"val{args.val_split:g}")
-    if data.parse_aug(args.aug) != data.parse_aug(data.DEFAULT_AUG):
-        parts.append("aug-" + ("+".join(data.parse_aug(args.aug)) or "none"))
-    if args.tta:
-        parts.append("tta")
-    # --early-stop steers the run but changes which model is reported: it names a different result
-    others = {k: v for k, v in args.given.items() if k not in NAMED + RUN_CONTROL or k == "early_stop"}
+    """resnet34-avg-sgd-s0: the flags with a name_part in words, plus a short hash of any other flag
+    given that changes the run, so that two different configs never share a name (and a record)."""
+    parts = [part for dest, flag in FLAGS.items() if flag.name_part and (part := flag.name_part(getattr(args, dest)))]
+    others = {k: v for k, v in args.given.items() if ROLES[k] in NAME_HASHED and not FLAGS[k].name_part}
     if others:
-        parts.append(hashlib.sha1(json.dumps(others, sort_keys=True, default=list).encode()).hexdigest()[:6])
-    return "-".join(parts + [f"s{args.seed}"])
+        parts.insert(-1, hashlib.sha1(json.dumps(others, sort_keys=True, default=list).encode()).hexdigest()[:6])
+    return "-".join(parts)
 
 
-def model_options(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in CUSTOM_OPTIONS if getattr(args, k) is not None}
+def config_of(args: argparse.Namespace) -> dict:
+    """The record's config: every flag but what this command does."""
+    return {k: getattr(args, k) for k, role in ROLES.items() if role != "call"}
+
+
+def factors_of(args: argparse.Namespace) -> dict:
+    """The record's factors, what plot.py compares configs by: what was trained and evaluated, less
+    the values derived from --opt, --batch-size and --epochs (part of that choice) and unset model options."""
+    factors = {k: getattr(args, k) for k, role in ROLES.items()
+               if role in FACTORS and (role != "derived" or k in args.given)}
+    return as_json({k: v for k, v in factors.items() if v is not None or ROLES[k] != "model"})
 
 
 def rank0_value(value, world: int, device: torch.device):
@@ -320,9 +340,7 @@ def rank0_value(value, world: int, device: torch.device):
     return holder[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)
-# ---------------------------------------------------------------------------------------------
+# --- Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK) --------------------------------------------
 
 def distributed_env() -> tuple[int, int | None, int]:
     """(world size, local rank, processes on this node) as torchrun sets them; (1, None, 1) otherwise."""
@@ -350,9 +368,7 @@ def all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return tensor
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, optimiser, schedule
-# ---------------------------------------------------------------------------------------------
+# --- Model, optimiser, schedule --------------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # No weight decay on biases and BatchNorm parameters, as in most CIFAR-10 recipes.
@@ -400,9 +416,7 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Names
     return min(factor, (step + 1) / WARMUP_MIN_STEPS) if rate_limited else factor
 
 
-# ---------------------------------------------------------------------------------------------
-# Training and evaluation
-# ---------------------------------------------------------------------------------------------
+# --- Training and evaluation -----------------------------------------------------------------------------
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                     progress_desc, max_steps: int | None = None):
@@ -505,9 +519,7 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
             kept[1].tolist())
 
 
-# ---------------------------------------------------------------------------------------------
-# Records: JSON and checkpoint, both written atomically
-# ---------------------------------------------------------------------------------------------
+# --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
 
 def environment(device: torch.device) -> dict:
     def version(package: str) -> str | None:
@@ -552,10 +564,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def fingerprint(args: argparse.Namespace, meta: dict) -> dict:
     """What decides what a run computes, as JSON values (a tuple and a list of the same numbers must
-    compare equal): the config, less the flags that only steer the run, plus the data's checksum."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL + ("given",)}
-    config["data_sha256"] = meta.get("betons", {}).get("train", {}).get("sha256")
-    return as_json(config)
+    compare equal): the fingerprinted flags, the batch of each rank and the data's checksum."""
+    flags = {k: getattr(args, k) for k, role in ROLES.items() if role in FINGERPRINTED}
+    return as_json({**flags, "batch_size_per_rank": args.batch_size_per_rank,
+                    "data_sha256": meta["betons"]["train"]["sha256"]})
 
 
 def as_json(value):
@@ -563,7 +575,7 @@ def as_json(value):
 
 
 def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | None:
-    """The checkpoint to resume from, or None; refuses a damaged one or one of another config."""
+    """The checkpoint to resume from, or None; refuses a damaged one, one of another schema or of another config."""
     if not path.exists():
         return None
     try:
@@ -571,21 +583,16 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     except Exception as error:  # truncated or not a checkpoint: unpickling errors of many kinds
         raise SystemExit(f"error: checkpoint {path} is unreadable ({type(error).__name__}): "
                          "delete it to start the run again") from None
-    needed = ("fingerprint", "epoch", "history", "model", "optimizer", "scheduler", "scaler", "rng_cpu")
-    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise SystemExit(f"error: checkpoint {path} was not written by this train.py (no {', '.join(missing)}): "
-                         "pass --overwrite to start the run over, or another --name")
-    mine, theirs = fingerprint(args, meta), as_json(state["fingerprint"])
-    theirs.setdefault("data_sha256", mine["data_sha256"])  # checkpoints before the data's checksum was kept
-    theirs["amp"] = speed.amp_name(theirs.get("amp", mine["amp"]))  # and before one name per dtype ("off")
-    theirs["pool_norm"] = models.pool_norm_of(theirs)  # and before --pool-norm
+    version = state.get("schema_version") if isinstance(state, dict) else None
+    if version != SCHEMA_VERSION:
+        raise SystemExit(f"error: checkpoint {path} was not written by this train.py (schema {version}, this one "
+                         f"writes {SCHEMA_VERSION}): pass --overwrite to start the run over, or another --name")
+    mine, theirs = fingerprint(args, meta), state["fingerprint"]
     differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differs:
         k = differs[0]
-        resume = "pass --no-pool-norm to resume it, " if k == "pool_norm" and theirs[k] is False else ""
         raise SystemExit(f"error: checkpoint {path} is of another config ({k}: {theirs.get(k)!r} there, "
-                         f"{mine.get(k)!r} here): {resume}use another --name, or --overwrite to start over")
+                         f"{mine.get(k)!r} here): use another --name, or --overwrite to start over")
     return state
 
 
@@ -627,25 +634,18 @@ def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[obje
     return lock, None
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
+# --- The run ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     speed.check_torch()
     args = parse_config(argv)
     if args.eval_only:
         return evaluate_saved(args)
-    world, local_rank, local_world = distributed_env()
-    speed.share_compile_threads(local_world, data.usable_cpus())
-    device = speed.resolve_device(args.device, local_rank)
-    rank = init_distributed(world, device)
-    print0 = print if rank == 0 else (lambda *a, **k: None)  # print on rank 0 only
-    workers = check_run(args, device, world, local_world, print0)
-    # Data and model options are checked before the run's name is claimed or anything is written.
+    world, rank, device, workers, print0 = start_process(args)
     torch.manual_seed(args.seed)
+    # Data and model are checked before the run's name is claimed or anything is written.
     loaders = make_loaders(args, device, world, workers)
-    check_model_options(args)
+    raw_model = build_model(args, len(loaders.meta["classes"]))
     if args.preflight:  # the real path, into a folder that is thrown away
         args.out = tempfile.mkdtemp(prefix="preflight-")
     lock, done = claim_run(Path(args.out), args.name, args.resume, args.overwrite) if rank == 0 else (None, None)
@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank0_value(done is not None, world, device):
             print0(f"{args.name}: already {(done or {}).get('status')} ({json_path_of(args)}); nothing to resume")
             return 0
-        training, state = build_training(args, device, world, loaders.meta, len(loaders.train))
+        training, state = build_training(args, raw_model, device, world, loaders.meta, len(loaders.train))
         progress = resume_progress(args, state, training, loaders.train, device, print0)
         compile_if_chosen(training, device, args, world)
         record = start_record(args, device, world, training, loaders, progress, rank, print0)
@@ -667,6 +667,16 @@ def main(argv: list[str] | None = None) -> int:
             lock.close()  # releases the run's flock (also at once in a process that runs several)
         if args.preflight and rank == 0:
             shutil.rmtree(args.out, ignore_errors=True)
+
+
+def start_process(args: argparse.Namespace):
+    """This process, alone or one of torchrun's: (world size, rank, device, loader workers, print on rank 0)."""
+    world, local_rank, local_world = distributed_env()
+    speed.share_compile_threads(local_world, data.usable_cpus())
+    device = speed.resolve_device(args.device, local_rank)
+    rank = init_distributed(world, device)
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    return world, rank, device, check_run(args, device, world, local_world, print0), print0
 
 
 @dataclasses.dataclass
@@ -701,18 +711,10 @@ def checkpoint_path_of(args: argparse.Namespace) -> Path:
     return Path(args.out) / "checkpoints" / f"{args.name}.pt"
 
 
-def check_model_options(args: argparse.Namespace) -> None:
-    """resnet_custom's lists, refused in one line before anything is written."""
-    problem = models.custom_problem(**model_options(args)) if args.arch == "resnet_custom" else None
-    if problem:
-        raise SystemExit(f"error: {problem}")
-
-
-def build_training(args: argparse.Namespace, device: torch.device, world: int, meta: dict,
-                   steps_per_epoch: int) -> tuple[Training, dict | None]:
-    """Model, speed switches, optimiser, schedule and loss scaling; with --resume, the checkpoint's
-    state too (restored by resume_progress)."""
-    raw_model = build_model(args, len(meta["classes"]))
+def build_training(args: argparse.Namespace, raw_model: torch.nn.Module, device: torch.device, world: int,
+                   meta: dict, steps_per_epoch: int) -> tuple[Training, dict | None]:
+    """The model's speed switches, DDP wrapper, optimiser, schedule and loss scaling; with --resume,
+    the checkpoint's state too (restored by resume_progress)."""
     params, flops = models.count_parameters(raw_model), models.forward_flops(raw_model)
     raw_model = raw_model.to(device)
     state = load_checkpoint(checkpoint_path_of(args), args, meta) if args.resume else None
@@ -738,8 +740,7 @@ def resume_progress(args: argparse.Namespace, state: dict | None, training: Trai
         print0(f"{args.name}: no checkpoint at {checkpoint_path_of(args)}; starting from scratch")
     if state is not None:
         restore(state, training.raw_model, training.optimizer, training.scheduler, training.scaler, device)
-        progress.update({k: state[k] for k in ("epoch", "best", "best_test", "best_weights", "history", "started_at")
-                         if k in state})
+        progress.update({k: state[k] for k in progress})
         print0(f"{args.name}: resuming after epoch {progress['epoch']}/{args.epochs}")
     train_loader.epoch = progress["epoch"]  # the data order of the next epoch, as in an uninterrupted run
     return progress
@@ -748,12 +749,18 @@ def resume_progress(args: argparse.Namespace, state: dict | None, training: Trai
 def start_record(args: argparse.Namespace, device: torch.device, world: int, training: Training, loaders: Loaders,
                  progress: dict, rank: int, print0) -> dict:
     """The run's JSON record as it starts (written at once), and its first line on the terminal."""
-    meta, train_loader = loaders.meta, loaders.train
-    record = new_record(args, device, world, train_loader, len(train_loader), training.params, training.flops,
-                        meta["classes"])
-    record.update(history=progress["history"], started_at=progress["started_at"])
-    record["run"].update(training.switches, compile_time_s=training.compile_time)
-    total_steps = args.epochs * len(train_loader)
+    train_loader, steps_per_epoch = loaders.train, len(loaders.train)
+    record = {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
+              "started_at": progress["started_at"], "ended_at": None, "config": config_of(args),
+              "factors": factors_of(args), "given": args.given, "from": args.from_json,
+              "run": {"device": str(device), "world_size": world,
+                      "backend": torch.distributed.get_backend() if world > 1 else None,
+                      "train_images": train_loader.num_samples, "steps_per_epoch": steps_per_epoch,
+                      "warmup_steps": warmup_steps(args, steps_per_epoch),
+                      **training.switches, "compile_time_s": training.compile_time},
+              "env": environment(device), "model": {"params": training.params, "flops_per_image": training.flops},
+              "classes": loaders.meta["classes"], "history": progress["history"]}
+    total_steps = args.epochs * steps_per_epoch
     if total_steps < FEW_STEPS and not args.preflight:
         record["run"]["warnings"] = [
             f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag behind, "
@@ -902,9 +909,9 @@ def check_run(args: argparse.Namespace, device: torch.device, world: int, local_
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The config's network; models checks resnet_custom's lists, and a problem is one line."""
     try:
-        return models.build_model(args.arch, num_classes=num_classes, pool=args.pool, stem=args.stem,
-                                  pretrained=args.pretrained, pool_norm=args.pool_norm, **model_options(args))
+        return models.build_from_config(config_of(args), num_classes, pretrained=args.pretrained)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -932,8 +939,8 @@ def make_loaders(args: argparse.Namespace, device: torch.device, world: int, wor
 
 
 def restore_or_choose_switches(args, state: dict | None, raw_model, device: torch.device, world: int) -> dict:
-    """A resumed run keeps what it chose at its start; a new one decides (and all ranks take rank 0's)."""
-    if state is not None and "switches" in state:
+    """A resumed run keeps what it chose at its start but --compile; a new one decides (all ranks take rank 0's)."""
+    if state is not None:
         switches = state["switches"]
         if args.compile is not None:
             switches.update(compile=args.compile, compile_reason="asked")
@@ -971,24 +978,10 @@ def compile_if_chosen(training: Training, device: torch.device, args: argparse.N
     speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
 
 
-def new_record(args, device, world, train_loader, steps_per_epoch, params, flops, classes) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
-            "started_at": now(), "ended_at": None,
-            "config": {k: v for k, v in vars(args).items()
-                       if k not in ("resume", "from_json", "batch_size_per_rank", "given", "overwrite", "preflight",
-                                    "eval_only", "eval_weights")},
-            "given": args.given, "from": args.from_json,
-            "run": {"device": str(device), "world_size": world,
-                    "backend": torch.distributed.get_backend() if world > 1 else None,
-                    "train_images": train_loader.num_samples, "steps_per_epoch": steps_per_epoch,
-                    "warmup_steps": warmup_steps(args, steps_per_epoch)},
-            "env": environment(device), "model": {"params": params, "flops_per_image": flops},
-            "classes": classes, "history": []}
-
-
 def checkpoint_state(args, meta: dict, progress: dict, record: dict, training: Training, device) -> dict:
     # progress holds the record's history and start time (the same objects): the checkpoint keeps them
-    return {"fingerprint": fingerprint(args, meta), **progress, "model": training.raw_model.state_dict(),
+    return {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(args, meta), **progress,
+            "model": training.raw_model.state_dict(),
             "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
             "scaler": training.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "switches": training.switches,
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -1000,7 +993,7 @@ def restore(state: dict, raw_model, optimizer, scheduler, scaler, device: torch.
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state.get("rng_cuda") is not None:
+    if device.type == "cuda" and state["rng_cuda"] is not None:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
@@ -1099,9 +1092,7 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     return final
 
 
-# ---------------------------------------------------------------------------------------------
-# TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT`
-# ---------------------------------------------------------------------------------------------
+# --- TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT` ----------
 
 # The history's columns as TensorBoard tags: a quantity's train, val and test curves share a chart.
 BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
@@ -1123,60 +1114,57 @@ class TensorBoardLog:
 
     def __init__(self, out: Path, record: dict, resumed_after: int, print0, enabled: bool = True):
         self.print0, self.writer = print0, None
-        if not enabled:
-            return
-        folder = out / "tensorboard" / record["name"]
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            if not resumed_after:
-                shutil.rmtree(folder, ignore_errors=True)
-            started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
-            self.writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
-            if not started:
-                self.writer.file_writer.add_summary(hparams_summary(record))
-            self.writer.flush()
-        except Exception as error:  # of any type: see stop
-            self.stop(error)
+        if enabled:
+            self.guarded(self.open, out / "tensorboard" / record["name"], record, resumed_after)
+
+    def open(self, folder: Path, record: dict, resumed_after: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        if not resumed_after:
+            shutil.rmtree(folder, ignore_errors=True)
+        started = any(folder.glob("events.out.tfevents.*"))  # by the process this one resumes
+        self.writer = SummaryWriter(str(folder), purge_step=resumed_after + 1 if resumed_after else None)
+        if not started:
+            self.writer.file_writer.add_summary(hparams_summary(record))
+        self.writer.flush()
 
     def log_epoch(self, row: dict) -> None:
         """The epoch's row as scalars at step = epoch, flushed so that TensorBoard shows it at once."""
-        if self.writer is None:
-            return
-        try:
+        def write():
             for key, tag in BOARD_TAGS.items():
                 if row.get(key) is not None:
                     self.writer.add_scalar(tag, row[key], row["epoch"])
             self.writer.flush()
-        except Exception as error:
-            self.stop(error)
+        if self.writer is not None:
+            self.guarded(write)
 
     def close(self, record: dict) -> None:
         """The final figures and the HParams session's end (finished or diverged), then close the files."""
-        if self.writer is None:
-            return
-        try:
+        def write():
             step = record["history"][-1]["epoch"] if record["history"] else 0
             for key in BOARD_FINAL:
                 if (record.get("final") or {}).get(key) is not None:
                     self.writer.add_scalar(f"final/{key}", record["final"][key], step)
             self.writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
             self.writer.close()
-        except Exception as error:
-            self.stop(error)
+        if self.writer is not None:
+            self.guarded(write)
 
-    def stop(self, error: Exception) -> None:
-        """Say once that the event files stopped. The writer's thread re-raises whatever stopped it (a
-        full disk, a deleted folder) at the next call, as any exception type."""
-        self.writer = None
-        self.print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, and "
-                    "its JSON record, the source of truth, is complete")
+    def guarded(self, write, *args) -> None:
+        """write(*args), or say once that the event files stopped. The writer's thread re-raises whatever
+        stopped it (a full disk, a deleted folder) at the next call, as any exception type."""
+        try:
+            write(*args)
+        except Exception as error:
+            self.writer = None
+            self.print0(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error}); the run goes on, "
+                        "and its JSON record, the source of truth, is complete")
 
 
 def hparams_of(record: dict) -> dict:
-    """The config as HParams columns: what decides the result (the run-control flags left out, but --tta
-    and --early-stop), the speed switches as the run resolved them, lists as text, unset options out."""
-    config = {k: v for k, v in record["config"].items() if k not in RUN_CONTROL or k in ("tta", "early_stop")}
-    config.update({k: record["run"].get(k) for k in ("amp", "channels_last", "compile", "device", "world_size")})
+    """The config as HParams columns: what decides the result (the roles in HPARAMS), the speed switches
+    as the run resolved them, lists as text, unset options out."""
+    config = {k: v for k, v in record["config"].items() if ROLES[k] in HPARAMS}
+    config.update({k: record["run"][k] for k in ("amp", "channels_last", "compile", "device", "world_size")})
     return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in config.items()
             if v is not None}
 
@@ -1205,9 +1193,7 @@ def hparams_summary(record: dict, ended: bool = False):
     return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data_pb))])
 
 
-# ---------------------------------------------------------------------------------------------
-# --eval-only: a finished run's kept weights on the test set again
-# ---------------------------------------------------------------------------------------------
+# --- --eval-only: a finished run's kept weights on the test set again ------------------------------------
 
 def evaluate_saved(args: argparse.Namespace) -> int:
     """Evaluate the weights a finished run kept and print what the record's `final` shows; write nothing.
@@ -1215,16 +1201,12 @@ def evaluate_saved(args: argparse.Namespace) -> int:
     Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device
     and torch build this gives the record's test accuracy exactly (a compiled run's evaluation used
     other kernels, which may round differently)."""
-    if not args.from_json:
-        build_parser().error("--eval-only evaluates a finished run: pass --from results/<name>.json")
-    source = Path(args.from_json)
-    record = json.loads(source.read_text())  # parse_config has read it already: it is a record
+    record, source = args.from_record, Path(args.from_json)
     weights = kept_weights(record, source, args.eval_weights)
     device = speed.resolve_device(args.device, None)
-    switches = {"amp": speed.amp_name(record["run"].get("amp", "fp32")),
-                "channels_last": record["run"].get("channels_last", False)}
-    amp, memory = switches["amp"], speed.memory_format(switches["channels_last"])
-    args.batch_size_per_rank = args.batch_size // record["run"].get("world_size", 1)
+    amp, channels_last = record["run"]["amp"], record["run"]["channels_last"]
+    memory = speed.memory_format(channels_last)
+    args.batch_size_per_rank = args.batch_size // record["run"]["world_size"]
     classes = record["classes"]
     model = models.build_from_config(record["config"], num_classes=len(classes))
     model.load_state_dict(kept_state(weights, model, record, source, device))
@@ -1235,8 +1217,8 @@ def evaluate_saved(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {args.data_dir} holds the classes {meta['classes']}, the run was trained on "
                          f"{classes}: pass the run's --data-dir")
     result = evaluate(model, test_loader, device, amp, memory, len(classes), args.batch_size_per_rank, args.tta, 1)
-    print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {switches['amp']}, "
-          f"{'channels-last' if switches['channels_last'] else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
+    print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {amp}, "
+          f"{'channels-last' if channels_last else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
           f"{'tta' if args.tta else 'no tta'}]")
     print(evaluation_report(result, classes, recorded_test(record, args.eval_weights, args.tta)))
     return 0
@@ -1290,13 +1272,13 @@ def kept_state(path: Path, model: torch.nn.Module, record: dict, source: Path, d
 
 def network_of(config: dict) -> str:
     """The flags that make a recorded (or checkpointed) run's network, e.g. '--arch resnet20 --pool avg'."""
-    arch = config.get("arch")
-    flags = [f"--arch {arch}", f"--pool {config.get('pool', 'avg')}"]
-    if config.get("stem", "cifar") != "cifar":
+    arch = config["arch"]
+    flags = [f"--arch {arch}", f"--pool {config['pool']}"]
+    if config["stem"] != "cifar":
         flags.append(f"--stem {config['stem']}")
-    if not models.pool_norm_of(config):
+    if not config["pool_norm"]:
         flags.append("--no-pool-norm")
-    for option in models.ARCHS[arch].options if arch in models.ARCHS else ():
+    for option in models.ARCHS[arch].options:
         value = config.get(option)
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, list) else value
@@ -1325,13 +1307,13 @@ def shape_of(tensor: torch.Tensor) -> str:
 def recorded_test(record: dict, which: str, tta: bool) -> dict | None:
     """The record's test accuracy and loss of these weights, or None when it has none to compare (the
     evaluation is of another --tta than the run's)."""
-    if tta != record["config"].get("tta", False):
+    if tta != record["config"]["tta"]:
         return None
     final = record["final"]
     epoch = final["best_val_epoch"] if which == "best-val" else record["history"][-1]["epoch"]
     row = next(r for r in record["history"] if r["epoch"] == epoch)
     return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"],
-            "compiled": bool(record["run"].get("compile"))}
+            "compiled": record["run"]["compile"]}
 
 
 def per_class_accuracy(confusion: list[list[int]], classes: list[str]) -> dict[str, float]:

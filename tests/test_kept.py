@@ -28,20 +28,12 @@ def kept_run(tmp_path_factory, synthetic_data):
 def test_build_from_config_rebuilds_the_network_with_its_custom_options():
     args = train.parse_config(["--arch", "resnet_custom", "--blocks", "1,2", "--channels", "8,16", "--head", "32",
                                "--dropout", "0.1", "--kernel-size", "5"])
-    config = json.loads(json.dumps(vars(args), default=list))  # as the record holds it: tuples become lists
+    config = json.loads(json.dumps(train.config_of(args), default=list))  # as the record holds it: lists
     rebuilt = models.build_from_config(config, num_classes=10)
-    built = models.build_model("resnet_custom", num_classes=10, **train.model_options(args))
+    built = models.build_model("resnet_custom", num_classes=10, blocks=(1, 2), channels=(8, 16), head=(32,),
+                               dropout=0.1, kernel_size=5)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
     assert any(isinstance(m, torch.nn.Dropout) for m in rebuilt.modules())
-
-
-def test_a_record_from_before_pool_norm_rebuilds_the_plain_pool_its_weights_fit():
-    old_weights = models.build_model("resnet20", pool="max", pool_norm=False).state_dict()
-    rebuilt = models.build_from_config({"arch": "resnet20", "pool": "max"}, num_classes=10)
-    rebuilt.load_state_dict(old_weights)  # strict
-    new = models.build_from_config({"arch": "resnet20", "pool": "max", "pool_norm": True}, num_classes=10)
-    assert set(new.state_dict()) - set(old_weights) == {"avgpool.1.running_mean", "avgpool.1.running_var",
-                                                        "avgpool.1.num_batches_tracked"}
 
 
 def test_kept_weights_load_with_weights_only_and_give_the_recorded_test_accuracy(kept_run, synthetic_data):

@@ -108,8 +108,8 @@ def plant(tmp_path, argv: list[str]) -> str:
     args = train.parse_config(argv)
     path = tmp_path / "src" / f"{args.name}.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"status": "finished", "config": {k: v for k, v in vars(args).items() if k != "given"},
-                                "given": args.given}))
+    path.write_text(json.dumps({"schema_version": train.SCHEMA_VERSION, "status": "finished",
+                                "config": train.config_of(args), "given": args.given}))
     return str(path)
 
 
@@ -133,34 +133,13 @@ def test_from_derives_the_optimiser_defaults_again(tmp_path):
     assert given.lr == 0.3  # what the user gave is kept
 
 
-def test_from_an_old_record_without_given_flags_drops_its_derived_values(tmp_path):
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps({"config": {"arch": "resnet20", "opt": "sgd", "lr": 0.4, "wd": 5e-4, "betas": None,
-                                          "schedule": "onecycle", "warmup_epochs": 2.0, "epochs": 10,
-                                          "name": "old", "out": "elsewhere", "batch_size": 512}}))
-    args = train.parse_config(["--from", str(old), "--opt", "adam", "--epochs", "1"])
-    assert (args.lr, args.schedule, args.arch) == (1e-3, "cosine", "resnet20") and args.name != "old"
-
-
-def test_from_an_old_record_replays_its_plain_pool_under_a_name_of_its_own(tmp_path):
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps({"config": {"arch": "resnet20", "pool": "max", "opt": "sgd", "epochs": 10,
-                                          "batch_size": 512, "seed": 0}, "given": {"arch": "resnet20", "pool": "max"}}))
-    replay = train.parse_config(["--from", str(old), "--seed", "1"])
-    assert replay.pool_norm is False and replay.name != "resnet20-max-sgd-s1"
-    assert train.parse_config(["--arch", "resnet20", "--pool", "max", "--seed", "1"]).pool_norm is True
-
-
-def test_a_checkpoint_from_before_pool_norm_resumes_only_with_the_plain_pool(tmp_path, synthetic_data):
-    meta = json.loads((synthetic_data / "meta.json").read_text())
-    plain = train.parse_config([*TINY, "--no-pool-norm"])
-    state = {k: None for k in ("epoch", "history", "model", "optimizer", "scheduler", "scaler", "rng_cpu")}
-    state["fingerprint"] = {k: v for k, v in train.fingerprint(plain, meta).items() if k != "pool_norm"}
-    path = tmp_path / "old.pt"
-    torch.save(state, path)
-    assert train.load_checkpoint(path, plain, meta) is not None
-    with pytest.raises(SystemExit, match="pool_norm: False there, True here.: pass --no-pool-norm to resume it"):
-        train.load_checkpoint(path, train.parse_config(TINY), meta)
+def test_a_replay_takes_the_given_flags_but_not_the_sources_name_folder_or_command(tmp_path):
+    source = plant(tmp_path, ["--arch", "resnet20", "--name", "mine", "--out", "elsewhere", "--workers", "1",
+                              "--overwrite"])
+    replay = train.parse_config(["--from", source])
+    assert (replay.arch, replay.workers, replay.overwrite) == ("resnet20", 1, False)
+    assert replay.name == "resnet20-avg-sgd-s0" and replay.out == str(tmp_path / "src")
+    assert "overwrite" not in json.loads(open(source).read())["given"]
 
 
 def test_replay_leaves_its_source_untouched(tmp_path, synthetic_data):
@@ -189,6 +168,14 @@ def test_default_names_differ_when_configs_differ():
     assert train.parse_config(["--arch", "resnet34", "--pool", "avg", "--opt", "sgd"]).name == "resnet34-avg-sgd-s0"
     # flags that do not change what is computed do not change the name
     assert train.parse_config(["--quiet", "--workers", "1", "--data-dir", "x"]).name == train.parse_config([]).name
+
+
+def test_factors_are_the_choices_made_with_resnet_custom_options_only_when_set():
+    args = train.parse_config(["--arch", "resnet_custom", "--blocks", "1,1", "--channels", "8,16", "--opt", "adam",
+                               "--wd", "0.1", "--seed", "3", "--workers", "1", "--amp", "bf16", "--tta"])
+    factors = train.factors_of(args)
+    assert (factors["blocks"], factors["wd"], factors["tta"], factors["early_stop"]) == ([1, 1], 0.1, True, None)
+    assert not {"head", "seed", "workers", "amp", "lr", "betas", "schedule", "name", "out", "resume"} & set(factors)
 
 
 def test_a_fresh_run_never_replaces_a_finished_record_or_an_interrupted_checkpoint(monkeypatch, tmp_path,

@@ -27,6 +27,10 @@ def test_run_writes_a_complete_consistent_record(finished_run):
     for key in ("python", "torch", "torchvision", "ffcv", "numpy", "device_name", "threads", "git_commit"):
         assert key in run["env"]
     assert run["model"]["params"] == 269_722 and run["model"]["flops_per_image"] > 0
+    assert run["factors"] == {  # what was trained: no seed, no run control, no derived value not given
+        "arch": "resnet20", "pool": "avg", "opt": "sgd", "stem": "cifar", "pretrained": False, "pool_norm": True,
+        "fraction": 1.0, "epochs": 4, "batch_size": 16, "val_split": 0.2, "aug": "none", "tta": False, "lr": 0.1,
+        "gamma": 0.1, "label_smoothing": 0.1, "sync_bn": False, "early_stop": None}
     assert [row["epoch"] for row in run["history"]] == [1, 2, 3, 4]
     for row in run["history"]:
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
@@ -180,11 +184,9 @@ def test_default_workers_run_on_a_single_allowed_cpu(tmp_path, synthetic_data):
     assert record(tmp_path, "one-cpu")["status"] == "finished"
 
 
-def test_one_name_per_autocast_dtype_and_older_spellings_still_read():
-    assert train_module.parse_config(["--amp", "off"]).amp == "fp32"  # the flag's older spelling
-    older = {"off": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "bf16": "bf16"}
-    assert {name: speed.amp_name(name) for name in older} == older  # records written before one vocabulary
-    with speed.autocast(torch.device("cpu"), "bfloat16"):
+def test_amp_off_is_a_spelling_of_fp32_and_autocast_takes_the_one_vocabulary():
+    assert train_module.parse_config(["--amp", "off"]).amp == "fp32"
+    with speed.autocast(torch.device("cpu"), "bf16"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
     with speed.autocast(torch.device("cpu"), "fp32"):
         assert not torch.is_autocast_enabled("cpu")
