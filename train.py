@@ -29,8 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -84,8 +84,7 @@ def csv_of(kind):
 
 
 def add(group, role: str, *names: str, name_part=None, **kw) -> None:
-    """One flag, with its role (see FINGERPRINTED ...) and, if the default name spells it out, its
-    part of the name: name_part(value) -> text, or None to leave it out."""
+    """One flag with its role, and its part of the default name if it has one (name_part(value) -> text or None)."""
     action = group.add_argument(*names, **kw)
     action.role, action.name_part = role, name_part
 
@@ -96,7 +95,6 @@ def aug_part(aug: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag with its role, default and help: a table (one add each, by group), hence its length."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
@@ -105,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     e = p.add_argument_group("evaluate a finished run")
     # First the flags the default name spells out, in its order: resnet20-avg-sgd-f0.1-e2-b128-s3
-    add(m, "model", "--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture",
-        name_part=str)
+    add(m, "model", "--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture", name_part=str)
     add(m, "model", "--pool", default="avg", choices=models.POOLS, help="global pooling before the classifier",
         name_part=str)
     add(o, "recipe", "--opt", default="sgd", choices=tuple(OPTIMIZER_DEFAULTS), help="optimiser", name_part=str)
@@ -133,53 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
     add(m, "model", "--pool-norm", action=argparse.BooleanOptionalAction, default=True,
         help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
              "see models.pooling); --no-pool-norm: torchvision's plain pool")
-    add(m, "model", "--blocks", type=csv_of(int), default=None, help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
-    add(m, "model", "--channels", type=csv_of(int), default=None, help="resnet_custom: channels per stage")
-    add(m, "model", "--kernel-size", type=int, default=None, help="resnet_custom: convolution kernel size")
-    add(m, "model", "--avgpool-size", type=int, default=None, help="resnet_custom: output size of the final pool")
-    add(m, "model", "--head", type=csv_of(int), default=None,
-        help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
-    add(m, "model", "--dropout", type=float, default=None, help="resnet_custom: dropout in the head")
-    add(o, "derived", "--lr", type=float, default=None,
-        help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
-    add(o, "derived", "--momentum", type=float, default=None, help="sgd momentum (0.9)")
-    add(o, "derived", "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd Nesterov momentum")
-    add(o, "derived", "--wd", "--weight-decay", type=float, default=None,
-        help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
-    add(o, "derived", "--betas", type=csv_of(float), default=None, help="adam/adamw betas (0.9,0.999)")
-    add(o, "derived", "--schedule", default=None, choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
-    add(o, "derived", "--warmup-epochs", type=float, default=None,
+    add(m, "model", "--blocks", type=csv_of(int), help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
+    add(m, "model", "--channels", type=csv_of(int), help="resnet_custom: channels per stage")
+    add(m, "model", "--kernel-size", type=int, help="resnet_custom: convolution kernel size")
+    add(m, "model", "--avgpool-size", type=int, help="resnet_custom: output size of the final pool")
+    add(m, "model", "--head", type=csv_of(int), help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
+    add(m, "model", "--dropout", type=float, help="resnet_custom: dropout in the head")
+    add(o, "derived", "--lr", type=float, help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
+    add(o, "derived", "--momentum", type=float, help="sgd momentum (0.9)")
+    add(o, "derived", "--nesterov", action=argparse.BooleanOptionalAction, help="sgd Nesterov momentum")
+    add(o, "derived", "--wd", "--weight-decay", type=float, help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
+    add(o, "derived", "--betas", type=csv_of(float), help="adam/adamw betas (0.9,0.999)")
+    add(o, "derived", "--schedule", choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
+    add(o, "derived", "--warmup-epochs", type=float,
         help=f"linear warm-up (onecycle: the peak); default min(2, epochs/5), and the lr rises by at "
              f"most 1/{WARMUP_MIN_STEPS} of its peak per step")
-    add(o, "derived", "--milestones", type=csv_of(float), default=None,
+    add(o, "derived", "--milestones", type=csv_of(float),
         help="multistep: epochs where the lr is multiplied by --gamma (step: at 50%% and 75%%)")
     add(o, "recipe", "--gamma", type=float, default=0.1, help="step/multistep decay factor")
     add(o, "recipe", "--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
     add(o, "recipe", "--sync-bn", action="store_true",
         help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
     add(d, "run", "--data-dir", default=data.DATA_DIR, help="folder with train.beton, test.beton, meta.json")
-    add(d, "run", "-j", "--workers", type=int, default=None,
+    add(d, "run", "-j", "--workers", type=int,
         help="FFCV loader workers (default: the CPUs this process may use, shared among local ranks, at most 8)")
     add(r, "run", "--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
     add(r, "speed", "--amp", default="auto", type=speed.amp_name, choices=("auto", *speed.AMP_DTYPES),
         help="autocast dtype (fp32: autocast off; 'off' is read as fp32); auto: bf16 on CUDA (fp16 on "
              "GPUs without bf16), on CPU the faster of fp32 and bf16 in a few timed steps")
-    add(r, "run", "--compile", action=argparse.BooleanOptionalAction, default=None,
+    add(r, "run", "--compile", action=argparse.BooleanOptionalAction,
         help="torch.compile the model; unset: on for CUDA, on CPU only if compiled steps time faster")
-    add(r, "speed", "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    add(r, "speed", "--channels-last", action=argparse.BooleanOptionalAction,
         help="channels-last memory format for model and inputs; unset: on for CUDA, on CPU only if it times faster")
     add(r, "place", "--out", "--output-dir", default="results",
         help="results folder (with --from: the source record's folder)")
-    add(r, "place", "--name", default=None, help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
+    add(r, "place", "--name", help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
     add(r, "call", "--resume", action="store_true", help="continue from the run's checkpoint")
     add(r, "call", "--overwrite", action="store_true",
         help="start over even if a finished record or a checkpoint of this name exists")
     add(r, "call", "--preflight", action="store_true",
         help="check that this config runs: data, model, switches, compile, two training steps, one "
              "eval batch and a checkpoint round trip, in a temporary folder; exits 0 or with the error")
-    add(r, "eval", "--early-stop", type=int, default=None, metavar="PATIENCE",
+    add(r, "eval", "--early-stop", type=int, metavar="PATIENCE",
         help="stop after PATIENCE epochs without a better val accuracy (needs --val-split)")
-    add(r, "call", "--from", dest="from_json", default=None, metavar="RESULT.json",
+    add(r, "call", "--from", dest="from_json", metavar="RESULT.json",
         help="take the config of this result (flags given here still override)")
     add(r, "run", "--quiet", action="store_true", help="no progress bars (for sweeps)")
     add(e, "call", "--eval-only", action="store_true",
@@ -193,18 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAGS = {a.dest: a for a in build_parser()._actions if hasattr(a, "role")}  # dest -> its argparse action
 ROLES = {dest: flag.role for dest, flag in FLAGS.items()}
+_UNSET = object()
 
 
 # --- Configuration ---------------------------------------------------------------------------------------
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; --from RESULT.json supplies the flags its run was given; derive the optimiser's
-    defaults; validate. `args.given` holds the flags given (here or by --from's record), which is
-    what a later --from replays: derived values (the lr scaled to the batch, the warm-up) are derived
-    again for the new config, never frozen. `args.from_record` is --from's record."""
+    """Flags, then what --from's record was given, then the derived defaults, then the checks.
+    `args.given` (the flags given here or to --from's run) is what a later --from replays: derived
+    values (the lr scaled to the batch, the warm-up) are derived again, never frozen."""
     parser = build_parser()
     args = parser.parse_args(argv)  # first: --help and argparse's own errors speak with the real defaults
-    given, record = given_flags(argv), None
+    probe = build_parser()  # parses to the flags given on the command line only
+    probe.set_defaults(**{dest: _UNSET for dest in FLAGS})
+    given = {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
+    record = None
     if args.from_json:
         record = read_record(args.from_json, parser)
         inherited = {k: v for k, v in record["given"].items() if ROLES.get(k) in REPLAYED}
@@ -231,16 +228,6 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-_UNSET = object()
-
-
-def given_flags(argv: list[str] | None) -> dict:
-    """The flags given on the command line, with their parsed values (defaults left out)."""
-    probe = build_parser()
-    probe.set_defaults(**{dest: _UNSET for dest in FLAGS})
-    return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
-
-
 def read_record(path: str, parser: argparse.ArgumentParser) -> dict:
     """A run record of this train.py's schema, or argparse's one-line error naming the fix."""
     try:
@@ -257,9 +244,8 @@ def read_record(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def config_problem(args: argparse.Namespace) -> str | None:
-    """The first thing wrong with the config, named by its flag, checked before any work is done.
-    Flags given are checked before the values derived from them (a --batch-size of 0 would
-    otherwise show up as an lr of 0)."""
+    """The first thing wrong with the config, named by its flag, before any work. Given flags come
+    before the values derived from them (a --batch-size of 0 would otherwise show as an lr of 0)."""
     spec, given = models.ARCHS[args.arch], args.given
     stray = [k for s in models.ARCHS.values() for k in s.options
              if k not in spec.options and getattr(args, k) is not None]
@@ -320,13 +306,12 @@ def default_name(args: argparse.Namespace) -> str:
 
 
 def config_of(args: argparse.Namespace) -> dict:
-    """The record's config: every flag but what this command does."""
     return {k: getattr(args, k) for k, role in ROLES.items() if role != "call"}
 
 
 def factors_of(args: argparse.Namespace) -> dict:
-    """The record's factors, what plot.py compares configs by: what was trained and evaluated, less
-    the values derived from --opt, --batch-size and --epochs (part of that choice) and unset model options."""
+    """What plot.py compares configs by: what was trained and evaluated, less the values derived from
+    --opt, --batch-size and --epochs (part of that choice) and unset model options."""
     factors = {k: getattr(args, k) for k, role in ROLES.items()
                if role in FACTORS and (role != "derived" or k in args.given)}
     return as_json({k: v for k, v in factors.items() if v is not None or ROLES[k] != "model"})
@@ -343,14 +328,6 @@ def rank0_value(value, world: int, device: torch.device):
 
 # --- Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK) --------------------------------------------
 
-def distributed_env() -> tuple[int, int | None, int]:
-    """(world size, local rank, processes on this node) as torchrun sets them; (1, None, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 1, None, 1
-    return world, int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def init_distributed(world: int, device: torch.device) -> int:
     """Start the process group under torchrun (NCCL on CUDA, gloo on CPU); returns the rank."""
     if world == 1:
@@ -361,12 +338,6 @@ def init_distributed(world: int, device: torch.device) -> int:
                                          timeout=datetime.timedelta(minutes=10),
                                          device_id=device if device.type == "cuda" else None)
     return torch.distributed.get_rank()
-
-
-def all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 # --- Model, optimiser, schedule --------------------------------------------------------------------------
@@ -396,13 +367,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, s
 
 def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Namespace,
               rate_limited: bool = True) -> float:
-    """The lr multiplier of optimiser step `step` (0-based): a linear warm-up over `warmup` steps that
-    starts above 0 and ends at exactly 1.0, then the schedule's decay (one-cycle and cosine reach 0
-    after the last step; step and multistep multiply by gamma at each milestone epoch).
-
-    rate_limited (the default warm-up): the lr rises by at most 1/WARMUP_MIN_STEPS of its peak per
-    step. A short run (18 steps) would otherwise reach SGD's peak 0.4 in 4 steps and blow up; it
-    now peaks lower and anneals from there. Runs whose warm-up is longer than that are unchanged."""
+    """The lr multiplier of optimiser step `step` (0-based): a linear warm-up over `warmup` steps from
+    above 0 to exactly 1.0, then the schedule's decay (one-cycle and cosine reach 0 after the last
+    step). rate_limited (the default warm-up): at most 1/WARMUP_MIN_STEPS of the peak more per step."""
     total = args.epochs * steps_per_epoch
     if step < warmup:
         factor = (step + 1) / warmup
@@ -421,10 +388,8 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Names
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                     progress_desc, max_steps: int | None = None):
-    """One pass; loss and correct counts stay on the device and are read once, at the end.
-
-    `memory` is the model's layout: the loader's channels-last batches are copied to NCHW for an
-    NCHW model, since a channels-last input would make its convolutions run channels-last."""
+    """One pass; loss and correct counts stay on the device and are read once, at the end. `memory` is
+    the model's layout: a channels-last batch would make an NCHW model's convolutions run channels-last."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -454,8 +419,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, de
             bar.set_postfix(loss=f"{running:.3f}", acc=f"{correct.item() / seen:.1%}")
             if not math.isfinite(running) and world == 1:
                 break  # diverged: no point finishing the epoch (with several ranks, all must agree)
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device),
-                                         first_loss / world]), world)
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device), first_loss / world])
+    if world > 1:
+        torch.distributed.all_reduce(totals)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), totals[3].item()
 
 
@@ -523,12 +489,7 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
 # --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
+    version = importlib.metadata.version  # of packages train.py cannot run without
     here = Path(__file__).resolve().parent
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
@@ -540,18 +501,11 @@ def environment(device: torch.device) -> dict:
         env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
     else:
-        env.update(device_name=cpu_model(), cuda=None, cudnn=None)
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+        env.update(device_name=model[1].strip() if model else platform.processor() or platform.machine(),
+                   cuda=None, cudnn=None)
     return env
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -628,29 +582,6 @@ def lock_run(args: argparse.Namespace, create: bool):
         raise SystemExit(f"error: {args.name} is being trained by another process right now ({path} is locked): "
                          "wait for it, or give this run another --name") from None
     return lock
-
-
-def finished_status(args: argparse.Namespace) -> str | None:
-    """'finished' or 'diverged' when --resume finds the run done; None when there is work to do. Refuses
-    a fresh run over a finished record or an interrupted run's checkpoint (unless --overwrite)."""
-    json_path, ckpt_path = json_path_of(args), checkpoint_path_of(args)
-    status = None
-    if json_path.exists():
-        try:
-            status = json.loads(json_path.read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
-            status = "unreadable"
-    if args.overwrite:
-        return None
-    if args.resume:
-        return status if status in ("finished", "diverged") and not ckpt_path.exists() else None
-    if status in ("finished", "diverged", "unreadable"):
-        raise SystemExit(f"error: {json_path} already holds a {status} run: give this one another --name, "
-                         "or pass --overwrite to replace it")
-    if ckpt_path.exists():
-        raise SystemExit(f"error: {ckpt_path} holds an interrupted run of this name: pass --resume to continue it, "
-                         "--overwrite to start over, or another --name")
-    return None
 
 
 # --- The run ---------------------------------------------------------------------------------------------
@@ -737,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_process(args: argparse.Namespace) -> Run:
     """This process, alone or one of torchrun's: its device, rank and loader workers."""
-    world, local_rank, local_world = distributed_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ["LOCAL_RANK"]) if world > 1 else None
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     speed.share_compile_threads(local_world, data.usable_cpus())
     device = speed.resolve_device(args.device, local_rank)
     rank = init_distributed(world, device)
@@ -747,20 +680,34 @@ def start_process(args: argparse.Namespace) -> Run:
 
 def claim_run(run: Run, create: bool) -> bool:
     """Hold the run's name (rank 0) and check what is under it; True when --resume finds the run done.
+    Refuses a fresh run over a finished record or an interrupted checkpoint (unless --overwrite).
 
-    Called twice: first before any work, where only a run with a lock file is locked; then, once the
-    data and model have built, the lock is made, and what is there checked again (another process
-    may have run it meanwhile). --overwrite removes the checkpoint it replaces only then."""
-    args, status = run.args, None
+    Called twice: before any work, where only a run that has a lock file is locked; then, once data
+    and model have built, the lock is made and the check repeated (another process may have run it
+    meanwhile), and --overwrite removes the checkpoint it replaces."""
+    args, status, done = run.args, None, None
+    json_path, ckpt_path = json_path_of(args), checkpoint_path_of(args)
     if run.rank == 0:
         run.lock = run.lock or lock_run(args, create)
-        status = finished_status(args)
-        if create and args.overwrite:
-            checkpoint_path_of(args).unlink(missing_ok=True)
-    status = rank0_value(status, run.world, run.device)
-    if status is not None:
-        run.print0(f"{args.name}: already {status} ({json_path_of(args)}); nothing to resume")
-    return status is not None
+        if json_path.exists():
+            try:
+                status = json.loads(json_path.read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = "unreadable"
+        if args.overwrite and create:
+            ckpt_path.unlink(missing_ok=True)
+        elif args.resume:
+            done = status if status in ("finished", "diverged") and not ckpt_path.exists() else None
+        elif not args.overwrite and status in ("finished", "diverged", "unreadable"):
+            raise SystemExit(f"error: {json_path} already holds a {status} run: give this one another --name, "
+                             "or pass --overwrite to replace it")
+        elif not args.overwrite and ckpt_path.exists():
+            raise SystemExit(f"error: {ckpt_path} holds an interrupted run of this name: pass --resume to continue "
+                             "it, --overwrite to start over, or another --name")
+    done = rank0_value(done, run.world, run.device)
+    if done is not None:
+        run.print0(f"{args.name}: already {done} ({json_path}); nothing to resume")
+    return done is not None
 
 
 def check_run(args: argparse.Namespace, device: torch.device, world: int, local_world: int, print0) -> int:
@@ -942,7 +889,11 @@ def train_epochs(run: Run) -> tuple[str, int]:
     except KeyboardInterrupt:
         run.print0(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
                    "run the same command with --resume to continue")
-        leave_interrupted()
+        # Exit at once: interpreter teardown while FFCV's loader thread is mid-batch can abort (SIGABRT).
+        # Every file is complete already: the JSON and the checkpoint are written atomically.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except OSError as error:
         raise SystemExit(f"error: could not write the record ({error}); the previous JSON and checkpoint are "
                          "intact: free some space and run again with --resume") from None
@@ -1218,10 +1169,8 @@ def hparams_summary(record: dict, ended: bool = False):
 
 def evaluate_saved(args: argparse.Namespace) -> int:
     """Evaluate the weights a finished run kept and print what the record's `final` shows; write nothing.
-
-    Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device
-    and torch build this gives the record's test accuracy exactly (a compiled run's evaluation used
-    other kernels, which may round differently)."""
+    Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device and
+    torch build this gives the record's test accuracy exactly (compiled kernels may round differently)."""
     record, source = args.from_record, Path(args.from_json)
     device = speed.resolve_device(args.device, None)
     amp, channels_last = record["run"]["amp"], record["run"]["channels_last"]
@@ -1240,7 +1189,13 @@ def evaluate_saved(args: argparse.Namespace) -> int:
     print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {amp}, "
           f"{'channels-last' if channels_last else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
           f"{'tta' if args.tta else 'no tta'}]")
-    print(evaluation_report(result, classes, recorded_test(record, args.eval_weights, args.tta)))
+    recorded, history = None, record["history"]  # the record's figures of these weights: none for another --tta
+    if args.tta == record["config"]["tta"]:
+        epoch = record["final"]["best_val_epoch"] if args.eval_weights == "best-val" else history[-1]["epoch"]
+        row = next(r for r in history if r["epoch"] == epoch)
+        recorded = {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"],
+                    "compiled": record["run"]["compile"]}
+    print(evaluation_report(result, classes, recorded))
     return 0
 
 
@@ -1284,7 +1239,8 @@ def network_of(config: dict) -> str:
     for option in models.ARCHS[config["arch"]].options:
         value = config.get(option)
         if value is not None:
-            flags.append(f"--{option.replace('_', '-')} {','.join(map(str, value)) if isinstance(value, list) else value}")
+            value = ",".join(map(str, value)) if isinstance(value, list) else value
+            flags.append(f"--{option.replace('_', '-')} {value}")
     return " ".join(flags)
 
 
@@ -1301,15 +1257,6 @@ def state_mismatch(state, expected: dict) -> str | None:
             return f"{key} is {shape(state[key])} there, {shape(tensor)} in the network; {counts}"
     extra = next((key for key in state if key not in expected), None)
     return f"{extra} is not in the network; {counts}" if extra else None
-
-
-def recorded_test(record: dict, which: str, tta: bool) -> dict | None:
-    """The record's test accuracy and loss of these weights; None when the evaluation's --tta is not the run's."""
-    if tta != record["config"]["tta"]:
-        return None
-    epoch = record["final"]["best_val_epoch"] if which == "best-val" else record["history"][-1]["epoch"]
-    row = next(r for r in record["history"] if r["epoch"] == epoch)
-    return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"], "compiled": record["run"]["compile"]}
 
 
 def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -> str:
@@ -1353,14 +1300,6 @@ def stop_on_signals() -> None:
             raise KeyboardInterrupt
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-def leave_interrupted() -> None:
-    """Exit 130 at once: interpreter teardown while FFCV's loader thread is mid-batch can abort
-    (SIGABRT). Every file is already complete: JSON and checkpoint are written atomically."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
 
 
 def stop_if_interrupted() -> None:
