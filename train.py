@@ -619,7 +619,7 @@ class Loaders(NamedTuple):
 
 @dataclasses.dataclass
 class Run:
-    """One run's parts, filled in by main's phases in their order and handed to each phase."""
+    """One run's parts, filled in by main's phases in their order; each phase takes the run so far."""
     args: argparse.Namespace
     world: int  # processes: 1, or torchrun's WORLD_SIZE
     rank: int
@@ -874,10 +874,11 @@ def train_epochs(run: Run) -> tuple[str, int]:
             progress["epoch"] = epoch
             run.print0(epoch_line(row, args.epochs))
             run.board.log_epoch(row)
-            best = progress["best"]["epoch"]
-            stop_early = args.early_stop is not None and best is not None and epoch - best >= args.early_stop
+            since_best = epoch - (progress["best"]["epoch"] or epoch)  # epochs without a better val accuracy
+            stop_early = args.early_stop is not None and since_best >= args.early_stop
             if args.preflight:
-                return preflight_round_trip(run), epoch
+                preflight_round_trip(run)
+                return "preflight", epoch
             if epoch == args.epochs or stop_early:
                 record["final"] = final_summary(
                     record, results, progress, stop_early, run.loaders.meta["classes"], run.training.compile_time,
@@ -970,7 +971,7 @@ def restore(state: dict, raw_model, optimizer, scheduler, scaler, device: torch.
         torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
-def preflight_round_trip(run: Run) -> str:
+def preflight_round_trip(run: Run) -> None:
     """--preflight: the checkpoint written and read back, and one line (main removes the folder)."""
     args = run.args
     if run.rank == 0:
@@ -978,7 +979,6 @@ def preflight_round_trip(run: Run) -> str:
         load_checkpoint(checkpoint_path_of(args), args, run.loaders.meta)
         print(f"preflight ok: {args.name} ({args.arch}, batch {args.batch_size}) ran data, model, switches, "
               "2 training steps, 1 eval batch and a checkpoint round trip")
-    return "preflight"
 
 
 def final_summary(record: dict, results: dict, progress: dict, stopped_early: bool, classes: list[str],
