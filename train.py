@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,8 +84,7 @@ def csv_of(kind):
 
 
 def add(group, role: str, *names: str, name_part=None, **kw) -> None:
-    """One flag, with its role (see FINGERPRINTED ...) and, if the default name spells it out, its
-    part of the name: name_part(value) -> text, or None to leave it out."""
+    """One flag with its role, and its part of the default name if it has one (name_part(value) -> text or None)."""
     action = group.add_argument(*names, **kw)
     action.role, action.name_part = role, name_part
 
@@ -95,7 +95,6 @@ def aug_part(aug: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag with its role, default and help: a table (one add each, by group), hence its length."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
@@ -104,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     e = p.add_argument_group("evaluate a finished run")
     # First the flags the default name spells out, in its order: resnet20-avg-sgd-f0.1-e2-b128-s3
-    add(m, "model", "--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture",
-        name_part=str)
+    add(m, "model", "--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture", name_part=str)
     add(m, "model", "--pool", default="avg", choices=models.POOLS, help="global pooling before the classifier",
         name_part=str)
     add(o, "recipe", "--opt", default="sgd", choices=tuple(OPTIMIZER_DEFAULTS), help="optimiser", name_part=str)
@@ -132,53 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
     add(m, "model", "--pool-norm", action=argparse.BooleanOptionalAction, default=True,
         help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
              "see models.pooling); --no-pool-norm: torchvision's plain pool")
-    add(m, "model", "--blocks", type=csv_of(int), default=None, help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
-    add(m, "model", "--channels", type=csv_of(int), default=None, help="resnet_custom: channels per stage")
-    add(m, "model", "--kernel-size", type=int, default=None, help="resnet_custom: convolution kernel size")
-    add(m, "model", "--avgpool-size", type=int, default=None, help="resnet_custom: output size of the final pool")
-    add(m, "model", "--head", type=csv_of(int), default=None,
-        help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
-    add(m, "model", "--dropout", type=float, default=None, help="resnet_custom: dropout in the head")
-    add(o, "derived", "--lr", type=float, default=None,
-        help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
-    add(o, "derived", "--momentum", type=float, default=None, help="sgd momentum (0.9)")
-    add(o, "derived", "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd Nesterov momentum")
-    add(o, "derived", "--wd", "--weight-decay", type=float, default=None,
-        help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
-    add(o, "derived", "--betas", type=csv_of(float), default=None, help="adam/adamw betas (0.9,0.999)")
-    add(o, "derived", "--schedule", default=None, choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
-    add(o, "derived", "--warmup-epochs", type=float, default=None,
+    add(m, "model", "--blocks", type=csv_of(int), help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
+    add(m, "model", "--channels", type=csv_of(int), help="resnet_custom: channels per stage")
+    add(m, "model", "--kernel-size", type=int, help="resnet_custom: convolution kernel size")
+    add(m, "model", "--avgpool-size", type=int, help="resnet_custom: output size of the final pool")
+    add(m, "model", "--head", type=csv_of(int), help="resnet_custom: hidden sizes of the classifier head, e.g. 256,128")
+    add(m, "model", "--dropout", type=float, help="resnet_custom: dropout in the head")
+    add(o, "derived", "--lr", type=float, help="peak learning rate (sgd: 0.4 at batch 512, scaled linearly)")
+    add(o, "derived", "--momentum", type=float, help="sgd momentum (0.9)")
+    add(o, "derived", "--nesterov", action=argparse.BooleanOptionalAction, help="sgd Nesterov momentum")
+    add(o, "derived", "--wd", "--weight-decay", type=float, help="weight decay (sgd 5e-4, adam 0, adamw 0.05)")
+    add(o, "derived", "--betas", type=csv_of(float), help="adam/adamw betas (0.9,0.999)")
+    add(o, "derived", "--schedule", choices=SCHEDULES, help="lr schedule (sgd onecycle, adam cosine)")
+    add(o, "derived", "--warmup-epochs", type=float,
         help=f"linear warm-up (onecycle: the peak); default min(2, epochs/5), and the lr rises by at "
              f"most 1/{WARMUP_MIN_STEPS} of its peak per step")
-    add(o, "derived", "--milestones", type=csv_of(float), default=None,
+    add(o, "derived", "--milestones", type=csv_of(float),
         help="multistep: epochs where the lr is multiplied by --gamma (step: at 50%% and 75%%)")
     add(o, "recipe", "--gamma", type=float, default=0.1, help="step/multistep decay factor")
     add(o, "recipe", "--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
     add(o, "recipe", "--sync-bn", action="store_true",
         help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
     add(d, "run", "--data-dir", default=data.DATA_DIR, help="folder with train.beton, test.beton, meta.json")
-    add(d, "run", "-j", "--workers", type=int, default=None,
+    add(d, "run", "-j", "--workers", type=int,
         help="FFCV loader workers (default: the CPUs this process may use, shared among local ranks, at most 8)")
     add(r, "run", "--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:N")
     add(r, "speed", "--amp", default="auto", type=speed.amp_name, choices=("auto", *speed.AMP_DTYPES),
         help="autocast dtype (fp32: autocast off; 'off' is read as fp32); auto: bf16 on CUDA (fp16 on "
              "GPUs without bf16), on CPU the faster of fp32 and bf16 in a few timed steps")
-    add(r, "run", "--compile", action=argparse.BooleanOptionalAction, default=None,
+    add(r, "run", "--compile", action=argparse.BooleanOptionalAction,
         help="torch.compile the model; unset: on for CUDA, on CPU only if compiled steps time faster")
-    add(r, "speed", "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    add(r, "speed", "--channels-last", action=argparse.BooleanOptionalAction,
         help="channels-last memory format for model and inputs; unset: on for CUDA, on CPU only if it times faster")
     add(r, "place", "--out", "--output-dir", default="results",
         help="results folder (with --from: the source record's folder)")
-    add(r, "place", "--name", default=None, help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
+    add(r, "place", "--name", help="run name (default from the config, e.g. resnet34-avg-sgd-s0)")
     add(r, "call", "--resume", action="store_true", help="continue from the run's checkpoint")
     add(r, "call", "--overwrite", action="store_true",
         help="start over even if a finished record or a checkpoint of this name exists")
     add(r, "call", "--preflight", action="store_true",
         help="check that this config runs: data, model, switches, compile, two training steps, one "
              "eval batch and a checkpoint round trip, in a temporary folder; exits 0 or with the error")
-    add(r, "eval", "--early-stop", type=int, default=None, metavar="PATIENCE",
+    add(r, "eval", "--early-stop", type=int, metavar="PATIENCE",
         help="stop after PATIENCE epochs without a better val accuracy (needs --val-split)")
-    add(r, "call", "--from", dest="from_json", default=None, metavar="RESULT.json",
+    add(r, "call", "--from", dest="from_json", metavar="RESULT.json",
         help="take the config of this result (flags given here still override)")
     add(r, "run", "--quiet", action="store_true", help="no progress bars (for sweeps)")
     add(e, "call", "--eval-only", action="store_true",
@@ -192,18 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAGS = {a.dest: a for a in build_parser()._actions if hasattr(a, "role")}  # dest -> its argparse action
 ROLES = {dest: flag.role for dest, flag in FLAGS.items()}
+_UNSET = object()
 
 
 # --- Configuration ---------------------------------------------------------------------------------------
 
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; --from RESULT.json supplies the flags its run was given; derive the optimiser's
-    defaults; validate. `args.given` holds the flags given (here or by --from's record), which is
-    what a later --from replays: derived values (the lr scaled to the batch, the warm-up) are derived
-    again for the new config, never frozen. `args.from_record` is --from's record."""
+    """Flags, then what --from's record was given, then the derived defaults, then the checks.
+    `args.given` (the flags given here or to --from's run) is what a later --from replays: derived
+    values (the lr scaled to the batch, the warm-up) are derived again, never frozen."""
     parser = build_parser()
     args = parser.parse_args(argv)  # first: --help and argparse's own errors speak with the real defaults
-    given, record = given_flags(argv), None
+    probe = build_parser()  # parses to the flags given on the command line only
+    probe.set_defaults(**{dest: _UNSET for dest in FLAGS})
+    given = {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
+    record = None
     if args.from_json:
         record = read_record(args.from_json, parser)
         inherited = {k: v for k, v in record["given"].items() if ROLES.get(k) in REPLAYED}
@@ -230,16 +228,6 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-_UNSET = object()
-
-
-def given_flags(argv: list[str] | None) -> dict:
-    """The flags given on the command line, with their parsed values (defaults left out)."""
-    probe = build_parser()
-    probe.set_defaults(**{dest: _UNSET for dest in FLAGS})
-    return {k: v for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
-
-
 def read_record(path: str, parser: argparse.ArgumentParser) -> dict:
     """A run record of this train.py's schema, or argparse's one-line error naming the fix."""
     try:
@@ -256,9 +244,8 @@ def read_record(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def config_problem(args: argparse.Namespace) -> str | None:
-    """The first thing wrong with the config, named by its flag, checked before any work is done.
-    Flags given are checked before the values derived from them (a --batch-size of 0 would
-    otherwise show up as an lr of 0)."""
+    """The first thing wrong with the config, named by its flag, before any work. Given flags come
+    before the values derived from them (a --batch-size of 0 would otherwise show as an lr of 0)."""
     spec, given = models.ARCHS[args.arch], args.given
     stray = [k for s in models.ARCHS.values() for k in s.options
              if k not in spec.options and getattr(args, k) is not None]
@@ -319,13 +306,12 @@ def default_name(args: argparse.Namespace) -> str:
 
 
 def config_of(args: argparse.Namespace) -> dict:
-    """The record's config: every flag but what this command does."""
     return {k: getattr(args, k) for k, role in ROLES.items() if role != "call"}
 
 
 def factors_of(args: argparse.Namespace) -> dict:
-    """The record's factors, what plot.py compares configs by: what was trained and evaluated, less
-    the values derived from --opt, --batch-size and --epochs (part of that choice) and unset model options."""
+    """What plot.py compares configs by: what was trained and evaluated, less the values derived from
+    --opt, --batch-size and --epochs (part of that choice) and unset model options."""
     factors = {k: getattr(args, k) for k, role in ROLES.items()
                if role in FACTORS and (role != "derived" or k in args.given)}
     return as_json({k: v for k, v in factors.items() if v is not None or ROLES[k] != "model"})
@@ -342,14 +328,6 @@ def rank0_value(value, world: int, device: torch.device):
 
 # --- Distributed (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK) --------------------------------------------
 
-def distributed_env() -> tuple[int, int | None, int]:
-    """(world size, local rank, processes on this node) as torchrun sets them; (1, None, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 1, None, 1
-    return world, int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def init_distributed(world: int, device: torch.device) -> int:
     """Start the process group under torchrun (NCCL on CUDA, gloo on CPU); returns the rank."""
     if world == 1:
@@ -360,12 +338,6 @@ def init_distributed(world: int, device: torch.device) -> int:
                                          timeout=datetime.timedelta(minutes=10),
                                          device_id=device if device.type == "cuda" else None)
     return torch.distributed.get_rank()
-
-
-def all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 # --- Model, optimiser, schedule --------------------------------------------------------------------------
@@ -395,13 +367,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, s
 
 def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Namespace,
               rate_limited: bool = True) -> float:
-    """The lr multiplier of optimiser step `step` (0-based): a linear warm-up over `warmup` steps that
-    starts above 0 and ends at exactly 1.0, then the schedule's decay (one-cycle and cosine reach 0
-    after the last step; step and multistep multiply by gamma at each milestone epoch).
-
-    rate_limited (the default warm-up): the lr rises by at most 1/WARMUP_MIN_STEPS of its peak per
-    step. A short run (18 steps) would otherwise reach SGD's peak 0.4 in 4 steps and blow up; it
-    now peaks lower and anneals from there. Runs whose warm-up is longer than that are unchanged."""
+    """The lr multiplier of optimiser step `step` (0-based): a linear warm-up over `warmup` steps from
+    above 0 to exactly 1.0, then the schedule's decay (one-cycle and cosine reach 0 after the last
+    step). rate_limited (the default warm-up): at most 1/WARMUP_MIN_STEPS of the peak more per step."""
     total = args.epochs * steps_per_epoch
     if step < warmup:
         factor = (step + 1) / warmup
@@ -420,10 +388,8 @@ def lr_factor(step: int, steps_per_epoch: int, warmup: int, args: argparse.Names
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, device, args, world,
                     progress_desc, max_steps: int | None = None):
-    """One pass; loss and correct counts stay on the device and are read once, at the end.
-
-    `memory` is the model's layout: the loader's channels-last batches are copied to NCHW for an
-    NCHW model, since a channels-last input would make its convolutions run channels-last."""
+    """One pass; loss and correct counts stay on the device and are read once, at the end. `memory` is
+    the model's layout: a channels-last batch would make an NCHW model's convolutions run channels-last."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -453,8 +419,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, amp, memory, de
             bar.set_postfix(loss=f"{running:.3f}", acc=f"{correct.item() / seen:.1%}")
             if not math.isfinite(running) and world == 1:
                 break  # diverged: no point finishing the epoch (with several ranks, all must agree)
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device),
-                                         first_loss / world]), world)
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device), first_loss / world])
+    if world > 1:
+        torch.distributed.all_reduce(totals)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), totals[3].item()
 
 
@@ -522,12 +489,7 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
 # --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
+    version = importlib.metadata.version  # of packages train.py cannot run without
     here = Path(__file__).resolve().parent
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
@@ -539,18 +501,11 @@ def environment(device: torch.device) -> dict:
         env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
     else:
-        env.update(device_name=cpu_model(), cuda=None, cudnn=None)
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+        env.update(device_name=model[1].strip() if model else platform.processor() or platform.machine(),
+                   cuda=None, cudnn=None)
     return env
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -560,6 +515,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
         except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) this way
             raise OSError(f"writing {tmp}: {error}") from None
     data.write_atomically(path, write)
+
+
+def load_or_refuse(path: Path, what: str, fix: str, device="cpu"):
+    """torch.load of a weights-only file, or one line naming the fix when it is damaged or not a torch file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated or not a torch file: unpickling errors of many kinds
+        raise SystemExit(f"error: {what} is unreadable ({type(error).__name__}): {fix}") from None
 
 
 def fingerprint(args: argparse.Namespace, meta: dict) -> dict:
@@ -578,11 +541,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     """The checkpoint to resume from, or None; refuses a damaged one, one of another schema or of another config."""
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or not a checkpoint: unpickling errors of many kinds
-        raise SystemExit(f"error: checkpoint {path} is unreadable ({type(error).__name__}): "
-                         "delete it to start the run again") from None
+    state = load_or_refuse(path, f"checkpoint {path}", "delete it to start the run again")
     version = state.get("schema_version") if isinstance(state, dict) else None
     if version != SCHEMA_VERSION:
         raise SystemExit(f"error: checkpoint {path} was not written by this train.py (schema {version}, this one "
@@ -596,88 +555,36 @@ def load_checkpoint(path: Path, args: argparse.Namespace, meta: dict) -> dict | 
     return state
 
 
-def claim_run(out: Path, name: str, resume: bool, overwrite: bool) -> tuple[object, dict | None]:
-    """Lock the run's name for this process and check what is there already.
+def json_path_of(args: argparse.Namespace) -> Path:
+    return Path(args.out) / f"{args.name}.json"
 
-    Returns the lock (held until the process ends) and the finished record when --resume finds the
-    run already done. Refuses, in one line, to start a fresh run over a finished record or an
-    interrupted run's checkpoint (unless --overwrite), and to touch a run another process trains."""
-    json_path, ckpt_path = out / f"{name}.json", out / "checkpoints" / f"{name}.pt"
+
+def checkpoint_path_of(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "checkpoints" / f"{args.name}.pt"
+
+
+def lock_run(args: argparse.Namespace, create: bool):
+    """An exclusive flock on OUT/checkpoints/NAME.lock, held until the process ends or closes it; None
+    when create is False and there is no lock file (no process has trained the run in this folder)."""
+    path = checkpoint_path_of(args).with_suffix(".lock")
+    if not create and not path.exists():
+        return None
     try:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        lock = open(out / "checkpoints" / f"{name}.lock", "w")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a")
     except OSError as error:
-        raise SystemExit(f"error: --out {out}: cannot make the results folder there ({error.strerror}): "
+        raise SystemExit(f"error: --out {args.out}: cannot make the results folder there ({error.strerror}): "
                          "pass another --out") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"error: {name} is being trained by another process right now ({lock.name} is locked): "
+        lock.close()
+        raise SystemExit(f"error: {args.name} is being trained by another process right now ({path} is locked): "
                          "wait for it, or give this run another --name") from None
-    status = None
-    if json_path.exists():
-        try:
-            status = json.loads(json_path.read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
-            status = "unreadable"
-    if overwrite:
-        ckpt_path.unlink(missing_ok=True)
-        return lock, None
-    if resume and status in ("finished", "diverged") and not ckpt_path.exists():
-        return lock, json.loads(json_path.read_text())
-    if not resume and status in ("finished", "diverged", "unreadable"):
-        raise SystemExit(f"error: {json_path} already holds a {status} run: give this one another --name, "
-                         "or pass --overwrite to replace it")
-    if not resume and ckpt_path.exists():
-        raise SystemExit(f"error: {ckpt_path} holds an interrupted run of this name: pass --resume to continue it, "
-                         "--overwrite to start over, or another --name")
-    return lock, None
+    return lock
 
 
 # --- The run ---------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    speed.check_torch()
-    args = parse_config(argv)
-    if args.eval_only:
-        return evaluate_saved(args)
-    world, rank, device, workers, print0 = start_process(args)
-    torch.manual_seed(args.seed)
-    # Data and model are checked before the run's name is claimed or anything is written.
-    loaders = make_loaders(args, device, world, workers)
-    raw_model = build_model(args, len(loaders.meta["classes"]))
-    if args.preflight:  # the real path, into a folder that is thrown away
-        args.out = tempfile.mkdtemp(prefix="preflight-")
-    lock, done = claim_run(Path(args.out), args.name, args.resume, args.overwrite) if rank == 0 else (None, None)
-    try:
-        if rank0_value(done is not None, world, device):
-            print0(f"{args.name}: already {(done or {}).get('status')} ({json_path_of(args)}); nothing to resume")
-            return 0
-        training, state = build_training(args, raw_model, device, world, loaders.meta, len(loaders.train))
-        progress = resume_progress(args, state, training, loaders.train, device, print0)
-        compile_if_chosen(training, device, args, world)
-        record = start_record(args, device, world, training, loaders, progress, rank, print0)
-        board = TensorBoardLog(Path(args.out), record, progress["epoch"], print0, rank == 0 and not args.preflight)
-        status, epoch = train_epochs(args, training, record, progress, loaders, device, world, rank, board, print0)
-        if world > 1:
-            torch.distributed.destroy_process_group()
-        return finish_run(args, training, record, progress, status, epoch, loaders.meta, rank, board, print0)
-    finally:
-        if lock is not None:
-            lock.close()  # releases the run's flock (also at once in a process that runs several)
-        if args.preflight and rank == 0:
-            shutil.rmtree(args.out, ignore_errors=True)
-
-
-def start_process(args: argparse.Namespace):
-    """This process, alone or one of torchrun's: (world size, rank, device, loader workers, print on rank 0)."""
-    world, local_rank, local_world = distributed_env()
-    speed.share_compile_threads(local_world, data.usable_cpus())
-    device = speed.resolve_device(args.device, local_rank)
-    rank = init_distributed(world, device)
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    return world, rank, device, check_run(args, device, world, local_world, print0), print0
-
 
 @dataclasses.dataclass
 class Training:
@@ -703,124 +610,302 @@ class Training:
         return speed.memory_format(self.switches["channels_last"])
 
 
-def json_path_of(args: argparse.Namespace) -> Path:
-    return Path(args.out) / f"{args.name}.json"
+class Loaders(NamedTuple):
+    meta: dict  # the data dir's meta.json: classes, counts, mean and std, the betons' checksums
+    train: data.DeviceLoader
+    val: data.DeviceLoader | None  # None without --val-split
+    test: data.DeviceLoader
 
 
-def checkpoint_path_of(args: argparse.Namespace) -> Path:
-    return Path(args.out) / "checkpoints" / f"{args.name}.pt"
+@dataclasses.dataclass
+class Run:
+    """One run's parts, filled in by main's phases in their order; each phase takes the run so far."""
+    args: argparse.Namespace
+    world: int  # processes: 1, or torchrun's WORLD_SIZE
+    rank: int
+    device: torch.device
+    workers: int  # FFCV loader workers of this process
+    print0: Callable  # print on rank 0, nothing on the others
+    lock: object = None  # rank 0's flock on the run's name (claim_run)
+    loaders: Loaders | None = None
+    training: Training | None = None
+    progress: dict | None = None  # where the run stands: last epoch, best val epoch, history (what a checkpoint holds)
+    record: dict | None = None  # the JSON record, written at the start and after every epoch
+    board: TensorBoardLog | None = None
 
 
-def build_training(args: argparse.Namespace, raw_model: torch.nn.Module, device: torch.device, world: int,
-                   meta: dict, steps_per_epoch: int) -> tuple[Training, dict | None]:
-    """The model's speed switches, DDP wrapper, optimiser, schedule and loss scaling; with --resume,
-    the checkpoint's state too (restored by resume_progress)."""
+def main(argv: list[str] | None = None) -> int:
+    speed.check_torch()
+    args = parse_config(argv)
+    if args.eval_only:
+        return evaluate_saved(args)
+    run = start_process(args)
+    if args.preflight:  # the real path, into a folder that is thrown away
+        args.out = tempfile.mkdtemp(prefix="preflight-")
+    try:
+        if claim_run(run, create=False):  # a finished run, or one another process trains, costs no work
+            return 0
+        torch.manual_seed(args.seed)
+        run.loaders = make_loaders(args, run.device, run.world, run.workers)
+        raw_model = build_model(args, len(run.loaders.meta["classes"]))
+        if claim_run(run, create=True):  # only now, so that a config that cannot run leaves no folder behind
+            return 0
+        state = build_training(run, raw_model)
+        resume_progress(run, state)
+        compile_if_chosen(run)
+        start_record(run)
+        run.board = TensorBoardLog(run)
+        status, epoch = train_epochs(run)
+        if run.world > 1:
+            torch.distributed.destroy_process_group()
+        return finish_run(run, status, epoch)
+    finally:
+        if run.lock is not None:
+            run.lock.close()  # releases the run's flock (also at once in a process that runs several)
+        if args.preflight and run.rank == 0:
+            shutil.rmtree(args.out, ignore_errors=True)
+
+
+def start_process(args: argparse.Namespace) -> Run:
+    """This process, alone or one of torchrun's: its device, rank and loader workers."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ["LOCAL_RANK"]) if world > 1 else None
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    speed.share_compile_threads(local_world, data.usable_cpus())
+    device = speed.resolve_device(args.device, local_rank)
+    rank = init_distributed(world, device)
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    return Run(args, world, rank, device, check_run(args, device, world, local_world, print0), print0)
+
+
+def claim_run(run: Run, create: bool) -> bool:
+    """Hold the run's name (rank 0) and check what is under it; True when --resume finds the run done.
+    Refuses a fresh run over a finished record or an interrupted checkpoint (unless --overwrite).
+
+    Called twice: before any work, where only a run that has a lock file is locked; then, once data
+    and model have built, the lock is made and the check repeated (another process may have run it
+    meanwhile), and --overwrite removes the checkpoint it replaces."""
+    args, status, done = run.args, None, None
+    json_path, ckpt_path = json_path_of(args), checkpoint_path_of(args)
+    if run.rank == 0:
+        run.lock = run.lock or lock_run(args, create)
+        if json_path.exists():
+            try:
+                status = json.loads(json_path.read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = "unreadable"
+        if args.overwrite and create:
+            ckpt_path.unlink(missing_ok=True)
+        elif args.resume:
+            done = status if status in ("finished", "diverged") and not ckpt_path.exists() else None
+        elif not args.overwrite and status in ("finished", "diverged", "unreadable"):
+            raise SystemExit(f"error: {json_path} already holds a {status} run: give this one another --name, "
+                             "or pass --overwrite to replace it")
+        elif not args.overwrite and ckpt_path.exists():
+            raise SystemExit(f"error: {ckpt_path} holds an interrupted run of this name: pass --resume to continue "
+                             "it, --overwrite to start over, or another --name")
+    done = rank0_value(done, run.world, run.device)
+    if done is not None:
+        run.print0(f"{args.name}: already {done} ({json_path}); nothing to resume")
+    return done is not None
+
+
+def check_run(args: argparse.Namespace, device: torch.device, world: int, local_world: int, print0) -> int:
+    """Refuse what cannot run on this device and world; returns the loader workers to use."""
+    if args.sync_bn and (world == 1 or device.type != "cuda"):
+        raise SystemExit("error: --sync-bn needs torchrun with CUDA devices (SyncBatchNorm does not run on CPU)")
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {world} processes: "
+                         f"use a multiple of {world}")
+    if args.amp == "fp16" and device.type == "cpu":
+        raise SystemExit("error: --amp fp16 on a CPU is emulated: it trains ~10x slower than bf16 (and evaluated "
+                         "10,000 images in 4 minutes here): use --amp bf16, fp32 or auto")
+    if args.amp == "bf16" and device.type == "cuda" and not speed.has_real_bf16():
+        print0(f"warning: --amp bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated, without bf16 tensor "
+               "cores or cuDNN bf16 convolutions: --amp fp16 (or auto) trains much faster there")
+    args.batch_size_per_rank = args.batch_size // world
+    workers, message = data.check_workers(args.workers, local_world)
+    if message:
+        print0(f"note: {message}")
+    return workers
+
+
+def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int) -> Loaders:
+    shared = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
+    try:
+        meta = data.ensure_valid(args.data_dir)
+        train_loader = data.make_loader("train", args.batch_size_per_rank, aug=args.aug, fraction=args.fraction,
+                                        val_split=args.val_split, **shared)
+        val_loader = (data.make_loader("val", args.batch_size_per_rank, aug="none", val_split=args.val_split,
+                                       **shared) if args.val_split > 0 else None)
+        test_loader = data.make_loader("test", args.batch_size_per_rank, aug="none", **shared)
+    except (data.DataError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return Loaders(meta, train_loader, val_loader, test_loader)
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The config's network; models checks resnet_custom's lists, and a problem is one line."""
+    try:
+        return models.build_from_config(config_of(args), num_classes, pretrained=args.pretrained)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def build_training(run: Run, raw_model: torch.nn.Module) -> dict | None:
+    """run.training: the speed switches, DDP wrapper, optimiser, schedule and loss scaling. Returns
+    the checkpoint's state with --resume (restored by resume_progress)."""
+    args, device, world = run.args, run.device, run.world
     params, flops = models.count_parameters(raw_model), models.forward_flops(raw_model)
     raw_model = raw_model.to(device)
-    state = load_checkpoint(checkpoint_path_of(args), args, meta) if args.resume else None
-    switches = restore_or_choose_switches(args, state, raw_model, device, world)
+    state = load_checkpoint(checkpoint_path_of(args), args, run.loaders.meta) if args.resume else None
+    if state is not None:  # a resumed run keeps what it chose at its start, but --compile
+        switches = state["switches"]
+        if args.compile is not None:
+            switches.update(compile=args.compile, compile_reason="asked")
+    else:
+        probe_start = time.perf_counter()
+        switches = speed.choose_switches(args, raw_model, device)
+        switches.update(rank0_value({k: switches[k] for k in ("amp", "channels_last")}, world, device))
+        switches["probe_time_s"] = time.perf_counter() - probe_start
     raw_model = raw_model.to(memory_format=speed.memory_format(switches["channels_last"]))
     if args.sync_bn:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     model = raw_model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(raw_model, args)
-    scheduler = make_scheduler(optimizer, args, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, args, len(run.loaders.train))
     scaler = torch.amp.GradScaler(device.type, enabled=switches["amp"] == "fp16")
-    return Training(raw_model, model, raw_model, optimizer, scheduler, scaler, switches, params, flops), state
+    run.training = Training(raw_model, model, raw_model, optimizer, scheduler, scaler, switches, params, flops)
+    return state
 
 
-def resume_progress(args: argparse.Namespace, state: dict | None, training: Training, train_loader,
-                    device: torch.device, print0) -> dict:
-    """Where the run stands: after the checkpoint's epoch (its weights, optimiser and RNG restored), or
-    at the start."""
-    progress = {"epoch": 0, "best": {"acc": None, "epoch": None}, "best_test": None, "best_weights": None,
-                "history": [], "started_at": now()}
-    if args.resume and state is None:
-        print0(f"{args.name}: no checkpoint at {checkpoint_path_of(args)}; starting from scratch")
+def resume_progress(run: Run, state: dict | None) -> None:
+    """run.progress: after the checkpoint's epoch (its weights, optimiser and RNG restored), or at the start."""
+    args, training = run.args, run.training
+    run.progress = {"epoch": 0, "best": {"acc": None, "epoch": None}, "best_test": None, "best_weights": None,
+                    "history": [], "started_at": now()}
+    if state is None and args.resume:
+        run.print0(f"{args.name}: no checkpoint at {checkpoint_path_of(args)}; starting from scratch")
     if state is not None:
-        restore(state, training.raw_model, training.optimizer, training.scheduler, training.scaler, device)
-        progress.update({k: state[k] for k in progress})
-        print0(f"{args.name}: resuming after epoch {progress['epoch']}/{args.epochs}")
-    train_loader.epoch = progress["epoch"]  # the data order of the next epoch, as in an uninterrupted run
-    return progress
+        restore(state, training.raw_model, training.optimizer, training.scheduler, training.scaler, run.device)
+        run.progress.update({k: state[k] for k in run.progress})
+        run.print0(f"{args.name}: resuming after epoch {run.progress['epoch']}/{args.epochs}")
+    run.loaders.train.epoch = run.progress["epoch"]  # the next epoch's data order, as in an uninterrupted run
 
 
-def start_record(args: argparse.Namespace, device: torch.device, world: int, training: Training, loaders: Loaders,
-                 progress: dict, rank: int, print0) -> dict:
-    """The run's JSON record as it starts (written at once), and its first line on the terminal."""
-    train_loader, steps_per_epoch = loaders.train, len(loaders.train)
-    record = {"schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
-              "started_at": progress["started_at"], "ended_at": None, "config": config_of(args),
-              "factors": factors_of(args), "given": args.given, "from": args.from_json,
-              "run": {"device": str(device), "world_size": world,
-                      "backend": torch.distributed.get_backend() if world > 1 else None,
-                      "train_images": train_loader.num_samples, "steps_per_epoch": steps_per_epoch,
-                      "warmup_steps": warmup_steps(args, steps_per_epoch),
-                      **training.switches, "compile_time_s": training.compile_time},
-              "env": environment(device), "model": {"params": training.params, "flops_per_image": training.flops},
-              "classes": loaders.meta["classes"], "history": progress["history"]}
-    total_steps = args.epochs * steps_per_epoch
-    if total_steps < FEW_STEPS and not args.preflight:
-        record["run"]["warnings"] = [
-            f"only {total_steps} training steps: the lr never reaches its peak and BatchNorm statistics lag behind, "
-            f"so the accuracies say little; lower --batch-size or raise --fraction or --epochs to reach "
+def compile_if_chosen(run: Run) -> None:
+    """Compile before the clock starts, on dummy batches; a second build of the same graphs would show
+    as recompiles. Under torchrun the eval model (the bare module) is compiled on its own, so that
+    evaluation holds no DDP collective. Auto on CPU keeps the compiled model only if it is faster."""
+    training, switches, device, world = run.training, run.training.switches, run.device, run.world
+    batch = run.args.batch_size_per_rank
+    if switches["compile"] is not False:
+        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
+        compiled = torch.compile(training.model, dynamic=False)
+        compiled_eval = compiled if world == 1 else torch.compile(training.raw_model, dynamic=False)
+        compile_time = speed.compile_on_dummy_batches(
+            compiled, compiled_eval, training.raw_model, training.optimizer, training.scaler, training.amp,
+            training.memory, device, batch, batch)
+        if switches["compile"] is None:
+            probe_start = time.perf_counter()
+            speed.keep_compile_if_faster(switches, compiled, training.model, training.raw_model, device, batch)
+            switches["compile"] = rank0_value(switches["compile"], world, device)
+            switches["probe_time_s"] += time.perf_counter() - probe_start
+            if not switches["compile"]:  # compiled for nothing: the time was spent probing
+                switches["probe_time_s"] += compile_time
+        if switches["compile"]:
+            training.model, training.eval_model, training.compile_time = compiled, compiled_eval, compile_time
+    training.graphs_compiled = speed.compiled_graphs()
+    speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
+
+
+def start_record(run: Run) -> None:
+    """run.record, the run's JSON record as it starts (written at once), and its first line."""
+    args, training, switches, train_loader = run.args, run.training, run.training.switches, run.loaders.train
+    steps = len(train_loader)
+    run.record = {
+        "schema_version": SCHEMA_VERSION, "name": args.name, "status": "running",
+        "started_at": run.progress["started_at"], "ended_at": None, "config": config_of(args),
+        "factors": factors_of(args), "given": args.given, "from": args.from_json,
+        "run": {"device": str(run.device), "world_size": run.world,
+                "backend": torch.distributed.get_backend() if run.world > 1 else None,
+                "train_images": train_loader.num_samples, "steps_per_epoch": steps,
+                "warmup_steps": warmup_steps(args, steps), **switches, "compile_time_s": training.compile_time},
+        "env": environment(run.device), "model": {"params": training.params, "flops_per_image": training.flops},
+        "classes": run.loaders.meta["classes"], "history": run.progress["history"]}
+    if args.epochs * steps < FEW_STEPS and not args.preflight:
+        run.record["run"]["warnings"] = [
+            f"only {args.epochs * steps} training steps: the lr never reaches its peak and BatchNorm statistics lag "
+            f"behind, so the accuracies say little; lower --batch-size or raise --fraction or --epochs to reach "
             f"{FEW_STEPS}+ steps"]
-    if rank == 0:
-        data.save_json_atomic(json_path_of(args), record)
-    print0(start_line(args, device, world, training.params, train_loader, training.switches, training.compile_time))
-    for warning in record["run"].get("warnings", []):
-        print0(f"warning: {warning}")
-    return record
+    if run.rank == 0:
+        data.save_json_atomic(json_path_of(args), run.record)
+    probes = switches.get("probe_img_per_s")
+    run.print0(f"{args.name}: {args.arch} ({training.params / 1e6:.2f} M params) on {run.device} "
+               f"[amp {switches['amp']}, {'channels-last' if switches['channels_last'] else 'NCHW'}, "
+               f"{'compiled' if switches['compile'] else 'eager'}, world {run.world}], "
+               f"{train_loader.num_samples:,} train images, {args.epochs} epochs"
+               + (f"; compiled in {training.compile_time:.1f} s" if training.compile_time else "")
+               + (f"; auto probes {switches['probe_time_s']:.1f} s: eager {probes} img/s" if probes else "")
+               + (f", {switches['compile_probe_img_per_s']} img/s" if "compile_probe_img_per_s" in switches else ""))
+    for warning in run.record["run"].get("warnings", []):
+        run.print0(f"warning: {warning}")
 
 
-def train_epochs(args: argparse.Namespace, training: Training, record: dict, progress: dict, loaders: Loaders,
-                 device: torch.device, world: int, rank: int, board: TensorBoardLog, print0) -> tuple[str, int]:
+def train_epochs(run: Run) -> tuple[str, int]:
     """The epochs left, each followed by its evaluation, the record and a checkpoint; returns the
-    status ("finished", "diverged") and the last epoch. Ctrl-C or SIGTERM keep the last checkpoint."""
+    status ("finished", "diverged", "preflight") and the last epoch. Ctrl-C or SIGTERM keep the last checkpoint."""
+    args, progress, record = run.args, run.progress, run.record
     first_epoch_here, epoch = progress["epoch"] + 1, progress["epoch"]
     try:
         for epoch in range(first_epoch_here, args.epochs + 1):
             stop_if_interrupted()
-            row, results = train_and_evaluate_epoch(args, training, loaders, epoch, device, world)
+            row, results = train_and_evaluate_epoch(run, epoch)
             row["pays_jit"] = epoch == first_epoch_here  # FFCV compiles its pipeline in every process's first epoch
             record["history"].append(row)
             if row["train_loss"] is None:
                 return "diverged", epoch
-            remember_best_val(progress, results, epoch, training.raw_model)
+            best = progress["best"]
+            if "val" in results and (best["acc"] is None or results["val"]["acc"] > best["acc"]):
+                progress.update(best={"acc": results["val"]["acc"], "epoch": epoch}, best_test=results["test"],
+                                best_weights=cpu_copy(run.training.raw_model.state_dict()))
             progress["epoch"] = epoch
-            print0(epoch_line(row, args.epochs))
-            board.log_epoch(row)
-            stop_early = (args.early_stop is not None and progress["best"]["epoch"] is not None
-                          and epoch - progress["best"]["epoch"] >= args.early_stop)
+            run.print0(epoch_line(row, args.epochs))
+            run.board.log_epoch(row)
+            since_best = epoch - (progress["best"]["epoch"] or epoch)  # epochs without a better val accuracy
+            stop_early = args.early_stop is not None and since_best >= args.early_stop
             if args.preflight:
-                preflight_round_trip(args, rank, checkpoint_state(args, loaders.meta, progress, record, training,
-                                                                  device), loaders.meta)
+                preflight_round_trip(run)
                 return "preflight", epoch
             if epoch == args.epochs or stop_early:
-                record["final"] = final_summary(record, results, progress, stop_early, loaders.meta["classes"],
-                                                training.compile_time,
-                                                speed.compiled_graphs() - training.graphs_compiled, device)
+                record["final"] = final_summary(
+                    record, results, progress, stop_early, run.loaders.meta["classes"], run.training.compile_time,
+                    speed.compiled_graphs() - run.training.graphs_compiled, run.device)
                 break
-            if rank == 0:
-                save_checkpoint(checkpoint_path_of(args),
-                                checkpoint_state(args, loaders.meta, progress, record, training, device))
+            if run.rank == 0:
+                save_checkpoint(checkpoint_path_of(args), checkpoint_state(run))
                 data.save_json_atomic(json_path_of(args), record)
     except KeyboardInterrupt:
-        print0(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
-               "run the same command with --resume to continue")
-        leave_interrupted()
+        run.print0(f"\n{args.name}: interrupted after epoch {epoch - 1}; the checkpoint is kept: "
+                   "run the same command with --resume to continue")
+        # Exit at once: interpreter teardown while FFCV's loader thread is mid-batch can abort (SIGABRT).
+        # Every file is complete already: the JSON and the checkpoint are written atomically.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except OSError as error:
         raise SystemExit(f"error: could not write the record ({error}); the previous JSON and checkpoint are "
                          "intact: free some space and run again with --resume") from None
     return "finished", epoch
 
 
-def train_and_evaluate_epoch(args: argparse.Namespace, training: Training, loaders: Loaders, epoch: int,
-                             device: torch.device, world: int) -> tuple[dict, dict]:
+def train_and_evaluate_epoch(run: Run, epoch: int) -> tuple[dict, dict]:
     """One epoch of training, timed, then the evaluation of every split: (the history's row, the
     results by split). A diverged epoch's row has train_loss None and no evaluation."""
-    meta, train_loader, val_loader, test_loader = loaders
+    args, training, device, world = run.args, run.training, run.device, run.world
+    meta, train_loader, val_loader, test_loader = run.loaders
     steps, batches = (2, 1) if args.preflight else (None, None)
     lr = training.optimizer.param_groups[0]["lr"]
     speed.synchronize(device)
@@ -852,135 +937,24 @@ def train_and_evaluate_epoch(args: argparse.Namespace, training: Training, loade
     return row, results
 
 
-def remember_best_val(progress: dict, results: dict, epoch: int, raw_model: torch.nn.Module) -> None:
-    """With a val split: the best val epoch so far, its test results and a copy of its weights."""
-    best = progress["best"]
-    if "val" in results and (best["acc"] is None or results["val"]["acc"] > best["acc"]):
-        progress.update(best={"acc": results["val"]["acc"], "epoch": epoch}, best_test=results["test"],
-                        best_weights={k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()})
+def epoch_line(row: dict, epochs: int) -> str:
+    line = (f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  train loss {row['train_loss']:.3f} "
+            f"acc {row['train_acc']:.1%}")
+    for split in ("val", "test"):
+        if f"{split}_acc" in row:
+            line += f"  {split} loss {row[f'{split}_loss']:.3f} acc {row[f'{split}_acc']:.1%}"
+    return line + (f"  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f} s  {row['train_img_per_s']:,.0f} img/s"
+                   f"  eval {row['eval_time_s']:.1f} s")
 
 
-def finish_run(args: argparse.Namespace, training: Training, record: dict, progress: dict, status: str, epoch: int,
-               meta: dict, rank: int, board: TensorBoardLog, print0) -> int:
-    """The last record (with the kept weights' paths), the checkpoint removed, one line; the exit code."""
-    if status == "preflight":  # checked; main throws its folder away
-        return 0
-    record.update(status=status, ended_at=now())
-    if status == "diverged":
-        record["diverged_epoch"] = epoch
-    if rank == 0:
-        if status == "finished":
-            record["final"]["weights"] = save_weights(Path(args.out), args.name, training.raw_model,
-                                                      progress["best_weights"])
-            images = keep_preview(Path(args.out), args.data_dir, meta, print0)
-            if images:
-                record["final"]["predictions"]["images"] = images
-        data.save_json_atomic(json_path_of(args), record)
-        checkpoint_path_of(args).unlink(missing_ok=True)  # the JSON and the kept weights hold the result
-        board.close(record)
-    if status == "diverged":
-        print0(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
-        return EXIT_DIVERGED
-    final = record["final"]
-    print0(f"{args.name}: finished: test acc {final['test_acc']:.2%}, mean epoch {final['mean_epoch_time_s']:.1f} s, "
-           f"{final['train_img_per_s']:,.0f} img/s -> {json_path_of(args)}")
-    return 0
+def cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def check_run(args: argparse.Namespace, device: torch.device, world: int, local_world: int, print0) -> int:
-    """Refuse what cannot run on this device and world; returns the loader workers to use."""
-    if args.sync_bn and (world == 1 or device.type != "cuda"):
-        raise SystemExit("error: --sync-bn needs torchrun with CUDA devices (SyncBatchNorm does not run on CPU)")
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {world} processes: "
-                         f"use a multiple of {world}")
-    if args.amp == "fp16" and device.type == "cpu":
-        raise SystemExit("error: --amp fp16 on a CPU is emulated: it trains ~10x slower than bf16 (and evaluated "
-                         "10,000 images in 4 minutes here): use --amp bf16, fp32 or auto")
-    if args.amp == "bf16" and device.type == "cuda" and not speed.has_real_bf16():
-        print0(f"warning: --amp bf16 on {torch.cuda.get_device_name(device)} (compute capability "
-            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated, without bf16 tensor "
-            "cores or cuDNN bf16 convolutions: --amp fp16 (or auto) trains much faster there")
-    args.batch_size_per_rank = args.batch_size // world
-    workers, message = data.check_workers(args.workers, local_world)
-    if message:
-        print0(f"note: {message}")
-    return workers
-
-
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The config's network; models checks resnet_custom's lists, and a problem is one line."""
-    try:
-        return models.build_from_config(config_of(args), num_classes, pretrained=args.pretrained)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-
-
-class Loaders(NamedTuple):
-    meta: dict  # the data dir's meta.json: classes, counts, mean and std, the betons' checksums
-    train: data.DeviceLoader
-    val: data.DeviceLoader | None  # None without --val-split
-    test: data.DeviceLoader
-
-
-def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int) -> Loaders:
-    """meta.json and the train, val and test loaders."""
-    shared = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
-    try:
-        meta = data.ensure_valid(args.data_dir)
-        train_loader = data.make_loader("train", args.batch_size_per_rank, aug=args.aug, fraction=args.fraction,
-                                        val_split=args.val_split, **shared)
-        val_loader = (data.make_loader("val", args.batch_size_per_rank, aug="none", val_split=args.val_split,
-                                       **shared) if args.val_split > 0 else None)
-        test_loader = data.make_loader("test", args.batch_size_per_rank, aug="none", **shared)
-    except (data.DataError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    return Loaders(meta, train_loader, val_loader, test_loader)
-
-
-def restore_or_choose_switches(args, state: dict | None, raw_model, device: torch.device, world: int) -> dict:
-    """A resumed run keeps what it chose at its start but --compile; a new one decides (all ranks take rank 0's)."""
-    if state is not None:
-        switches = state["switches"]
-        if args.compile is not None:
-            switches.update(compile=args.compile, compile_reason="asked")
-        return switches
-    probe_start = time.perf_counter()
-    switches = speed.choose_switches(args, raw_model, device)
-    switches.update(rank0_value({k: switches[k] for k in ("amp", "channels_last")}, world, device))
-    switches["probe_time_s"] = time.perf_counter() - probe_start
-    return switches
-
-
-def compile_if_chosen(training: Training, device: torch.device, args: argparse.Namespace, world: int) -> None:
-    """Compile before the clock starts, on dummy batches; a second build of the same graphs would show
-    as recompiles. Under torchrun the eval model (the bare module) is compiled on its own, so that
-    evaluation holds no DDP collective. Auto on CPU keeps the compiled model only if it is faster."""
-    switches = training.switches
-    if switches["compile"] is not False:
-        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
-        compiled = torch.compile(training.model, dynamic=False)
-        compiled_eval = compiled if world == 1 else torch.compile(training.raw_model, dynamic=False)
-        compile_time = speed.compile_on_dummy_batches(
-            compiled, compiled_eval, training.raw_model, training.optimizer, training.scaler, training.amp,
-            training.memory, device, args.batch_size_per_rank, args.batch_size_per_rank)
-        if switches["compile"] is None:
-            probe_start = time.perf_counter()
-            speed.keep_compile_if_faster(switches, compiled, training.model, training.raw_model, device,
-                                         args.batch_size_per_rank)
-            switches["compile"] = rank0_value(switches["compile"], world, device)
-            switches["probe_time_s"] += time.perf_counter() - probe_start
-            if not switches["compile"]:  # compiled for nothing: the time was spent probing
-                switches["probe_time_s"] += compile_time
-        if switches["compile"]:
-            training.model, training.eval_model, training.compile_time = compiled, compiled_eval, compile_time
-    training.graphs_compiled = speed.compiled_graphs()
-    speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
-
-
-def checkpoint_state(args, meta: dict, progress: dict, record: dict, training: Training, device) -> dict:
+def checkpoint_state(run: Run) -> dict:
+    training, device = run.training, run.device
     # progress holds the record's history and start time (the same objects): the checkpoint keeps them
-    return {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(args, meta), **progress,
+    return {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(run.args, run.loaders.meta), **run.progress,
             "model": training.raw_model.state_dict(),
             "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
             "scaler": training.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "switches": training.switches,
@@ -997,66 +971,14 @@ def restore(state: dict, raw_model, optimizer, scheduler, scaler, device: torch.
         torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
-def preflight_round_trip(args, rank: int, state: dict, meta: dict) -> None:
+def preflight_round_trip(run: Run) -> None:
     """--preflight: the checkpoint written and read back, and one line (main removes the folder)."""
-    if rank == 0:
-        save_checkpoint(checkpoint_path_of(args), state)
-        load_checkpoint(checkpoint_path_of(args), args, meta)
+    args = run.args
+    if run.rank == 0:
+        save_checkpoint(checkpoint_path_of(args), checkpoint_state(run))
+        load_checkpoint(checkpoint_path_of(args), args, run.loaders.meta)
         print(f"preflight ok: {args.name} ({args.arch}, batch {args.batch_size}) ran data, model, switches, "
               "2 training steps, 1 eval batch and a checkpoint round trip")
-
-
-def save_weights(out: Path, name: str, raw_model: torch.nn.Module, best_weights: dict | None) -> dict:
-    """The trained weights (state dict, fp32) in OUT/models/: NAME.pt, and NAME-best-val.pt with a val split."""
-    folder = out / "models"
-    folder.mkdir(parents=True, exist_ok=True)
-    kept = {"final": folder / f"{name}.pt"}
-    save_checkpoint(kept["final"], {k: v.detach().cpu() for k, v in raw_model.state_dict().items()})
-    if best_weights is not None:
-        kept["best_val"] = folder / f"{name}-best-val.pt"
-        save_checkpoint(kept["best_val"], best_weights)
-    return {k: str(v.relative_to(out)) for k, v in kept.items()}
-
-
-def keep_preview(out: Path, data_dir: str, meta: dict, print0) -> str | None:
-    """The data's preview images (data.preview_path) beside the records, in OUT/previews/, one file per
-    test set, so that plot.py draws predictions.png from the results folder alone, on any machine.
-    Returns the file's path relative to OUT, or None (with a warning) if it could not be kept."""
-    name = f"previews/{meta['betons']['test']['sha256'][:12]}.npz"
-    try:
-        if not (out / name).exists():
-            source = data.preview_path(data_dir)
-            (out / "previews").mkdir(parents=True, exist_ok=True)
-            data.write_atomically(out / name, lambda tmp: shutil.copyfile(source, tmp))
-        return name
-    except (OSError, data.DataError) as error:
-        print0(f"warning: the preview images were not kept ({error}): plot.py will skip predictions.png of this run")
-        return None
-
-
-def start_line(args, device, world, params, train_loader, switches, compile_time) -> str:
-    return (f"{args.name}: {args.arch} ({params / 1e6:.2f} M params) on {device} "
-            f"[amp {switches['amp']}, {'channels-last' if switches['channels_last'] else 'NCHW'}, "
-            f"{'compiled' if switches['compile'] else 'eager'}, world {world}], "
-            f"{train_loader.num_samples:,} train images, {args.epochs} epochs"
-            + (f"; compiled in {compile_time:.1f} s" if compile_time else "")
-            + (f"; auto probes {switches['probe_time_s']:.1f} s: eager {switches['probe_img_per_s']} img/s"
-               if switches.get("probe_img_per_s") else "")
-            + (f", {switches['compile_probe_img_per_s']} img/s" if "compile_probe_img_per_s" in switches else ""))
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def epoch_line(row: dict, epochs: int) -> str:
-    line = (f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  train loss {row['train_loss']:.3f} "
-            f"acc {row['train_acc']:.1%}")
-    for split in ("val", "test"):
-        if f"{split}_acc" in row:
-            line += f"  {split} loss {row[f'{split}_loss']:.3f} acc {row[f'{split}_acc']:.1%}"
-    return line + (f"  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f} s  {row['train_img_per_s']:,.0f} img/s"
-                   f"  eval {row['eval_time_s']:.1f} s")
 
 
 def final_summary(record: dict, results: dict, progress: dict, stopped_early: bool, classes: list[str],
@@ -1068,12 +990,10 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     chosen_by_val = stopped_early or (record["config"]["early_stop"] is not None and progress["best_test"])
     test = progress["best_test"] if chosen_by_val else results["test"]
     reported_epoch = progress["best"]["epoch"] if chosen_by_val else history[-1]["epoch"]
-    confusion = test["confusion"]
-    per_class = per_class_accuracy(confusion, classes)
     sample = data.preview_indices(test["labels"])
     steady = [h for h in history if not h.get("pays_jit")] or history
-    final = {"test_loss": test["loss"], "test_acc": test["acc"], "per_class_acc": per_class, "confusion": confusion,
-             "reported_epoch": reported_epoch,
+    final = {"test_loss": test["loss"], "test_acc": test["acc"], "confusion": test["confusion"],
+             "per_class_acc": per_class_accuracy(test["confusion"], classes), "reported_epoch": reported_epoch,
              "reported_model": "best val epoch (--early-stop)" if chosen_by_val else "last epoch",
              "stopped_early": stopped_early, "last_epoch_test_acc": results["test"]["acc"],
              "val_acc": next((h.get("val_acc") for h in history if h["epoch"] == reported_epoch), None),
@@ -1092,6 +1012,67 @@ def final_summary(record: dict, results: dict, progress: dict, stopped_early: bo
     return final
 
 
+def per_class_accuracy(confusion: list[list[int]], classes: list[str]) -> dict[str, float]:
+    return {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
+
+
+def finish_run(run: Run, status: str, epoch: int) -> int:
+    """The last record (with the kept weights' paths), the checkpoint removed, one line; the exit code."""
+    args, record = run.args, run.record
+    if status == "preflight":  # checked; main throws its folder away
+        return 0
+    record.update(status=status, ended_at=now())
+    if status == "diverged":
+        record["diverged_epoch"] = epoch
+    if run.rank == 0:
+        if status == "finished":
+            record["final"]["weights"] = save_weights(run)
+            images = keep_preview(Path(args.out), args.data_dir, run.loaders.meta, run.print0)
+            if images:
+                record["final"]["predictions"]["images"] = images
+        data.save_json_atomic(json_path_of(args), record)
+        checkpoint_path_of(args).unlink(missing_ok=True)  # the JSON and the kept weights hold the result
+        run.board.close(record)
+    if status == "diverged":
+        run.print0(f"{args.name}: diverged in epoch {epoch} (non-finite training loss): lower --lr")
+        return EXIT_DIVERGED
+    final = record["final"]
+    run.print0(f"{args.name}: finished: test acc {final['test_acc']:.2%}, mean epoch "
+               f"{final['mean_epoch_time_s']:.1f} s, {final['train_img_per_s']:,.0f} img/s -> {json_path_of(args)}")
+    return 0
+
+
+def save_weights(run: Run) -> dict:
+    """The trained weights (state dict, fp32) in OUT/models/: NAME.pt, and NAME-best-val.pt with a val split."""
+    out, name = Path(run.args.out), run.args.name
+    kept = {"final": out / "models" / f"{name}.pt"}
+    kept["final"].parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(kept["final"], cpu_copy(run.training.raw_model.state_dict()))
+    if run.progress["best_weights"] is not None:
+        kept["best_val"] = out / "models" / f"{name}-best-val.pt"
+        save_checkpoint(kept["best_val"], run.progress["best_weights"])
+    return {k: str(v.relative_to(out)) for k, v in kept.items()}
+
+
+def keep_preview(out: Path, data_dir: str, meta: dict, print0) -> str | None:
+    """The data's preview images (data.preview_path) in OUT/previews/, one file per test set, so that
+    plot.py draws predictions.png from the results folder alone; their path relative to OUT, or None."""
+    name = f"previews/{meta['betons']['test']['sha256'][:12]}.npz"
+    try:
+        if not (out / name).exists():
+            source = data.preview_path(data_dir)
+            (out / "previews").mkdir(parents=True, exist_ok=True)
+            data.write_atomically(out / name, lambda tmp: shutil.copyfile(source, tmp))
+        return name
+    except (OSError, data.DataError) as error:
+        print0(f"warning: the preview images were not kept ({error}): plot.py will skip predictions.png of this run")
+        return None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # --- TensorBoard: OUT/tensorboard/NAME/, beside the JSON record, for `tensorboard --logdir OUT` ----------
 
 # The history's columns as TensorBoard tags: a quantity's train, val and test curves share a chart.
@@ -1104,18 +1085,16 @@ BOARD_FINAL = ("test_acc", "test_loss", "best_val_acc", "mean_epoch_time_s", "tr
 
 
 class TensorBoardLog:
-    """Event files in OUT/tensorboard/NAME/ (rank 0 only), one TensorBoard run per config, which starts
-    with the run's HParams session (its config). If they cannot be written, it says so once and the run
-    goes on: the JSON record is the source of truth.
+    """Event files (rank 0 only), one TensorBoard run per config, which starts with the run's HParams
+    session. If they cannot be written, it says so once and the run goes on: the JSON record is the
+    source of truth. A fresh run starts the folder anew; a resumed one appends to it, and its
+    purge_step tells readers to drop any epoch logged after the checkpoint, so no epoch shows twice."""
 
-    A fresh run starts the folder anew (the events of a run it replaces would mix in); a resumed one
-    appends to it, and its purge_step tells readers to drop any epoch logged after the checkpoint it
-    resumes from, so that no epoch shows twice."""
-
-    def __init__(self, out: Path, record: dict, resumed_after: int, print0, enabled: bool = True):
-        self.print0, self.writer = print0, None
-        if enabled:
-            self.guarded(self.open, out / "tensorboard" / record["name"], record, resumed_after)
+    def __init__(self, run: Run):
+        self.print0, self.writer = run.print0, None
+        if run.rank == 0 and not run.args.preflight:
+            self.guarded(self.open, Path(run.args.out) / "tensorboard" / run.args.name, run.record,
+                         run.progress["epoch"])
 
     def open(self, folder: Path, record: dict, resumed_after: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -1160,59 +1139,49 @@ class TensorBoardLog:
                         "and its JSON record, the source of truth, is complete")
 
 
-def hparams_of(record: dict) -> dict:
-    """The config as HParams columns: what decides the result (the roles in HPARAMS), the speed switches
-    as the run resolved them, lists as text, unset options out."""
-    config = {k: v for k, v in record["config"].items() if ROLES[k] in HPARAMS}
-    config.update({k: record["run"][k] for k in ("amp", "channels_last", "compile", "device", "world_size")})
-    return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in config.items()
-            if v is not None}
-
-
 def hparams_summary(record: dict, ended: bool = False):
-    """The HParams plugin's session start (the run's hyperparameters) or end (its status), as a Summary.
-
-    Only the sessions are written, no experiment: TensorBoard then builds one from every run under
-    --logdir, so a sweep's configs line up in one table. (tensorboard's own hparams summary module
-    needs TensorFlow; its metadata and protos, used here, do not.)"""
+    """The HParams plugin's session start (the config: the roles in HPARAMS and the speed switches as
+    resolved) or end (its status), as a Summary. Only sessions, no experiment: TensorBoard then builds
+    one from every run under --logdir, so a sweep's configs line up in one table. (torch's add_hparams
+    writes an experiment per run and bools as numbers; tensorboard's own summary module needs TensorFlow.)"""
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    info = plugin_data_pb2.HParamsPluginData()
     if ended:
-        status = api_pb2.STATUS_SUCCESS if record["status"] == "finished" else api_pb2.STATUS_FAILURE
-        data_pb = plugin_data_pb2.HParamsPluginData(
-            session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time()))
-        tag = metadata.SESSION_END_INFO_TAG
+        info.session_end_info.status = (api_pb2.STATUS_SUCCESS if record["status"] == "finished" else
+                                        api_pb2.STATUS_FAILURE)
+        info.session_end_info.end_time_secs = time.time()
     else:
-        data_pb = plugin_data_pb2.HParamsPluginData(
-            session_start_info=plugin_data_pb2.SessionStartInfo(start_time_secs=time.time()))
-        for key, value in hparams_of(record).items():
-            kind = ("bool_value" if isinstance(value, bool) else
-                    "number_value" if isinstance(value, (int, float)) else "string_value")
-            setattr(data_pb.session_start_info.hparams[key], kind, value)
-        tag = metadata.SESSION_START_INFO_TAG
-    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data_pb))])
+        info.session_start_info.start_time_secs = time.time()
+        config = {k: v for k, v in record["config"].items() if ROLES[k] in HPARAMS}
+        config.update({k: record["run"][k] for k in ("amp", "channels_last", "compile", "device", "world_size")})
+        for key, value in config.items():
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            kind = ("bool_value" if isinstance(value, bool) else "number_value" if isinstance(value, (int, float))
+                    else "string_value" if value is not None else None)
+            if kind:
+                setattr(info.session_start_info.hparams[key], kind, value)
+    tag = metadata.SESSION_END_INFO_TAG if ended else metadata.SESSION_START_INFO_TAG
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(info))])
 
 
 # --- --eval-only: a finished run's kept weights on the test set again ------------------------------------
 
 def evaluate_saved(args: argparse.Namespace) -> int:
     """Evaluate the weights a finished run kept and print what the record's `final` shows; write nothing.
-
-    Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device
-    and torch build this gives the record's test accuracy exactly (a compiled run's evaluation used
-    other kernels, which may round differently)."""
+    Eager, with the run's autocast dtype, memory layout and per-rank eval batch: on the run's device and
+    torch build this gives the record's test accuracy exactly (compiled kernels may round differently)."""
     record, source = args.from_record, Path(args.from_json)
-    weights = kept_weights(record, source, args.eval_weights)
     device = speed.resolve_device(args.device, None)
     amp, channels_last = record["run"]["amp"], record["run"]["channels_last"]
     memory = speed.memory_format(channels_last)
     args.batch_size_per_rank = args.batch_size // record["run"]["world_size"]
     classes = record["classes"]
     model = models.build_from_config(record["config"], num_classes=len(classes))
-    model.load_state_dict(kept_state(weights, model, record, source, device))
+    weights, state = kept_state(record, source, args.eval_weights, model, device)
+    model.load_state_dict(state)
     model = model.to(device, memory_format=memory)
-    workers, _ = data.check_workers(args.workers, 1)
-    meta, _, _, test_loader = make_loaders(args, device, 1, workers)
+    meta, _, _, test_loader = make_loaders(args, device, 1, data.check_workers(args.workers, 1)[0])
     if meta["classes"] != classes:
         raise SystemExit(f"error: {args.data_dir} holds the classes {meta['classes']}, the run was trained on "
                          f"{classes}: pass the run's --data-dir")
@@ -1220,46 +1189,36 @@ def evaluate_saved(args: argparse.Namespace) -> int:
     print(f"{record['name']}: {args.eval_weights} weights ({weights}) on {device} [amp {amp}, "
           f"{'channels-last' if channels_last else 'NCHW'}, eager, batch {args.batch_size_per_rank}, "
           f"{'tta' if args.tta else 'no tta'}]")
-    print(evaluation_report(result, classes, recorded_test(record, args.eval_weights, args.tta)))
+    recorded, history = None, record["history"]  # the record's figures of these weights: none for another --tta
+    if args.tta == record["config"]["tta"]:
+        epoch = record["final"]["best_val_epoch"] if args.eval_weights == "best-val" else history[-1]["epoch"]
+        row = next(r for r in history if r["epoch"] == epoch)
+        recorded = {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"],
+                    "compiled": record["run"]["compile"]}
+    print(evaluation_report(result, classes, recorded))
     return 0
 
 
-def rerun_command(record: dict, source: Path) -> str:
-    """The command that trains a recorded run again under its name (add --resume or --overwrite)."""
-    return f"python train.py --from {source} --name {record.get('name')}"
-
-
-def kept_weights(record: dict, source: Path, which: str) -> Path:
-    """The weights file --eval-only evaluates; refuses in one line, naming the fix, when there is none."""
-    again = rerun_command(record, source)
-    kept = (record.get("final") or {}).get("weights")
-    if record.get("status") != "finished" or not kept:
+def kept_state(record: dict, source: Path, which: str, model: torch.nn.Module, device) -> tuple[Path, dict]:
+    """The weights file --eval-only evaluates and its state dict, if it fits the record's network;
+    refuses in one line, naming the fix, a run that kept none or a file that holds something else."""
+    name, status, kept = record.get("name"), record.get("status"), (record.get("final") or {}).get("weights")
+    again = f"python train.py --from {source} --name {name}"  # trains the recorded run again under its name
+    if status != "finished" or not kept:
         fix = {"running": f"finish it first: {again} --resume",
                "diverged": f"it diverged: train it again with a lower --lr ({again} --lr LR --overwrite)"}
-        raise SystemExit(f"error: {source} keeps no weights (status {record.get('status')}): "
-                         + fix.get(record.get("status"), f"run it again to completion: {again} --overwrite"))
-    key = which.replace("-", "_")
-    if key not in kept:
+        raise SystemExit(f"error: {source} keeps no weights (status {status}): "
+                         + fix.get(status, f"run it again to completion: {again} --overwrite"))
+    if which.replace("-", "_") not in kept:
         raise SystemExit(f"error: {source} has no {which} weights (it was trained without --val-split): "
                          "use --weights final")
-    path = source.parent / kept[key]
+    path = source.parent / kept[which.replace("-", "_")]
     if not path.exists():
         raise SystemExit(f"error: {path}, the {which} weights of {source}, is missing: "
                          f"run it again to completion: {again} --overwrite")
-    return path
-
-
-def kept_state(path: Path, model: torch.nn.Module, record: dict, source: Path, device: torch.device) -> dict:
-    """The state dict in a run's weights file, if it fits the record's network; refuses in one line,
-    naming the fix, a file that holds something else (replaced by hand, another run's weights)."""
-    network, name = network_of(record["config"]), record["name"]
-    again = f"{rerun_command(record, source)} --overwrite"
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # truncated or not a torch file: unpickling errors of many kinds
-        raise SystemExit(f"error: {path}, the weights of {source}, is unreadable ({type(error).__name__}): "
-                         f"make them again: {again}") from None
-    fix = f"point --from to the record of the run that made it, or make {name}'s weights again: {again}"
+    state = load_or_refuse(path, f"{path}, the weights of {source}", f"make them again: {again} --overwrite", device)
+    network = network_of(record["config"])
+    fix = f"point --from to the record of the run that made it, or make {name}'s weights again: {again} --overwrite"
     if isinstance(state, dict) and isinstance(state.get("fingerprint"), dict):  # checkpoint_state's
         raise SystemExit(f"error: {path} holds a training checkpoint of {network_of(state['fingerprint'])}, "
                          f"not the weights of {name}'s network ({network}): {fix}")
@@ -1267,18 +1226,17 @@ def kept_state(path: Path, model: torch.nn.Module, record: dict, source: Path, d
     if mismatch:
         raise SystemExit(f"error: {path} does not hold the weights of {name}'s network ({network}): its tensors "
                          f"do not match ({mismatch}): {fix}")
-    return state
+    return path, state
 
 
 def network_of(config: dict) -> str:
     """The flags that make a recorded (or checkpointed) run's network, e.g. '--arch resnet20 --pool avg'."""
-    arch = config["arch"]
-    flags = [f"--arch {arch}", f"--pool {config['pool']}"]
+    flags = [f"--arch {config['arch']}", f"--pool {config['pool']}"]
     if config["stem"] != "cifar":
         flags.append(f"--stem {config['stem']}")
     if not config["pool_norm"]:
         flags.append("--no-pool-norm")
-    for option in models.ARCHS[arch].options:
+    for option in models.ARCHS[config["arch"]].options:
         value = config.get(option)
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, list) else value
@@ -1291,33 +1249,14 @@ def state_mismatch(state, expected: dict) -> str | None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return f"it holds a {type(state).__name__}, not a state dict of tensors"
     counts = f"{len(state)} tensors there, {len(expected)} in the network"
+    shape = lambda tensor: "×".join(map(str, tensor.shape)) or "a scalar"  # noqa: E731
     for key, tensor in expected.items():
         if key not in state:
             return f"{key} is missing; {counts}"
         if state[key].shape != tensor.shape:
-            return f"{key} is {shape_of(state[key])} there, {shape_of(tensor)} in the network; {counts}"
+            return f"{key} is {shape(state[key])} there, {shape(tensor)} in the network; {counts}"
     extra = next((key for key in state if key not in expected), None)
     return f"{extra} is not in the network; {counts}" if extra else None
-
-
-def shape_of(tensor: torch.Tensor) -> str:
-    return "×".join(map(str, tensor.shape)) or "a scalar"
-
-
-def recorded_test(record: dict, which: str, tta: bool) -> dict | None:
-    """The record's test accuracy and loss of these weights, or None when it has none to compare (the
-    evaluation is of another --tta than the run's)."""
-    if tta != record["config"]["tta"]:
-        return None
-    final = record["final"]
-    epoch = final["best_val_epoch"] if which == "best-val" else record["history"][-1]["epoch"]
-    row = next(r for r in record["history"] if r["epoch"] == epoch)
-    return {"epoch": epoch, "acc": row["test_acc"], "loss": row["test_loss"],
-            "compiled": record["run"]["compile"]}
-
-
-def per_class_accuracy(confusion: list[list[int]], classes: list[str]) -> dict[str, float]:
-    return {c: confusion[i][i] / max(1, sum(confusion[i])) for i, c in enumerate(classes)}
 
 
 def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -> str:
@@ -1336,8 +1275,7 @@ def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -
                    "differs: another device, torch build or data?")
         lines.append(f"the record, epoch {recorded['epoch']}: test acc {recorded['acc']:.2%}, loss "
                      f"{recorded['loss']:.4f}: {verdict}")
-    width = max(6, len(str(total)) + 1)
-    name_width = max(map(len, classes))
+    width, name_width = max(6, len(str(total)) + 1), max(map(len, classes))
     lines.append("per-class accuracy:")
     lines += [f"  {c:<{name_width}}  {acc:7.2%}" for c, acc in per_class_accuracy(confusion, classes).items()]
     lines.append("confusion matrix (rows: true class, columns: predicted):")
@@ -1347,25 +1285,21 @@ def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -
     return "\n".join(lines)
 
 
+# --- Ctrl-C and SIGTERM ----------------------------------------------------------------------------------
+
 def stop_on_signals() -> None:
     """Ctrl-C, and SIGTERM (how Slurm and Kubernetes stop jobs), stop the run with its checkpoint.
 
     The handler raises KeyboardInterrupt and also sets INTERRUPTED: Python drops an exception raised
-    while a __del__ runs (FFCV's epoch iterator has one), so the loops check the flag as well."""
+    while a __del__ runs (FFCV's epoch iterator has one), so the loops check the flag as well. A second
+    signal while stopping (a second Ctrl-C, the sweep's SIGTERM after the terminal's SIGINT) is ignored."""
     def handler(signum, frame):
         global INTERRUPTED
-        INTERRUPTED = True
-        raise KeyboardInterrupt
+        if not INTERRUPTED:
+            INTERRUPTED = True
+            raise KeyboardInterrupt
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-def leave_interrupted() -> None:
-    """Exit 130 at once: interpreter teardown while FFCV's loader thread is mid-batch can abort
-    (SIGABRT). Every file is already complete: JSON and checkpoint are written atomically."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
 
 
 def stop_if_interrupted() -> None:

@@ -185,8 +185,10 @@ def test_a_fresh_run_never_replaces_a_finished_record_or_an_interrupted_checkpoi
     with pytest.raises(SystemExit, match="already holds a finished run.*--overwrite"):
         run(tmp_path, synthetic_data, "--epochs", "1", "--name", "done")
     assert (tmp_path / "results" / "done.json").read_bytes() == before
-    assert run(tmp_path, synthetic_data, "--epochs", "1", "--name", "done", "--resume") == 0  # nothing to do
-    assert "nothing to resume" in capsys.readouterr().out
+    with monkeypatch.context() as no_work:  # said before any loader or model is built: a sweep skips it at once
+        no_work.setattr(train, "make_loaders", lambda *a: pytest.fail("built the loaders of a finished run"))
+        assert run(tmp_path, synthetic_data, "--epochs", "1", "--name", "done", "--resume") == 0
+    assert "done: already finished" in capsys.readouterr().out
     assert (tmp_path / "results" / "done.json").read_bytes() == before
     run_killed_after_first_checkpoint(monkeypatch, tmp_path, synthetic_data, "--epochs", "2", "--name", "cut")
     ckpt = tmp_path / "results" / "checkpoints" / "cut.pt"
@@ -197,13 +199,15 @@ def test_a_fresh_run_never_replaces_a_finished_record_or_an_interrupted_checkpoi
     assert run(tmp_path, synthetic_data, "--epochs", "1", "--name", "done", "--overwrite") == 0
 
 
-def test_a_run_another_process_holds_is_not_touched(tmp_path, synthetic_data):
+def test_a_run_another_process_holds_is_not_touched(monkeypatch, tmp_path, synthetic_data):
     folder = tmp_path / "results" / "checkpoints"
     folder.mkdir(parents=True)
+    monkeypatch.setattr(train, "make_loaders", lambda *a: pytest.fail("built the loaders of a run it cannot claim"))
     with open(folder / "live.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit, match="being trained by another process"):
-            run(tmp_path, synthetic_data, "--epochs", "1", "--name", "live")
+        for flags in ([], ["--resume"]):
+            with pytest.raises(SystemExit, match="being trained by another process"):
+                run(tmp_path, synthetic_data, "--epochs", "1", "--name", "live", *flags)
     assert not (tmp_path / "results" / "live.json").exists()
 
 
