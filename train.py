@@ -33,8 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from tqdm import tqdm
 
 import data
@@ -489,13 +491,14 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
 # --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    version = importlib.metadata.version  # of packages train.py cannot run without
     here = Path(__file__).resolve().parent
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True).stdout.strip()
-    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
-           "ffcv": version("ffcv"), "numpy": version("numpy"), "host": platform.node(),
+    def git(*argv: str) -> str:  # a copy without git (a tarball, a bare container) records no commit
+        if not shutil.which("git"):
+            return ""
+        return subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True).stdout.strip()
+    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "ffcv": importlib.metadata.version("ffcv"), "numpy": np.__version__, "host": platform.node(),
            "git_commit": (commit + ("-dirty" if dirty else "")) or None, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
