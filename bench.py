@@ -175,7 +175,7 @@ def time_train_step(setup: Setup, device: torch.device, args: argparse.Namespace
     result = {"img_per_s": round(plan["batch_size"] / step, 1), "step_s": step, "first_step_s": first,
               "rep_step_s": reps, **setup.mode._asdict()}
     if device.type == "cuda":
-        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["peak_memory_mb"] = speed.peak_memory_mb(device)
     return result
 
 
@@ -227,7 +227,7 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    speed.reset_peak_memory(device)
 
 
 def first_line(error: Exception) -> str:

@@ -106,6 +106,17 @@ def test_cuda_runs_are_recorded_with_the_gpu_and_its_peak_memory_after_compiling
     assert fake_gpu.synchronize_calls[-1][0] == 0
 
 
+def test_bench_gives_each_mode_the_peak_memory_of_its_own_steps(fake_gpu):
+    import bench
+    device = speed.resolve_device("auto", None)
+    fake_gpu.allocate(0, 900 * 2**20)  # the mode timed before: its model and compiled graphs
+    fake_gpu.free(0, 900 * 2**20)
+    bench.release_memory(device)
+    fake_gpu.allocate(0, 100 * 2**20)
+    assert speed.peak_memory_mb(device) == pytest.approx(100)
+    assert fake_gpu.calls_named("_cuda_emptyCache")  # the cached blocks go back before the next mode
+
+
 def test_checkpoint_keeps_and_restores_the_gpu_rng(fake_gpu, tmp_path):
     device = speed.resolve_device("auto", None)
     model = tiny_model()
