@@ -5,12 +5,9 @@
     python plot.py --status results                # one line per run: status, epochs, test acc, epoch time
 
 Runs are grouped into configs by name minus the trailing "-s<seed>"; a config's factors are its record's
-"factors". Finished runs make the table and the final-accuracy figures; the others are drawn as curves.
-summary.md starts with what the comparison can conclude: each config's mean test accuracy with a 95 %
-interval (Student t over seeds; with one seed, the test set's binomial error), the best config and those tied
-with it (Welch's t, or for single runs McNemar on paired predictions, else a two-proportion test, at 5 %),
-ranked by val accuracy when every config has a val split (so the test set never chooses), and each factor's
-effect averaged over matched configs. A figure that does not apply is not drawn, nor left stale in --out.
+"factors". Finished runs make the table and the final-accuracy figures, the others are drawn as curves, and
+summary.md starts with what the comparison can conclude (docs/statistics.md says how). A figure that does not
+apply is not drawn, nor left stale in --out.
 """
 
 from __future__ import annotations
@@ -38,16 +35,10 @@ import data
 
 SCHEMA_VERSION = 1  # the train.py record format this script reads
 DPI = 150
-COLORS = [f"C{i}" for i in range(10)]
 LINE_STYLES = ["-", "--", ":", "-."]  # with 10 colours: 20 distinct lines, and readable in greyscale
 N_PREDICTIONS = 32  # 4 rows of 8: the labels stay legible on paper
-FINAL_FIGURES = ["accuracy.png", "per_class.png", "confusion.png", "predictions.png", "datasize.png",
-                 "speed.png", "accuracy_vs_params.png", "accuracy_vs_time.png"]
-SHOWN_FACTORS = ["arch", "pool", "opt", "stem", "pretrained", "fraction", "epochs"]  # the table's design columns
-TABLE_COLUMNS = ["config", "arch", "pool", "opt", "stem", "pretrained", "fraction", "params", "epochs",
-                 "best_val_acc", "val_acc_mean", "val_acc_ci95", "test_acc_mean", "test_acc_std_ddof1",
-                 "test_acc_ci95", "test_acc_ci95_over", "n_seeds", "n_test_images", "ranked_by", "vs_best",
-                 "vs_best_test", "vs_best_p", "mean_epoch_time_s", "img_per_s", "device"]
+ALPHA = 0.05  # two-sided level of every interval and test here
+Z_975 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,14 +53,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---- reading runs ----
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dirs, out = [Path(d) for d in args.results_dirs], Path(args.out)
+    if args.status:
+        return print_status([d for d in dirs if d.is_dir()])  # a folder not made yet has no runs
+    for d in dirs:
+        if not d.is_dir():
+            sys.exit(f"{d} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
+    runs = load_runs(dirs)
+    if not runs:
+        sys.exit(f"no usable run JSONs in {', '.join(map(str, dirs))}: run train.py first")
+    configs = defaultdict(list)
+    for run in runs:
+        configs[re.sub(r"-s\d+$", "", run["name"])].append(run)
+        if run["status"] != "finished":
+            print(f"{run['_file']}: {run['status']}: drawn as curves, left out of final-accuracy figures and the table")
+    rows, by = rank(summarize(configs))
+    mark_ties_with_best(rows, by)
+    blocks = [*(("conclusion", line) for line in conclusion_lines(rows, by)), *config_table(rows, by),
+              *factor_table(rows)]
+    figures, skipped = draw_figures(configs, rows, by, runs[0]["classes"], dirs, out)
+    if skipped:
+        print("skipped figures: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+    if rows and all(r["n_seeds"] == 1 for r in rows):
+        print("one seed per config: intervals cover test-set sampling only, not seed-to-seed spread (run SEEDS=3)")
+    if not any("val_acc" in h for run in runs for h in run["history"]):
+        print("no val split (config.val_split = 0): curves show train/test only, configs are ranked by test acc")
+    elif by == "test" and rows:
+        print("val split in only some configs: ranked by test acc (give every config --val-split to choose by val)")
+
+    markdown = to_markdown(blocks)
+    save(out / "summary.md", markdown)
+    save(out / "summary.csv", summary_csv(rows))
+    page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
+            ("heading", "Figures")]
+    if skipped:
+        page.append(("note", "Not drawn: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())))
+    page += [("figure", out / name, name, caption) for name, caption in figures.items()]
+    save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
+    print(f"wrote figures, summary.md, summary.csv and report.html to {out}/\n")
+    print(markdown)
+
+
+# ---- reading runs: a record's format is checked once, here; the rest indexes what train.py always writes ----
 
 def finite(v: object) -> bool:
     return isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_run(path: Path) -> tuple[dict | None, str]:
-    """Return (record, "") or (None, why it cannot be used): the one place a record's format is checked."""
+    """Return (record, "") or (None, why it cannot be used)."""
     try:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -85,10 +119,6 @@ def load_run(path: Path) -> tuple[dict | None, str]:
     return record, ""
 
 
-def is_finished(run: dict) -> bool:
-    return run.get("status") == "finished"
-
-
 def load_runs(dirs: list[Path]) -> list[dict]:
     """Every usable record in the top level of dirs; each unusable one is reported in one line."""
     runs, seen = [], {}
@@ -99,44 +129,31 @@ def load_runs(dirs: list[Path]) -> list[dict]:
         elif run["name"] in seen:  # the same run copied into two dirs would count as two seeds
             print(f"skipped {path}: duplicate run name {run['name']!r} (also in {seen[run['name']]})")
         else:
-            seen[run["name"]] = path
-            run["_file"] = path  # files it names (the preview images) are relative to it
+            seen[run["name"]] = run["_file"] = path  # files it names (the preview images) are relative to it
             runs.append(run)
     return runs
 
 
-def mean_of(values: list) -> float | None:
-    """Mean of the finite numbers among values (None when there are none, e.g. best_val_acc without a val split)."""
-    xs = [v for v in values if finite(v)]
-    return statistics.fmean(xs) if xs else None
+def mean_or_none(xs: list) -> float | None:
+    return None if not xs or None in xs else statistics.fmean(xs)  # best_val_acc is null without a val split
 
 
 def val_size(run: dict) -> int | None:
     """How many images the val accuracy was measured on. Records hold the training images, not these:
     data.split_indices holds out val_split of each class, then takes the fraction of the rest; undo that."""
-    cfg, n_train = run["config"], run.get("run", {}).get("train_images")
-    split, fraction = cfg.get("val_split") or 0, cfg.get("fraction") or 1
-    if not (split > 0 and finite(n_train)):
-        return None
-    return round(n_train / fraction / (1 - split) * split)
+    split, fraction = run["config"]["val_split"], run["config"]["fraction"]
+    return round(run["run"]["train_images"] / fraction / (1 - split) * split) if split > 0 else None
 
 
 def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
-    """(the test labels, whether each test image is right), from final.test_preds and final.test_labels
-    (train.py keeps them when every label is one digit)."""
+    """(the test labels, whether each test image is right); train.py keeps them when every label is one digit."""
     preds, labels = run["final"].get("test_preds"), run["final"].get("test_labels")
-    if not (isinstance(preds, str) and isinstance(labels, str) and len(preds) == len(labels)):
+    if preds is None or labels is None or len(preds) != len(labels):
         return None
     return labels, np.frombuffer(preds.encode(), np.uint8) == np.frombuffer(labels.encode(), np.uint8)
 
 
-# ---- statistics ----
-# Plain math, each function checked against closed forms in tests/test_stats.py; kept in this one
-# section so that a statistics library can replace it without touching the rest.
-
-ALPHA = 0.05  # two-sided level of every interval and test here
-Z_975 = 1.959963984540054  # the standard normal's 97.5 % quantile
-
+# ---- statistics: plain math, each function checked against closed forms in tests/test_stats.py ----
 
 def regularized_beta(x: float, a: float, b: float) -> float:
     """I_x(a, b), by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
@@ -182,23 +199,21 @@ def t_half_width(xs: list[float]) -> float:
     return t_quantile(1 - ALPHA / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
+def t_p(diff: float, se: float, df: float) -> float:
+    return float(diff == 0) if se == 0 else t_two_sided_p(diff / se, df)  # se 0: any difference at all is certain
+
+
 def welch_p(xs: list[float], ys: list[float]) -> float:
     """Two-sided p of Welch's t-test (unequal variances, Welch-Satterthwaite df); needs >= 2 values each."""
     vx, vy = statistics.variance(xs) / len(xs), statistics.variance(ys) / len(ys)
-    diff = statistics.fmean(xs) - statistics.fmean(ys)
-    if vx + vy == 0:  # identical seeds on both sides: any difference at all is certain
-        return float(diff == 0)
-    df = (vx + vy) ** 2 / (vx ** 2 / (len(xs) - 1) + vy ** 2 / (len(ys) - 1))
-    return t_two_sided_p(diff / math.sqrt(vx + vy), df)
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(xs) - 1) + vy ** 2 / (len(ys) - 1)) if vx + vy else 1
+    return t_p(statistics.fmean(xs) - statistics.fmean(ys), math.sqrt(vx + vy), df)
 
 
 def single_run_vs_seeds_p(x: float, ys: list[float]) -> float:
     """Two-sided p that one run x comes from the same spread as the seeds ys (a prediction-interval t-test:
     t = (x - mean) / (sd * sqrt(1 + 1/n)), n - 1 df). It assumes x's config has the same seed spread as ys'."""
-    sd, diff = statistics.stdev(ys), x - statistics.fmean(ys)
-    if sd == 0:
-        return float(diff == 0)
-    return t_two_sided_p(diff / (sd * math.sqrt(1 + 1 / len(ys))), len(ys) - 1)
+    return t_p(x - statistics.fmean(ys), statistics.stdev(ys) * math.sqrt(1 + 1 / len(ys)), len(ys) - 1)
 
 
 def mcnemar_p(only_a_right: int, only_b_right: int) -> float:
@@ -212,9 +227,7 @@ def two_proportion_p(acc_a: float, n_a: int, acc_b: float, n_b: int) -> float:
     """Two-sided p of the pooled two-proportion z-test."""
     pooled = (acc_a * n_a + acc_b * n_b) / (n_a + n_b)
     se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    if se == 0:
-        return float(acc_a == acc_b)
-    return math.erfc(abs(acc_a - acc_b) / se / math.sqrt(2))  # P(|Z| >= z) for a standard normal Z
+    return float(acc_a == acc_b) if se == 0 else math.erfc(abs(acc_a - acc_b) / se / math.sqrt(2))
 
 
 def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | None, str]:
@@ -232,32 +245,27 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
     """One row per config that has finished runs, with test (and val) accuracy: mean, spread and interval."""
     rows = []
     for label, runs in configs.items():
-        done = [r for r in runs if is_finished(r)]
+        done = [r for r in runs if r["status"] == "finished"]
         if not done:
             continue
-        factors = {k: tuple(v) if isinstance(v, list) else v for k, v in done[0]["factors"].items()}
-        # final.val_acc: the reported model's, null without a val split
-        test_accs, val_accs = [r["final"]["test_acc"] for r in done], [r["final"].get("val_acc") for r in done]
-        val_accs = None if None in val_accs else val_accs
-        # the confusion matrix counts each test image once
-        n_test, n_val = int(sum(map(sum, done[0]["final"]["confusion"]))), val_size(done[0])
-        test_ci, test_ci_over = accuracy_interval(test_accs, n_test)
         finals = [r["final"] for r in done]
+        test_accs, val_accs = [f["test_acc"] for f in finals], [f["val_acc"] for f in finals]
+        val_accs = None if None in val_accs else val_accs  # final.val_acc is null without a val split
+        n_test, n_val = int(np.sum(finals[0]["confusion"])), val_size(done[0])  # the confusion counts each image once
+        test_ci, test_ci_over = accuracy_interval(test_accs, n_test)
         rows.append({
-            "config": label, **{k: factors.get(k) for k in SHOWN_FACTORS},
-            "params": done[0].get("model", {}).get("params"),
-            "best_val_acc": mean_of([f.get("best_val_acc") for f in finals]),
+            "config": label, "factors": {k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in done[0]["factors"].items()},
+            "params": done[0]["model"]["params"], "best_val_acc": mean_or_none([f["best_val_acc"] for f in finals]),
             "val_accs": val_accs, "val_acc_mean": statistics.fmean(val_accs) if val_accs else None,
             "val_acc_ci95": accuracy_interval(val_accs, n_val)[0] if val_accs else None, "n_val_images": n_val,
             "test_accs": test_accs, "test_acc_mean": statistics.fmean(test_accs),
             "test_acc_std_ddof1": statistics.stdev(test_accs) if len(test_accs) >= 2 else None,
             "test_acc_ci95": test_ci, "test_acc_ci95_over": test_ci_over, "n_test_images": n_test,
-            "n_seeds": len(done), "mean_epoch_time_s": mean_of([f.get("mean_epoch_time_s") for f in finals]),
-            "img_per_s": mean_of([f.get("train_img_per_s") for f in finals]),
-            "train_time_s": mean_of([f.get("train_time_s") for f in finals]),
-            "device": " / ".join(sorted({str(r["env"].get("device_name") or r["run"]["device"]) for r in done})),
-            "factors": factors, "runs": done,
-        })
+            "n_seeds": len(done), "mean_epoch_time_s": statistics.fmean(f["mean_epoch_time_s"] for f in finals),
+            "img_per_s": statistics.fmean(f["train_img_per_s"] for f in finals),
+            "train_time_s": statistics.fmean(f["train_time_s"] for f in finals),
+            "device": " / ".join(sorted({r["env"]["device_name"] for r in done})), "runs": done})
     return rows
 
 
@@ -276,10 +284,9 @@ def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None
     if len(a) >= 2 or len(b) >= 2:
         single, seeds = (b, a) if len(a) >= 2 else (a, b)
         return "1 run vs seeds t", single_run_vs_seeds_p(single[0], seeds)
-    if by == "test":
-        pa, pb = correct_per_image(best["runs"][0]), correct_per_image(row["runs"][0])
-        if pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
-            return "McNemar", mcnemar_p(int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1])))
+    pa, pb = correct_per_image(best["runs"][0]), correct_per_image(row["runs"][0])
+    if by == "test" and pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
+        return "McNemar", mcnemar_p(int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1])))
     na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]
     if na and nb:  # unpaired: it ignores that both saw the same images, so it finds ties more easily
         return "two-proportion z", two_proportion_p(a[0], na, b[0], nb)
@@ -288,10 +295,9 @@ def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None
 
 def mark_ties_with_best(rows: list[dict], by: str) -> None:
     """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %), "worse" or "untested"."""
-    rows[0] |= {"vs_best": "best", "vs_best_test": "", "vs_best_p": None}
-    for row in rows[1:]:
-        test, p = compare_with_best(rows[0], row, by)
-        row |= {"vs_best": "untested" if p is None else "tied" if p >= ALPHA else "worse",
+    for i, row in enumerate(rows):
+        test, p = compare_with_best(rows[0], row, by) if i else ("", None)
+        row |= {"vs_best": "best" if i == 0 else "untested" if p is None else "tied" if p >= ALPHA else "worse",
                 "vs_best_test": test, "vs_best_p": p}
 
 
@@ -299,13 +305,19 @@ def shown_run(row: dict) -> tuple[dict, str]:
     """The seed that confusion.png and predictions.png show, and why that one: the best val accuracy when there is
     a val split, else the median test accuracy; never the best test accuracy, which flatters the config."""
     runs = row["runs"]
-    if all(r["final"].get("val_acc") is not None for r in runs):
+    if all(r["final"]["val_acc"] is not None for r in runs):
         return max(runs, key=lambda r: (r["final"]["val_acc"], r["name"])), "its best val acc"
     by_test = sorted(runs, key=lambda r: (r["final"]["test_acc"], r["name"]))
     return by_test[(len(by_test) - 1) // 2], f"median test acc of {len(runs)} seeds" if len(runs) > 1 else "one seed"
 
 
 # ---- factors: the effect of one design choice, averaged over the others ----
+
+def varying_factors(rows: list[dict]) -> list[str]:
+    """The factors whose level differs between configs, in the records' order."""
+    return [k for k in dict.fromkeys(k for r in rows for k in r["factors"])
+            if len({r["factors"].get(k) for r in rows}) > 1]
+
 
 def level_order(v: object) -> tuple:
     """Numbers in numeric order (fraction 0.25 < 0.5 < 1), then text, then None."""
@@ -316,25 +328,23 @@ def factor_effects(rows: list[dict]) -> tuple[list[dict], list[str]]:
     """Each level of each varying factor against the factor's first level, on mean test accuracy, averaged over
     matched pairs (two configs equal in every other factor), so that no other choice is mixed into the effect.
     Also the factors that never vary alone (no matched pair): their effect cannot be told from another's."""
-    factors = [k for k in dict.fromkeys(k for r in rows for k in r["factors"])
-               if len({r["factors"].get(k) for r in rows}) > 1]
-    effects, confounded = [], []
+    factors, effects, confounded = varying_factors(rows), [], []
     for f in factors:
         others = [g for g in factors if g != f]
         cells = defaultdict(dict)  # the other factors' levels -> {this factor's level: mean test acc}
         for r in rows:
             cells[tuple(r["factors"].get(g) for g in others)][r["factors"].get(f)] = r["test_acc_mean"]
         ref, *levels = sorted({r["factors"].get(f) for r in rows}, key=level_order)
-        n_before = len(effects)
+        found = []
         for level in levels:
             matched = [key for key, cell in cells.items() if level in cell and ref in cell]
             diffs = [cells[key][level] - cells[key][ref] for key in matched]
             if diffs:
-                effects.append({"factor": f, "level": level, "reference": ref, "effect": statistics.fmean(diffs),
-                                "ci95": t_half_width(diffs) if len(diffs) >= 2 else None, "pairs": len(diffs),
-                                "over": [g for i, g in enumerate(others) if len({key[i] for key in matched}) > 1]})
-        if len(effects) == n_before:
-            confounded.append(f)
+                found.append({"factor": f, "level": level, "reference": ref, "effect": statistics.fmean(diffs),
+                              "ci95": t_half_width(diffs) if len(diffs) >= 2 else None, "pairs": len(diffs),
+                              "over": [g for i, g in enumerate(others) if len({key[i] for key in matched}) > 1]})
+        effects += found
+        confounded += [] if found else [f]
     return effects, confounded
 
 
@@ -346,9 +356,8 @@ def acc_text(row: dict, by: str) -> str:
 
 
 def chosen_text(row: dict, by: str) -> str:
-    if by == "test":
-        return f"{row['config']} ({acc_text(row, 'test')})"
-    return f"{row['config']} (val {acc_text(row, 'val')}, test {acc_text(row, 'test')})"
+    accs = acc_text(row, "test") if by == "test" else f"val {acc_text(row, 'val')}, test {acc_text(row, 'test')}"
+    return f"{row['config']} ({accs})"
 
 
 def conclusion_lines(rows: list[dict], by: str) -> list[str]:
@@ -381,6 +390,37 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
 
 # ---- figures: each returns the Figure, or why it does not apply; its docstring is its caption in report.html ----
 
+def draw_figures(configs: dict[str, list[dict]], rows: list[dict], by: str, classes: list[str], dirs: list[Path],
+                 out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Write every figure that applies: ({name: caption} of those drawn, {name: why not} of the others)."""
+    final = {"accuracy.png": (plot_accuracy, rows, by), "per_class.png": (plot_per_class, rows, classes),
+             "confusion.png": (plot_confusion, rows, classes), "predictions.png": (plot_predictions, rows, classes),
+             "datasize.png": (plot_datasize, rows), "speed.png": (plot_speed, rows),
+             "accuracy_vs_params.png": (plot_accuracy_vs, rows, "params"),
+             "accuracy_vs_time.png": (plot_accuracy_vs, rows, "train_time_s")}
+    figures = {"loss_curves.png": (plot_loss_curves, configs), **final, "bench.png": (plot_bench, dirs)}
+    note = ""
+    if rows:
+        shown, why = shown_run(rows[0])
+        print(f"confusion.png and predictions.png show {shown['name']} ({why})")
+        note = f" Shown: {shown['name']}, the {'chosen' if by == 'val' else 'best'} config's seed with {why}."
+    drawn, skipped = {}, {}
+    for name, (plot, *inputs) in figures.items():
+        fig = plot(*inputs) if rows or name not in final else "no finished runs"
+        if isinstance(fig, str):
+            skipped[name] = fig
+            (out / name).unlink(missing_ok=True)  # a figure left from earlier results would describe these ones
+        else:
+            save(out / name, fig)
+            drawn[name] = " ".join(plot.__doc__.split()) + note * (name in ("confusion.png", "predictions.png"))
+    for label, config_runs in configs.items():
+        name = f"curves/{re.sub(r'[^A-Za-z0-9._-]', '_', label)}.png"
+        save(out / name, plot_config_curves(label, config_runs))
+        drawn[name] = (f"Train, val and test loss and accuracy per epoch of {label}, mean over its "
+                       f"{len(config_runs)} run{'s' * (len(config_runs) > 1)}: over- or under-fitting at a glance.")
+    return drawn, skipped
+
+
 def save(path: Path, content: Figure | str) -> None:
     """Write a figure (PNG) or a text with data.py's one atomic writer: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,9 +430,21 @@ def save(path: Path, content: Figure | str) -> None:
         data.write_atomically(path, lambda tmp: tmp.write_text(content))
 
 
-def new_figure(width: float, height: float, *grid: int, **kwargs) -> tuple[Figure, object]:
+def new_figure(width: float, height: float, title: str, *grid: int, **subplots) -> tuple[Figure, object]:
     fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(*grid, **kwargs)
+    fig.suptitle(title, fontsize=10)
+    return fig, fig.subplots(*grid, **subplots)
+
+
+def style(ax, grid: str = "both", log: str = "", integer_x: bool = False, **props) -> None:
+    """The axes' labels and limits, a light grid, and a log axis that reads "0.1" rather than "10⁻¹"."""
+    ax.set(**props)
+    ax.grid(axis=grid, alpha=0.3)
+    for axis in [a for a, name in ((ax.xaxis, "x"), (ax.yaxis, "y")) if name in log]:
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -401,47 +453,35 @@ def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     by_epoch = defaultdict(list)
     for run in runs:
         for h in run["history"]:
-            if finite(h.get(key)):
+            if finite(h.get(key)):  # val_* only with a val split
                 by_epoch[h["epoch"]].append(h[key])
     epochs = sorted(by_epoch)
     return np.array(epochs), np.array([statistics.fmean(by_epoch[e]) for e in epochs])
 
 
-def log_axis(axis) -> None:
-    axis.set_major_formatter(FormatStrFormatter("%g"))  # "0.1" rather than "10⁻¹"
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-
-
 def plot_loss_curves(configs: dict[str, list[dict]]) -> Figure:
     """Training loss per epoch, mean over each config's seeds (log scale): how fast and how far each config fits
     the training set."""
-    fig, ax = new_figure(10, 5.5)
+    fig, ax = new_figure(10, 5.5, "Training loss per epoch (mean over seeds)")
     for i, (label, runs) in enumerate(sorted(configs.items())):
-        unfinished = sum(not is_finished(r) for r in runs)
-        name = f"{label} (n={len(runs)}" + (f", {unfinished} unfinished)" if unfinished else ")")
-        ax.plot(*mean_curve(runs, "train_loss"), color=COLORS[i % 10], linestyle=LINE_STYLES[i % 4], marker=".",
-                label=name)
-    ax.set(yscale="log", xlabel="epoch", ylabel="training loss (cross-entropy, log scale)",
-           title="Training loss per epoch (mean over seeds)")
-    log_axis(ax.yaxis)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
+        unfinished = sum(r["status"] != "finished" for r in runs)
+        ax.plot(*mean_curve(runs, "train_loss"), color=f"C{i % 10}", linestyle=LINE_STYLES[i % 4], marker=".",
+                label=f"{label} (n={len(runs)}" + (f", {unfinished} unfinished)" if unfinished else ")"))
+    style(ax, log="y", integer_x=True, yscale="log", xlabel="epoch", ylabel="training loss (cross-entropy, log scale)")
     fig.legend(loc="outside right upper", fontsize="small", ncols=1 + len(configs) // 25)
     return fig
 
 
 def plot_config_curves(label: str, runs: list[dict]) -> Figure:
-    fig, axes = new_figure(11, 4.2, 1, 2)
-    for ax, metric, scale, unit in zip(axes, ("loss", "acc"), (1, 100), ("cross-entropy", "%"), strict=True):
-        for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
+    fig, axes = new_figure(11, 4.2, f"{label}: mean over {len(runs)} run{'s' * (len(runs) > 1)}", 1, 2)
+    for ax, metric, scale, ylabel in zip(axes, ("loss", "acc"), (1, 100), ("loss (cross-entropy)", "accuracy (%)"),
+                                         strict=True):
+        for split, linestyle in (("train", "-"), ("val", "--"), ("test", ":")):
             x, y = mean_curve(runs, f"{split}_{metric}")
             if len(x):
-                ax.plot(x, y * scale, linestyle=style, marker=".", label=split)
-        ax.set(xlabel="epoch", ylabel=f"{'loss' if metric == 'loss' else 'accuracy'} ({unit})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+                ax.plot(x, y * scale, linestyle=linestyle, marker=".", label=split)
+        style(ax, integer_x=True, xlabel="epoch", ylabel=ylabel)
         ax.legend()
-    fig.suptitle(f"{label}: mean over {len(runs)} run{'s' * (len(runs) > 1)}")
     return fig
 
 
@@ -454,37 +494,33 @@ def plot_accuracy(rows: list[dict], by: str) -> Figure:
     """Mean test accuracy of each config with its 95 % interval (filled: t over seeds; open: one seed, test-set
     sampling only); green is the best config, blue the configs tied with it, grey the separably worse ones."""
     rows = rows[::-1]  # drawn bottom-up: best config on top; points, not bars from zero, so intervals show
-    fig, ax = new_figure(9, 1.8 + 0.35 * len(rows))
+    order = ", ordered by val accuracy (the choice)" if by == "val" else ""
+    fig, ax = new_figure(9, 1.8 + 0.35 * len(rows), f"Final test accuracy, mean ± 95 % CI{order}\nfilled: t over "
+                         "seeds; open: one seed, test-set sampling only")
+    ends = []
     for y, r in enumerate(rows):
         mean, half = 100 * r["test_acc_mean"], 100 * (r["test_acc_ci95"] or 0)
-        seeds = r["test_acc_ci95_over"] == "seeds"
+        filled = r["test_acc_ci95_over"] == "seeds"
         color, label = VERDICTS[r["vs_best"]]
-        ax.errorbar(mean, y, xerr=half, fmt="o" if seeds else "s", capsize=4, color=color,
-                    markerfacecolor=None if seeds else "white", label=label)
+        ax.errorbar(mean, y, xerr=half, fmt="o" if filled else "s", capsize=4, color=color,
+                    markerfacecolor=None if filled else "white", label=label)
         ax.annotate(f"{mean:.2f}" + (f" ± {half:.2f}" if half else ""), (mean + half, y), xytext=(5, 0),
                     textcoords="offset points", va="center", fontsize=8)
+        ends += [mean - half, mean + half]
     ax.set_yticks(range(len(rows)), [f"{r['config']} (n={r['n_seeds']})" for r in rows], fontsize=8)
-    ax.set_ylim(-0.7, len(rows) - 0.3)
-    lo = min(100 * (r["test_acc_mean"] - (r["test_acc_ci95"] or 0)) for r in rows)
-    hi = max(100 * (r["test_acc_mean"] + (r["test_acc_ci95"] or 0)) for r in rows)
-    span = max(hi - lo, 1.0)
-    # room for the value labels right of the intervals; no accuracy is below 0, whatever a t interval says
-    ax.set_xlim(max(lo - 0.05 * span, 0), hi + 0.25 * span)
-    order = ", ordered by val accuracy (the choice)" if by == "val" else ""
-    ax.set_title(f"Final test accuracy, mean ± 95 % CI{order}\nfilled: t over seeds; open: one seed, test-set "
-                 "sampling only", fontsize=10)
-    ax.set(xlabel="test accuracy (%)")
-    ax.grid(axis="x", alpha=0.3)
-    legend = dict(zip(*ax.get_legend_handles_labels()[::-1], strict=True))
-    labels = [label for _, label in VERDICTS.values() if label in legend]  # one entry per verdict, in order
-    # outside the axes: inside, it would hide a config
-    fig.legend([legend[k] for k in labels], labels, fontsize=8, loc="outside lower center", ncols=4)
+    lo, hi = min(ends), max(ends)
+    span = max(hi - lo, 1.0)  # room for the value labels right of the intervals; no accuracy is below 0
+    style(ax, "x", xlabel="test accuracy (%)", ylim=(-0.7, len(rows) - 0.3),
+          xlim=(max(lo - 0.05 * span, 0), hi + 0.25 * span))
+    handles = dict(zip(*ax.get_legend_handles_labels()[::-1], strict=True))
+    labels = [label for _, label in VERDICTS.values() if label in handles]  # one entry per verdict, in order
+    fig.legend([handles[k] for k in labels], labels, fontsize=8, loc="outside lower center", ncols=4)
     return fig
 
 
-def heatmap(values: np.ndarray, text: list[list[str]], cmap: str, size: tuple[float, float],
-            xlabels: list[str], ylabels: list[str], colorbar: str, **axes_set) -> Figure:
-    fig, ax = new_figure(*size)
+def heatmap(values: np.ndarray, text: list[list[str]], cmap: str, size: tuple[float, float], title: str,
+            xlabels: list[str], ylabels: list[str], colorbar: str, **props) -> Figure:
+    fig, ax = new_figure(*size, title)
     im = ax.imshow(values, cmap=cmap, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         r, g, b, _ = im.cmap(im.norm(v))  # text colour from the cell's brightness: legible on any colormap
@@ -492,35 +528,36 @@ def heatmap(values: np.ndarray, text: list[list[str]], cmap: str, size: tuple[fl
                 color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right")
     ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
-    ax.set(**axes_set)
+    ax.set(**props)
     fig.colorbar(im, ax=ax, label=colorbar)
     return fig
 
 
 def plot_per_class(rows: list[dict], classes: list[str]) -> Figure:
     """Test accuracy per true class, mean over seeds: which classes each config finds hard."""
-    acc = np.array([[100 * statistics.fmean(run["final"]["per_class_acc"].get(c, math.nan) for run in r["runs"])
-                     for c in classes] for r in rows])
-    return heatmap(acc, [[f"{v:.1f}" for v in row] for row in acc], "viridis", (10, 1.8 + 0.4 * len(rows)), classes,
-                   [r["config"] for r in rows], "test accuracy (%)", xlabel="true class",
-                   title="Per-class test accuracy (%) (mean over seeds)")
+    acc = np.array([[100 * statistics.fmean(run["final"]["per_class_acc"][c] for run in r["runs"]) for c in classes]
+                    for r in rows])
+    return heatmap(acc, [[f"{v:.1f}" for v in row] for row in acc], "viridis", (10, 1.8 + 0.4 * len(rows)),
+                   "Per-class test accuracy (%) (mean over seeds)", classes, [r["config"] for r in rows],
+                   "test accuracy (%)", xlabel="true class")
 
 
-def plot_confusion(run: dict, classes: list[str]) -> Figure:
+def plot_confusion(rows: list[dict], classes: list[str]) -> Figure:
     """Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the true
     class)."""
+    run = shown_run(rows[0])[0]
     counts = np.array(run["final"]["confusion"])
     # colour by fraction of each true class, so rare and common classes read on one scale
     frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    return heatmap(frac, [[str(c) for c in row] for row in counts], "Blues", (8, 6.5), classes, classes,
-                   "fraction of the true class", xlabel="predicted class", ylabel="true class",
-                   title=f"Confusion matrix (counts), {run['name']}: test acc {run['final']['test_acc']:.2%}")
+    return heatmap(frac, [[str(c) for c in row] for row in counts], "Blues", (8, 6.5),
+                   f"Confusion matrix (counts), {run['name']}: test acc {run['final']['test_acc']:.2%}",
+                   classes, classes, "fraction of the true class", xlabel="predicted class", ylabel="true class")
 
 
 def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
     """The test images at `indices` from the preview file the record names (train.py keeps it in
     RESULTS_DIR/previews/), or why they cannot be had. Figures need nothing but the results folder."""
-    name = run["final"]["predictions"].get("images")
+    name = run["final"]["predictions"].get("images")  # absent when train.py could not keep them
     if not name:
         return "the record names no preview images (train.py could not keep them)"
     try:
@@ -531,15 +568,18 @@ def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
         return f"preview images unavailable ({type(e).__name__}: {e})"
 
 
-def plot_predictions(run: dict, classes: list[str]) -> Figure | str:
+def plot_predictions(rows: list[dict], classes: list[str]) -> Figure | str:
     """A fixed class-balanced sample of test images, the same for every run, with the shown run's predictions
     (green: right; red bold: wrong)."""
+    run = shown_run(rows[0])[0]
     pred = run["final"]["predictions"]
     n = min(N_PREDICTIONS, len(pred["indices"]))
-    images = preview_images(run, list(pred["indices"][:n]))
+    images = preview_images(run, pred["indices"][:n])
     if isinstance(images, str):
         return images
-    fig, axes = new_figure(12, math.ceil(n / 8) * 1.75, math.ceil(n / 8), 8, squeeze=False)
+    fig, axes = new_figure(12, math.ceil(n / 8) * 1.75, f"{n} test images (a fixed class-balanced sample, the same "
+                           f"for every run), {run['name']} (green = right, red bold = wrong)", math.ceil(n / 8), 8,
+                           squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
@@ -547,77 +587,67 @@ def plot_predictions(run: dict, classes: list[str]) -> Figure | str:
             ax.imshow(images[k])
             ax.set_title(f"true: {true}\npred: {guess}", fontsize=7, color="green" if true == guess else "red",
                          fontweight="normal" if true == guess else "bold")  # bold: wrong ones show in greyscale too
-    fig.suptitle(f"{n} test images (a fixed class-balanced sample, the same for every run), {run['name']} "
-                 "(green = right, red bold = wrong)")
     return fig
 
 
 def plot_datasize(rows: list[dict]) -> Figure | str:
     """Test accuracy against the fraction of the training set used, one line per design: what more data buys."""
-    lines = defaultdict(list)  # one line per design (every factor but the fraction): designs are never averaged
+    designs = defaultdict(list)  # one line per design (every factor but the fraction): designs are never averaged
     for r in rows:
-        lines[tuple(sorted((k, v) for k, v in r["factors"].items() if k != "fraction"))].append(r)
-    lines = {k: v for k, v in lines.items() if len({r["fraction"] for r in v}) >= 2}
+        designs[str(sorted((k, v) for k, v in r["factors"].items() if k != "fraction"))].append(r)
+    lines = [g for _, g in sorted(designs.items()) if len({r["factors"]["fraction"] for r in g}) >= 2]
     if not lines:
         return "train fraction not varied"
-    varying = [k for k in dict.fromkeys(k for d in lines for k, _ in d) if len({dict(d).get(k) for d in lines}) > 1]
-    fig, ax = new_figure(8, 5)
-    for design, group in sorted(lines.items(), key=lambda kv: str(kv[0])):
+    names = [k for k in varying_factors([g[0] for g in lines]) if k != "fraction"]
+    fig, ax = new_figure(8, 5, "Test accuracy vs training-set size (mean ± sample std over seeds)")
+    for group in lines:
         by_frac = defaultdict(list)
         for r in group:
-            by_frac[r["fraction"]] += [100 * acc for acc in r["test_accs"]]
+            by_frac[r["factors"]["fraction"]] += [100 * acc for acc in r["test_accs"]]
         x = sorted(by_frac)
         ax.errorbar(x, [statistics.fmean(by_frac[f]) for f in x], marker="o", capsize=3,
                     yerr=[statistics.stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x],
-                    label=" ".join(f"{k}={dict(design).get(k)}" for k in varying) or "every config")
-    fractions = sorted({r["fraction"] for g in lines.values() for r in g})
+                    label=" ".join(f"{k}={group[0]['factors'].get(k)}" for k in names) or "every config")
+    fractions = sorted({r["factors"]["fraction"] for g in lines for r in g})
     ax.set_xscale("log", base=2)
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set(xlabel="fraction of the training set (log₂ scale)", ylabel="test accuracy (%)",
-           title="Test accuracy vs training-set size (mean ± sample std over seeds)")
-    ax.grid(alpha=0.3)
+    style(ax, xlabel="fraction of the training set (log₂ scale)", ylabel="test accuracy (%)")
     ax.legend()
     return fig
 
 
-def plot_speed(rows: list[dict]) -> Figure | str:
+def plot_speed(rows: list[dict]) -> Figure:
     """Mean epoch time and training throughput of each config, and the device they ran on."""
-    if all(r["mean_epoch_time_s"] is None and r["img_per_s"] is None for r in rows):
-        return "no finished run has final.mean_epoch_time_s or final.train_img_per_s"
     rows = rows[::-1]
-    fig, axes = new_figure(11, 1.5 + 0.35 * len(rows), 1, 2, sharey=True)
+    devices = ", ".join(sorted({r["device"] for r in rows}))
+    fig, axes = new_figure(11, 1.5 + 0.35 * len(rows), f"Training speed per config (mean over seeds; device: "
+                           f"{devices})", 1, 2, sharey=True)
     for ax, key, xlabel in zip(axes, ("mean_epoch_time_s", "img_per_s"),
                                ("mean epoch time (s)", "training throughput (images/s)"), strict=True):
-        ax.barh(range(len(rows)), [math.nan if r[key] is None else r[key] for r in rows], color="C1")
-        ax.set(xlabel=xlabel)
-        ax.grid(axis="x", alpha=0.3)
+        ax.barh(range(len(rows)), [r[key] for r in rows], color="C1")
+        style(ax, "x", xlabel=xlabel)
     axes[0].set_yticks(range(len(rows)), [r["config"] for r in rows], fontsize=8)
-    devices = ", ".join(sorted({r["device"] for r in rows}))
-    fig.suptitle(f"Training speed per config (mean over seeds; device: {devices})")
     return fig
 
 
 def plot_accuracy_vs(rows: list[dict], key: str) -> Figure | str:
     """Test accuracy (mean ± 95 % CI) against parameter count (what model size buys) or total training time
     (what compute buys)."""
-    rows = [r for r in rows if r[key] is not None]
     if len(rows) < 2:
-        return f"fewer than 2 configs have {key}"
-    xlabel, unit = {"params": ("parameters (millions, log scale)", 1e6)}.get(key, ("total training time (s)", 1))
-    fig, ax = new_figure(8, 5.5)
+        return "fewer than 2 configs"
+    what, unit, scale = {"params": ("parameters", "millions, log scale", 1e6)}.get(key, ("total training time",
+                                                                                        "s", 1))
+    fig, ax = new_figure(8, 5.5, f"Test accuracy vs {what}")
     for i, r in enumerate(rows):
-        x, y = r[key] / unit, 100 * r["test_acc_mean"]
-        ax.errorbar(x, y, yerr=100 * (r["test_acc_ci95"] or 0), marker="o", capsize=3, color=COLORS[i % 10])
+        x, y = r[key] / scale, 100 * r["test_acc_mean"]
+        ax.errorbar(x, y, yerr=100 * (r["test_acc_ci95"] or 0), marker="o", capsize=3, color=f"C{i % 10}")
         # rows are sorted by accuracy, so neighbours in y alternate sides and their labels do not collide
         ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(7 if i % 2 else -7, 0), va="center",
                     ha="left" if i % 2 else "right", fontsize=7)
     ax.margins(x=0.25)  # room for the labels beside the outermost points
-    if key == "params":
-        ax.set_xscale("log")
-        log_axis(ax.xaxis)
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%, mean ± 95 % CI)", title=f"Test accuracy vs {xlabel.split(' (')[0]}")
-    ax.grid(alpha=0.3)
+    style(ax, log="x" * (key == "params"), xscale="log" if key == "params" else "linear", xlabel=f"{what} ({unit})",
+          ylabel="test accuracy (%, mean ± 95 % CI)")
     return fig
 
 
@@ -629,100 +659,57 @@ def plot_bench(dirs: list[Path]) -> Figure | str:
     newest = max(files, key=lambda p: p.stat().st_mtime)
     try:
         bench = json.loads(newest.read_text())
-        steps, speedup = bench["train_step"], bench.get("speedup", {})
+        steps, speedup = bench["train_step"], bench["speedup"]
         top = max(v for a in steps for v in steps[a].values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
         return f"{newest} is not a bench record ({type(e).__name__}: {e})"
     archs, modes = list(steps), list(dict.fromkeys(m for a in steps for m in steps[a]))  # union, first-seen order
-    fig, ax = new_figure(9, 5)
+    fig, ax = new_figure(9, 5, f"Train-step benchmark ({newest.name}): loader ratio {bench['loader_ratio']:.2f}, "
+                         f"loader overhead {bench['loader_overhead']:.2f}")
+    width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
-        ax.bar(np.arange(len(archs)) + (j - (len(modes) - 1) / 2) * 0.8 / len(modes),
-               [steps[a].get(mode, math.nan) for a in archs], 0.8 / len(modes), label=mode)
+        ax.bar(np.arange(len(archs)) + (j - (len(modes) - 1) / 2) * width,
+               [steps[a].get(mode, math.nan) for a in archs], width, label=mode)
     for i, a in enumerate(archs):
-        if a in speedup:
-            ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
-    ax.set_ylim(0, top * 1.15)
+        ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(range(len(archs)), archs)
-    ax.set(xlabel="architecture", ylabel="training throughput (images/s)",
-           title=f"Train-step benchmark ({newest.name}): loader ratio {bench.get('loader_ratio', math.nan):.2f}, "
-                 f"loader overhead {bench.get('loader_overhead', math.nan):.2f}")
-    ax.grid(axis="y", alpha=0.3)
+    style(ax, "y", ylim=(0, top * 1.15), xlabel="architecture", ylabel="training throughput (images/s)")
     fig.legend(loc="outside right upper", title="mode")
     return fig
 
 
-def draw_figures(configs: dict[str, list[dict]], rows: list[dict], by: str, classes: list[str], dirs: list[Path],
-                 out: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Write every figure that applies: ({name: caption} of those drawn, {name: why not} of the others)."""
-    figures = {"loss_curves.png": (plot_loss_curves, configs)}
-    skipped, note = {}, ""
-    if rows:
-        shown, why = shown_run(rows[0])
-        print(f"confusion.png and predictions.png show {shown['name']} ({why})")
-        note = f" Shown: {shown['name']}, the {'chosen' if by == 'val' else 'best'} config's seed with {why}."
-        figures |= {"accuracy.png": (plot_accuracy, rows, by), "per_class.png": (plot_per_class, rows, classes),
-                    "confusion.png": (plot_confusion, shown, classes),
-                    "predictions.png": (plot_predictions, shown, classes), "datasize.png": (plot_datasize, rows),
-                    "speed.png": (plot_speed, rows), "accuracy_vs_params.png": (plot_accuracy_vs, rows, "params"),
-                    "accuracy_vs_time.png": (plot_accuracy_vs, rows, "train_time_s")}
-    else:
-        skipped = dict.fromkeys(FINAL_FIGURES, "no finished runs")
-    figures["bench.png"] = (plot_bench, dirs)
-    drawn = {}
-    for name, (plot, *inputs) in figures.items():
-        fig = plot(*inputs)
-        if isinstance(fig, str):
-            skipped[name] = fig
-        else:
-            save(out / name, fig)
-            drawn[name] = " ".join(plot.__doc__.split()) + note * (name in ("confusion.png", "predictions.png"))
-    for label, config_runs in configs.items():
-        name = f"curves/{re.sub(r'[^A-Za-z0-9._-]', '_', label)}.png"
-        save(out / name, plot_config_curves(label, config_runs))
-        drawn[name] = (f"Train, val and test loss and accuracy per epoch of {label}, mean over its "
-                       f"{len(config_runs)} run{'s' * (len(config_runs) > 1)}: over- or under-fitting at a glance.")
-    return drawn, skipped
-
-
-# ---- tables: summary.md, summary.csv and report.html are built from one list of blocks ----
-
-TABLE_HEADER = ["config", "arch", "pool", "opt", "stem", "pretrained", "fraction", "params", "epochs",
-                "val acc (%)", "test acc (%)", "± 95% CI", "sd", "n", "vs best", "epoch time (s)", "img/s", "device"]
-FACTOR_HEADER = ["factor", "level vs reference", "effect (points)", "± 95% CI", "matched pairs", "averaged over"]
-TEST_NOTES = {
-    "Welch t": "Welch t: Welch's t-test on the seeds' accuracies (both configs have >= 2 seeds)",
-    "1 run vs seeds t": "1 run vs seeds t: the single run against the other config's seeds (a prediction-interval "
-                        "t-test; assumes both configs vary as much from seed to seed)",
-    "McNemar": "McNemar: exact McNemar test on two single runs' paired per-image test predictions",
-    "two-proportion z": "two-proportion z: two single runs without per-image predictions (unpaired, so it calls "
-                        "ties more easily than McNemar)",
-}
-
+# ---- tables: summary.md and report.html render one list of blocks; summary.csv has the rows' numbers ----
 
 def cell(v: object, fmt: str = "", prefix: str = "", scale: float = 1) -> str:
-    return "" if v is None else prefix + format(v if scale == 1 else scale * v, fmt)
+    return "" if v is None else prefix + format(v if scale == 1 else v * scale, fmt)
 
 
 def vs_best_text(r: dict) -> str:
-    if r["vs_best"] == "best":
-        return "best"
-    if r["vs_best_p"] is None:
-        return f"untested: {r['vs_best_test']}"
+    if r["vs_best"] == "best" or r["vs_best_p"] is None:
+        return r["vs_best"] if r["vs_best"] == "best" else f"untested: {r['vs_best_test']}"
     p = "p < 0.001" if r["vs_best_p"] < 0.001 else f"p = {r['vs_best_p']:.3f}"
     return f"{r['vs_best']} ({r['vs_best_test']}, {p})"
 
 
-def table_cells(rows: list[dict]) -> list[list[str]]:
-    return [[r["config"], cell(r["arch"]), cell(r["pool"]), cell(r["opt"]), cell(r["stem"]), cell(r["pretrained"]),
-             cell(r["fraction"], "g"), cell(r["params"], ".2f", scale=1e-6) + "M" * (r["params"] is not None),
-             cell(r["epochs"]), "" if r["val_acc_mean"] is None else acc_text(r, "val"),
-             f"{100 * r['test_acc_mean']:.2f}",
-             cell(r["test_acc_ci95"], ".2f", "± ", 100) + " †" * (r["test_acc_ci95_over"] == "images"),
-             cell(r["test_acc_std_ddof1"], ".2f", scale=100), str(r["n_seeds"]), vs_best_text(r),
-             cell(r["mean_epoch_time_s"], ".1f"), cell(r["img_per_s"], ".0f"), r["device"]] for r in rows]
+CONFIG_COLUMNS = {  # after config and the factors that vary: header -> the cell of a row
+    "params": lambda r: f"{r['params'] / 1e6:.2f}M",
+    "val acc (%)": lambda r: acc_text(r, "val") if r["val_accs"] else "",
+    "test acc (%)": lambda r: f"{100 * r['test_acc_mean']:.2f}",
+    "± 95% CI": lambda r: cell(r["test_acc_ci95"], ".2f", "± ", 100) + " †" * (r["test_acc_ci95_over"] == "images"),
+    "sd": lambda r: cell(r["test_acc_std_ddof1"], ".2f", scale=100), "n": lambda r: str(r["n_seeds"]),
+    "vs best": vs_best_text, "epoch time (s)": lambda r: f"{r['mean_epoch_time_s']:.1f}",
+    "img/s": lambda r: f"{r['img_per_s']:.0f}", "device": lambda r: r["device"]}
+TEST_NOTES = {  # what each test against the best is, said under the table when it was used
+    "Welch t": "Welch's t-test on the seeds' accuracies (both configs have >= 2 seeds)",
+    "1 run vs seeds t": "the single run against the other config's seeds (a prediction-interval t-test)",
+    "McNemar": "exact McNemar test on two single runs' paired per-image test predictions",
+    "two-proportion z": "two single runs without per-image predictions (unpaired: it calls ties more easily)"}
 
 
-def table_notes(rows: list[dict], by: str) -> list[str]:
+def config_table(rows: list[dict], by: str) -> list[tuple]:
+    factors = varying_factors(rows)
+    cells = [[r["config"], *(cell(r["factors"].get(f)) for f in factors), *(c(r) for c in CONFIG_COLUMNS.values())]
+             for r in rows]
     notes = [f"Sorted by mean {by} accuracy" + (" (the val split chooses, the test set reports)" if by == "val" else "")
              + "; n = finished seeds. test acc: mean over seeds; ± 95% CI: Student t over seeds (n - 1 df); "
              "sd: sample std over seeds (ddof = 1); val acc: mean ± 95% CI of the reported model's val accuracy."]
@@ -731,66 +718,42 @@ def table_notes(rows: list[dict], by: str) -> list[str]:
         notes.append(f"† One seed: ± is 1.96 × the binomial standard error sqrt(p(1 - p)/N) of an accuracy on "
                      f"N = {', '.join(f'{n:,}' for n in sizes)} test images (0.36 points at 85 % on 10,000): "
                      "test-set sampling only; seed-to-seed spread is not measured.")
-    used = [TEST_NOTES[t] for t in TEST_NOTES if any(r.get("vs_best_test") == t for r in rows)]
+    used = [f"{test}: {note}" for test, note in TEST_NOTES.items() if any(r["vs_best_test"] == test for r in rows)]
     if used:
         notes.append(f"vs best: two-sided tests at 5 % of {by} accuracy against the best; tied = not separable. "
                      + "; ".join(used) + ".")
-    return notes
+    header = ["config", *factors, *CONFIG_COLUMNS]
+    return [("heading", "Configs"), ("table", header, cells, [r["vs_best"] for r in rows]),
+            *(("note", n) for n in notes)]
 
 
-def factor_cells(effects: list[dict]) -> list[list[str]]:
-    return [[e["factor"], f"{e['level']} vs {e['reference']}", f"{100 * e['effect']:+.2f}",
-             "" if e["ci95"] is None else f"± {100 * e['ci95']:.2f}", str(e["pairs"]),
-             ", ".join(e["over"]) or "nothing (one pair)"] for e in effects]
-
-
-def factor_notes(effects: list[dict], confounded: list[str]) -> list[str]:
-    notes = ["Factors: the effect on mean test accuracy (points) of each level against the factor's first level, "
-             "averaged over matched pairs (configs equal in every other factor); ± 95% CI: Student t over the pairs' "
-             "differences (none for one pair). An optimiser comes with the recipe train.py derives for it (lr, "
-             "schedule, weight decay, momentum or betas) unless those were given."] if effects else []
-    if confounded:
-        notes.append(f"Not separable: {', '.join(confounded)} never change alone (every config that changes one "
-                     "also changes another factor), so no effect is given.")
-    return notes
-
-
-def summary_blocks(rows: list[dict], by: str, conclusion: list[str], effects: list[dict],
-                   confounded: list[str]) -> list[tuple]:
-    """What summary.md and report.html both say, as (kind, ...) blocks: conclusion, heading, table, note."""
-    blocks = [("conclusion", line) for line in conclusion]
-    blocks += [("heading", "Configs"), ("table", TABLE_HEADER, table_cells(rows), [r["vs_best"] for r in rows])]
-    blocks += [("note", n) for n in table_notes(rows, by)]
-    if effects or confounded:
-        blocks.append(("heading", "Factors"))
+def factor_table(rows: list[dict]) -> list[tuple]:
+    effects, confounded = factor_effects(rows)
+    blocks = [("heading", "Factors")] if effects or confounded else []
     if effects:
-        blocks.append(("table", FACTOR_HEADER, factor_cells(effects), None))
-    return blocks + [("note", n) for n in factor_notes(effects, confounded)]
+        cells = [[e["factor"], f"{e['level']} vs {e['reference']}", f"{100 * e['effect']:+.2f}",
+                  cell(e["ci95"], ".2f", "± ", 100), str(e["pairs"]), ", ".join(e["over"]) or "nothing (one pair)"]
+                 for e in effects]
+        blocks += [("table", ["factor", "level vs reference", "effect (points)", "± 95% CI", "matched pairs",
+                              "averaged over"], cells, None),
+                   ("note", "Factors: the effect on mean test accuracy (points) of each level against the factor's "
+                    "first level, averaged over matched pairs (configs equal in every other factor); ± 95% CI: "
+                    "Student t over the pairs' differences (none for one pair). An optimiser comes with the recipe "
+                    "train.py derives for it (lr, schedule, weight decay, momentum or betas) unless those were given.")]
+    if confounded:
+        blocks.append(("note", f"Not separable: {', '.join(confounded)} never change alone (every config that changes "
+                       "one also changes another factor), so no effect is given."))
+    return blocks
 
 
 def to_markdown(blocks: list[tuple]) -> str:
-    def row(cells: list[str]) -> str:
+    def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    parts = []
-    for kind, *content in blocks:
-        if kind == "table":
-            header, cells, _ = content
-            parts.append("\n".join([row(header), "|" + "---|" * len(header), *map(row, cells)]))
-        else:
-            parts.append(("## " if kind == "heading" else "") + content[0])
+    parts = [("## " if kind == "heading" else "") + content[0] if kind != "table"
+             else "\n".join([line(content[0]), "|" + "---|" * len(content[0]), *map(line, content[1])])
+             for kind, *content in blocks]
     return "\n\n".join(parts) + "\n"
-
-
-def html_table(header: list[str], cells: list[list[str]], row_classes: list[str] | None) -> str:
-    # short cells (numbers, "± 0.59 †") never break inside; long ones (config names, test names) wrap
-    def td(text: str) -> str:
-        return ('<td class="short">' if len(text) <= 16 else "<td>") + html.escape(text) + "</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(f'<tr class="{cls}">{"".join(map(td, row))}</tr>\n'
-                   for row, cls in zip(cells, row_classes or [""] * len(cells), strict=True))
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
 
 
 REPORT_CSS = """body { font-family: sans-serif; max-width: 1150px; margin: 1em auto; padding: 0 1em; color: #222; }
@@ -799,32 +762,37 @@ th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; } td.short 
 tr.best td { background: #e6f4e6; } tr.tied td { background: #e8f0fb; } p.note { font-size: 13px; color: #444; }
 p.conclusion { font-size: 17px; font-weight: bold; margin: 0.3em 0; } figcaption { font-size: 14px; margin-top: 0.3em; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }"""
-HTML_BLOCKS = {"title": "<h1>{}</h1>", "heading": "<h2>{}</h2>", "conclusion": '<p class="conclusion">{}</p>',
-               "note": '<p class="note">{}</p>'}
+HTML_BLOCKS = {"heading": "<h2>{}</h2>", "conclusion": '<p class="conclusion">{}</p>', "note": '<p class="note">{}</p>'}
+
+
+def html_block(kind: str, *content) -> str:
+    if kind == "figure":  # a data URI, so the page is one file that can be mailed or archived alone
+        path, name, caption = content
+        png = base64.b64encode(path.read_bytes()).decode()
+        return (f'<figure id="{html.escape(name)}"><img src="data:image/png;base64,{png}" alt="{html.escape(name)}">'
+                f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
+    if kind != "table":
+        return HTML_BLOCKS[kind].format(html.escape(content[0]))
+    header, cells, row_classes = content
+    # short cells (numbers, "± 0.59 †") never break inside; long ones (config names, test names) wrap
+    tds = ["".join(('<td class="short">' if len(c) <= 16 else "<td>") + html.escape(c) + "</td>" for c in row)
+           for row in cells]
+    body = "".join(f'<tr class="{cls}">{td}</tr>\n' for td, cls in zip(tds, row_classes or [""] * len(cells),
+                                                                      strict=True))
+    return "<table>\n<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + f"</tr>\n{body}</table>"
 
 
 def to_html(title: str, blocks: list[tuple]) -> str:
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    for kind, *content in blocks:
-        if kind == "table":
-            parts.append(html_table(*content))
-        elif kind == "figure":  # a data URI, so the page is one file that can be mailed or archived alone
-            path, name, caption = content
-            png = base64.b64encode(path.read_bytes()).decode()
-            parts.append(f'<figure id="{html.escape(name)}"><img src="data:image/png;base64,{png}" '
-                         f'alt="{html.escape(name)}"><figcaption><b>{html.escape(name)}</b>: '
-                         f"{html.escape(caption)}</figcaption></figure>")
-        else:
-            parts.append(HTML_BLOCKS[kind].format(html.escape(content[0])))
+    body = "\n".join([f"<h1>{html.escape(title)}</h1>", *(html_block(*b) for b in blocks)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
-            f"<style>\n{REPORT_CSS}\n</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            f"<style>\n{REPORT_CSS}\n</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 def environment(runs: list[dict]) -> list[list[str]]:
     """Each field of the records' env (device name, torch version, ...) with every value seen."""
     seen = defaultdict(Counter)
     for run in runs:
-        for key, v in {"device": run.get("run", {}).get("device"), **run.get("env", {})}.items():
+        for key, v in {"device": run["run"]["device"], **run["env"]}.items():
             if v is not None:
                 seen[key][str(v)] += 1
     return [[key, ", ".join(v if len(counts) == 1 else f"{v} ({n} runs)" for v, n in counts.items())]
@@ -832,87 +800,37 @@ def environment(runs: list[dict]) -> list[list[str]]:
 
 
 def summary_csv(rows: list[dict]) -> str:
+    """One line per config: its name, every factor, then every number of its row (8 significant digits)."""
+    factors = list(dict.fromkeys(k for r in rows for k in r["factors"]))
+    numbers = [k for k, v in (rows[0] if rows else {}).items() if k != "config" and not isinstance(v, list | dict)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, ["config", *factors, *numbers], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    # 8 significant digits: exact enough, without float noise like 0.8000000000000002
-    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in {**r["factors"], **r}.items()}
+                     for r in rows)
     return buf.getvalue()
 
 
 # ---- --status: where each run stands, from the records alone ----
 
 def print_status(dirs: list[Path]) -> None:
-    """One line per run record in dirs (a folder not made yet has none), then the total; the sweep prints it."""
-    runs, done_epochs, left_s = load_runs([d for d in dirs if d.is_dir()]), 0, 0.0
+    """One line per run record in dirs, then the total; the sweep prints it."""
+    runs, done_epochs, left_s = load_runs(dirs), 0, 0.0
     for r in runs:
-        done, total = (r["history"][-1]["epoch"] if r["history"] else 0), r["config"].get("epochs") or 0
+        done, total = (r["history"][-1]["epoch"] if r["history"] else 0), r["config"]["epochs"]
         # once finished, final's mean (steady epochs only); else the mean of the epochs so far
-        epoch_s = (r.get("final") or {}).get("mean_epoch_time_s") or mean_of([h.get("epoch_time_s")
-                                                                              for h in r["history"]])
-        acc = f"test {100 * r['final']['test_acc']:.2f} %" if is_finished(r) else ""
-        print((f"{r['name']:<32} {r.get('status', '?'):<11} {done:>3}/{total} epochs  {acc:<13}"
+        epoch_s = (r["final"]["mean_epoch_time_s"] if r["status"] == "finished"
+                   else mean_or_none([h["epoch_time_s"] for h in r["history"]]))
+        acc = f"test {100 * r['final']['test_acc']:.2f} %" if r["status"] == "finished" else ""
+        print((f"{r['name']:<32} {r['status']:<11} {done:>3}/{total} epochs  {acc:<13}"
                + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip())
         done_epochs += done
-        if r.get("status") in ("running", "interrupted"):  # what a run that can go on still has to train
+        if r["status"] in ("running", "interrupted"):  # what a run that can go on still has to train
             left_s += (total - done) * (epoch_s or 0)
-    counts = ", ".join(f"{n} {status}" for status, n in Counter(r.get("status", "?") for r in runs).most_common())
+    counts = ", ".join(f"{n} {status}" for status, n in Counter(r["status"] for r in runs).most_common())
     print(f"total: {len(runs)} runs" + (f" ({counts})" if runs else "")
-          + f"; {done_epochs}/{sum(r['config'].get('epochs') or 0 for r in runs)} epochs"
+          + f"; {done_epochs}/{sum(r['config']['epochs'] for r in runs)} epochs"
           + (f"; about {left_s / 60:.0f} min of epochs left at the measured epoch times" if left_s else ""))
-
-
-# ---- main ----
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    dirs, out = [Path(d) for d in args.results_dirs], Path(args.out)
-    if args.status:
-        print_status(dirs)
-        return
-    for d in dirs:
-        if not d.is_dir():
-            sys.exit(f"{d} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
-    runs = load_runs(dirs)
-    if not runs:
-        sys.exit(f"no usable run JSONs in {', '.join(map(str, dirs))}: run train.py first")
-    configs = defaultdict(list)
-    for run in runs:
-        configs[re.sub(r"-s\d+$", "", run["name"])].append(run)  # a config: its runs' name less the seed
-        if not is_finished(run):
-            print(f"{run['_file']}: {run.get('status')}: drawn as curves, left out of final-accuracy figures "
-                  "and the table")
-    rows, by = rank(summarize(configs))
-    if rows:
-        mark_ties_with_best(rows, by)
-    effects, confounded = factor_effects(rows)
-    conclusion = conclusion_lines(rows, by)
-    classes = next((r["classes"] for r in runs if r.get("classes")), [str(i) for i in range(10)])
-
-    figures, skipped = draw_figures(configs, rows, by, classes, dirs, out)
-    for name in skipped:  # a figure left from earlier results would read as describing these ones
-        (out / name).unlink(missing_ok=True)
-    if skipped:
-        print("skipped figures: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
-    if rows and all(r["n_seeds"] == 1 for r in rows):
-        print("one seed per config: intervals cover test-set sampling only, not seed-to-seed spread (run SEEDS=3)")
-    if not any("val_acc" in h for run in runs for h in run["history"]):
-        print("no val split (config.val_split = 0): curves show train/test only, configs are ranked by test acc")
-    elif by == "test" and rows:
-        print("val split in only some configs: ranked by test acc (give every config --val-split to choose by val)")
-
-    blocks = summary_blocks(rows, by, conclusion, effects, confounded)
-    markdown = to_markdown(blocks)
-    save(out / "summary.md", markdown)
-    save(out / "summary.csv", summary_csv(rows))
-    page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
-            ("heading", "Figures")]
-    if skipped:
-        page.append(("note", "Not drawn: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())))
-    page += [("figure", out / name, name, caption) for name, caption in figures.items()]
-    save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
-    print(f"wrote figures, summary.md, summary.csv and report.html to {out}/\n")
-    print(markdown)
 
 
 if __name__ == "__main__":

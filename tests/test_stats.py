@@ -15,14 +15,15 @@ def make_run(name: str, test_acc: float, val: float | None = None, preds: str | 
     """The fields of a finished train.py record that the comparison reads."""
     factors = {"arch": "resnet18", "pool": "avg", "opt": "sgd", "val_split": 0.1 if val is not None else 0.0,
                "fraction": 1.0} | config
-    final = {"test_acc": test_acc, "confusion": [[1000 if i == j else 0 for j in range(10)] for i in range(10)]}
-    if val is not None:
-        final["val_acc"] = val
+    final = {"test_acc": test_acc, "confusion": [[1000 if i == j else 0 for j in range(10)] for i in range(10)],
+             "val_acc": val, "best_val_acc": val, "mean_epoch_time_s": 30.0, "train_img_per_s": 1650.0,
+             "train_time_s": 120.0}
     if preds is not None:
         final |= {"test_preds": preds, "test_labels": LABELS}
     return {"name": name, "status": "finished", "config": factors | {"seed": int(name.rsplit("-s", 1)[1])},
             "factors": factors, "history": [], "final": final,
-            "run": {"train_images": 45_000}, "env": {"device_name": "Test CPU"}}
+            "run": {"train_images": 45_000}, "env": {"device_name": "Test CPU"},
+            "model": {"params": 11_173_962}}
 
 
 def compare(configs: dict[str, list[dict]]) -> tuple[list[dict], str]:
@@ -212,7 +213,7 @@ def test_factor_effects_average_matched_pairs_over_the_other_factors():
     assert 100 * pool["ci95"] == pytest.approx(12.7062 * 0.35355 / math.sqrt(2), abs=1e-3)
     # arch, resnet34 vs resnet18: +2.0 (avg) and +1.5 (max) -> +1.75 points, same interval
     assert 100 * by_factor["arch"]["effect"] == pytest.approx(1.75)
-    assert plot.factor_cells(effects)[0] == ["arch", "resnet34 vs resnet18", "+1.75", "± 3.18", "2", "pool"]
+    assert plot.factor_table(rows)[1][2][0] == ["arch", "resnet34 vs resnet18", "+1.75", "± 3.18", "2", "pool"]
 
 
 def test_factors_that_never_change_alone_get_no_effect():
