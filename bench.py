@@ -171,8 +171,8 @@ def measure_label(record: dict, label: str, modes: dict, device: torch.device, a
     details = record["archs"][label] = {"params": models.count_parameters(model), "modes": {},
                                         "forward_flops": models.forward_flops(model), "default_switches": None}
     for name, mode in modes.items():
-        release_memory(device)
         epoch = None  # the last mode's model and graphs go before this one's
+        release_memory(device)
         try:
             epoch, mode, switches = ready(label, mode, device, args.recipe, args.nominal_steps)
             details["default_switches"] = switches or details["default_switches"]
