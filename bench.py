@@ -101,8 +101,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
 
 
 def timed(work, device: torch.device) -> tuple[float, object]:
-    """(seconds, result) of work(), `device` synchronised at both ends (only it: another GPU's work is not
-    the benchmark's): every figure bench.py measures is timed here."""
+    """(seconds, result) of work(), this device only (not another GPU's work) synchronised at both ends."""
     speed.synchronize(device)
     start = time.perf_counter()
     result = work()
@@ -245,8 +244,7 @@ def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     """The same augmentation as batched tensor ops on data already on the device: an upper bound."""
     n = len(images)
     for _ in range(n // batch_size):
-        x = images[torch.randint(0, n, (batch_size,), device=images.device)]
-        x = torch.nn.functional.pad(x, (data.TRANSLATE_PX,) * 4)
+        x = F.pad(images[torch.randint(0, n, (batch_size,), device=images.device)], (data.TRANSLATE_PX,) * 4)
         dy, dx = np.random.randint(0, 2 * data.TRANSLATE_PX + 1, 2)  # one shift per batch: a generous ceiling
         x = x[:, :, dy:dy + 32, dx:dx + 32]
         x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
@@ -292,8 +290,8 @@ def summarise(record: dict) -> None:
     record["peak_fraction"] = per_mode(lambda label, r: flops[label] * r["img_per_s"] / peaks[r["dtype"]])
     if record["device"].startswith("cuda"):
         record["peak_memory_mb"] = per_mode(lambda label, r: r["peak_memory_mb"])
-    # A compiled mode's first step minus a steady one; the first such mode, as the default's graphs
-    # may already sit in Inductor's cache from its compile probe.
+    # A compiled mode's first step minus a steady one: the first such mode's, as the default's graphs may
+    # already sit in Inductor's cache from its compile probe.
     compiled = {label: [r for r in a["modes"].values() if r["compile"]] for label, a in archs.items()}
     record["compile_time_s"] = {label: max(0.0, c[0]["first_step_s"] - c[0]["step_s"])
                                 for label, c in compiled.items() if c}
