@@ -1,28 +1,20 @@
-"""How fast does each config train on this machine, and where does the time go?
+"""How fast does each config train on this machine, and where does the time go? docs/speed.md reads the figures.
 
-    python bench.py                        # everything, batch 512 (meant for a GPU; long on a CPU)
-    python bench.py --quick                # a few minutes on a laptop CPU (see --help)
-    python bench.py --archs resnet18,resnet18-imagenet --device cuda:1
-    python bench.py --loader-only          # our loader against the torchvision DataLoader way, alone
+    python bench.py              # everything, batch 512 (meant for a GPU; long on a CPU)
+    python bench.py --quick      # a few minutes on a laptop CPU (see --help)
+    python bench.py --loader-only
 
-Measured in one run on the same data, into results/bench/<host>-<date>.json, each figure the median
-of --reps timed repetitions after warm-up, the device synchronised around each:
-1. the loader alone: ours, the usual torchvision DataLoader over PIL images (the same workers, batch and
-   copy to the device) and an in-memory ceiling, in images/s; `loader_ratio` = ours / torchvision.
-2. train.py's training step per label ("resnet18-imagenet": the imagenet stem) on batches already on
-   the device, in images/s: eager_fp32, each switch alone (channels_last, amp_bf16, amp_fp16 on a GPU
-   without bf16, compile) and default, what train.py's auto runs here (archs.<label>.default_switches);
-   `speedup` = default / eager_fp32; compile time is kept out of every rate, shown as `compile_s`.
-3. an epoch of resnet20 in default mode fed by our loader and by the same batches from memory:
-   `loader_overhead` = the first / the second (1.00: the loader hides behind the device's work).
-4. FLOPs per image (FlopCounterMode, forward+backward), achieved FLOP/s, and `% peak` of a 2048² matmul
-   in the mode's dtype (fp32 convolutions run in TF32 on Ampere and later: fp32 can pass 100%).
+Measured in one run on the same data, each figure the median of --reps timed repetitions after warm-up:
+1. the loader alone: ours, the usual torchvision DataLoader over PIL images, and an in-memory ceiling;
+2. train.py's training step per arch label and mode (eager fp32, each switch alone, and train.py's default
+   as its auto decides it here), compile time apart; 3. an epoch of resnet20 fed by our loader against the
+   same batches from memory; 4. FLOPs per image, achieved FLOP/s and the fraction of a matmul's peak.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
+import itertools
 import math
 import os
 import platform
@@ -30,7 +22,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,71 +47,66 @@ OUT = Path("results/bench")
 # What --quick changes, each unless its own flag is given.
 QUICK = {"batch_size": 64, "reps": 3, "steps_per_rep": 2, "warmup_steps": 1,
          "archs": ("resnet20", "resnet18-imagenet"), "epoch_fraction": 0.1}
-LOADER_ONLY_KEYS = ("created_at", "host", "device", "device_name", "threads", "load_average", "env", "command",
-                    "loader")
+# The usual way, each switch alone, and train.py's default (None: what its auto decides per arch here), in
+# the table's order; amp_fp16 only on a GPU without bf16.
+MODES = {name: dict(zip(("channels_last", "dtype", "compile"), switches, strict=True)) for name, *switches in (
+    ("eager_fp32", False, "fp32", False), ("channels_last", True, "fp32", False), ("amp_bf16", False, "bf16", False),
+    ("amp_fp16", False, "fp16", False), ("compile", False, "fp32", True), ("default", None, None, None))}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, dict[str, dict]]:
+    """The flags over --quick's values over the full run's, the device and the modes to time there; a bad
+    flag stops here, before any work. The loader part keeps the full run's batch under --quick."""
     quick = (f"batch {QUICK['batch_size']}, {QUICK['reps']} reps of {QUICK['steps_per_rep']} steps after "
              f"{QUICK['warmup_steps']} warm-up step, archs {', '.join(QUICK['archs'])}, the epoch part on "
              f"{QUICK['epoch_fraction'] * 100:g}%% of the train set, each unless its own flag is given; the loader "
              f"comparison is unchanged (the whole train set, batch {BATCH_SIZE} unless --batch-size is given)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=data.DATA_DIR, type=Path,
-                   help=f"folder with train.beton, test.beton, meta.json (default {data.DATA_DIR})")
-    p.add_argument("--device", default="auto", help="auto (cuda if there is one; the default), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {BATCH_SIZE})")
-    p.add_argument("--archs", type=train.csv_of(str), default=None,
-                   help=f"comma list of labels: an arch of models.py, plus '-imagenet' for its imagenet stem "
-                        f"(default {', '.join(ARCHS)})")
-    p.add_argument("--reps", type=int, default=None, help=f"timed repetitions per figure (default {REPS})")
-    p.add_argument("--modes", type=train.csv_of(str), default=None,
-                   help="comma list of the modes to time, from eager_fp32, channels_last, amp_bf16, compile, default "
-                        "(and amp_fp16 on a GPU without bf16); default all")
-    p.add_argument("--epoch-fraction", type=float, default=None,
-                   help="class-balanced fraction of the train set in the epoch part (default 1)")
-    p.add_argument("--aug", default=data.DEFAULT_AUG,
-                   help="augmentation of the loader and epoch parts (as train.py's --aug)")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="FFCV loader workers (default: the CPUs this process may use, at most 8)")
+    p.add_argument("--data-dir", default=data.DATA_DIR, type=Path, help=f"converted data (default {data.DATA_DIR})")
+    p.add_argument("--device", default="auto", help="auto (the default: cuda if there is one), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"batch size (default {BATCH_SIZE})")
+    p.add_argument("--archs", type=train.csv_of(str), default=ARCHS, help="comma list of models.py's archs, "
+                   f"'-imagenet' added for the imagenet stem (default {','.join(ARCHS)})")
+    p.add_argument("--reps", type=int, default=REPS, help=f"timed repetitions per figure (default {REPS})")
+    p.add_argument("--modes", type=train.csv_of(str), help=f"comma list of the modes to time (default all: "
+                   f"{','.join(MODES)}, amp_fp16 only on a GPU without bf16)")
+    p.add_argument("--epoch-fraction", type=float, default=1.0, help="of the train set in the epoch part (default 1)")
+    p.add_argument("--aug", default=data.DEFAULT_AUG, help="augmentation of the loader and epoch parts (train.py's)")
+    p.add_argument("--workers", type=int, help="FFCV loader workers (default: the usable CPUs, at most 8)")
     p.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {quick}")
-    p.add_argument("--loader-only", action="store_true",
-                   help="time only the loaders (part 1); writes OUT/loader/<host>-<YYYY-MM-DD>.json")
+    p.add_argument("--loader-only", action="store_true", help="time only the loaders, into OUT/loader/")
     p.add_argument("--out", type=Path, default=OUT, help=f"folder for <host>-<YYYY-MM-DD>.json (default {OUT})")
-    return p
+    p.set_defaults(steps_per_rep=STEPS_PER_REP, warmup_steps=WARMUP_STEPS)  # --quick's, without flags
+    args = full = p.parse_args(argv)
+    if full.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    args.loader_batch_size, args.command = full.batch_size, sys.argv[1:] if argv is None else argv
+    for ok, problem in ((args.batch_size >= 2, "--batch-size: must be at least 2 (train-mode BatchNorm)"),
+                        (args.reps >= 1, "--reps: must be at least 1"),
+                        (0 < args.epoch_fraction <= 1, "--epoch-fraction: must be in (0, 1]"),
+                        (args.workers is None or args.workers >= 1, "--workers: must be at least 1")):
+        if not ok:
+            p.error(problem)
+    for label in args.archs:
+        try:
+            build(label, torch.device("cpu"))
+        except ValueError as error:
+            p.error(f"--archs {label}: {error}")
+    device = speed.resolve_device(args.device, None)
+    here = [name for name in MODES if name != "amp_fp16" or device.type == "cuda" and not speed.has_real_bf16()]
+    for name in set(args.modes or ()) - set(here):
+        p.error(f"--modes {name}: choose from {', '.join(here)}")
+    return args, device, {name: MODES[name] for name in here if name in (args.modes or here)}
 
 
-def positive_int(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return int(text)
-
-
-class Mode(NamedTuple):
-    channels_last: bool
-    dtype: str  # "fp32", "bf16" or "fp16", as train.py's --amp
-    compile: bool
-
-
-AUTO = Mode(None, None, None)  # the default mode before train.py's auto has decided it for an arch
-
-
-class Setup(NamedTuple):
-    """A model ready to train in one mode, with train.py's optimiser, schedule and loss scaling."""
-    model: torch.nn.Module  # compiled or not
-    mode: Mode
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-
-
-def modes_for(device: torch.device) -> dict[str, Mode]:
-    """The usual way, each switch alone, and train.py's default, in the order the table shows them."""
-    modes = {"eager_fp32": Mode(False, "fp32", False), "channels_last": Mode(True, "fp32", False),
-             "amp_bf16": Mode(False, "bf16", False)}
-    if device.type == "cuda" and not speed.has_real_bf16():
-        modes["amp_fp16"] = Mode(False, "fp16", False)
-    return {**modes, "compile": Mode(False, "fp32", True), "default": AUTO}
+def timed(work, device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of work(), this device only (not another GPU's work) synchronised at both ends."""
+    speed.synchronize(device)
+    start = time.perf_counter()
+    result = work()
+    speed.synchronize(device)
+    return time.perf_counter() - start, result
 
 
 def build(label: str, device: torch.device) -> torch.nn.Module:
@@ -130,97 +116,94 @@ def build(label: str, device: torch.device) -> torch.nn.Module:
     return models.build_model(arch, stem=stem).to(device)
 
 
-def ready(label: str, mode: Mode, device: torch.device, args: argparse.Namespace, batch_size: int,
-          nominal_steps: int) -> tuple[Setup, dict | None]:
-    """A fresh model of `label` set up in `mode`; for AUTO, in what train.py's own functions choose for
-    it here (fixed on CUDA; on CPU its probes), returned too."""
+def ready(label: str, mode: dict, device: torch.device, recipe: argparse.Namespace, nominal_steps: int):
+    """A fresh model of `label` in `mode`, with train.py's optimiser, schedule and loss scaling, as
+    (epoch(batches) -> seconds of train.py's epoch over them, the mode, the default mode's switches:
+    what train.py's own functions choose here, fixed on CUDA, by its probes on CPU)."""
     torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
-    switches = None
-    if mode == AUTO:
-        model = build(label, device)
-        switches = speed.choose_switches(args, model, device)
+    raw, switches = build(label, device), None
+    if mode["compile"] is None:  # as train.py decides: its probes leave the model as it was
+        switches = speed.choose_switches(recipe, raw, device)
+        raw = raw.to(memory_format=speed.memory_format(switches["channels_last"]))
         if switches["compile"] is None:
-            model = model.to(memory_format=speed.memory_format(switches["channels_last"]))
-            speed.keep_compile_if_faster(switches, torch.compile(model, dynamic=False), model, model, device,
-                                         batch_size)
-        mode = Mode(switches["channels_last"], switches["amp"], switches["compile"])
+            speed.keep_compile_if_faster(switches, torch.compile(raw, dynamic=False), raw, raw, device,
+                                         recipe.batch_size_per_rank)
+        mode = {"channels_last": switches["channels_last"], "dtype": switches["amp"], "compile": switches["compile"]}
         torch._dynamo.reset()
-    raw = build(label, device).to(memory_format=speed.memory_format(mode.channels_last))
-    optimizer = train.make_optimizer(raw, args)
-    return Setup(torch.compile(raw, dynamic=False) if mode.compile else raw, mode, optimizer,
-                 train.make_scheduler(optimizer, args, nominal_steps),
-                 torch.amp.GradScaler(device.type, enabled=mode.dtype == "fp16")), switches
+    memory = speed.memory_format(mode["channels_last"])
+    raw = raw.to(memory_format=memory)
+    model = torch.compile(raw, dynamic=False) if mode["compile"] else raw
+    optimizer = train.make_optimizer(raw, recipe)
+    scheduler = train.make_scheduler(optimizer, recipe, nominal_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=mode["dtype"] == "fp16")
+
+    def epoch(batches) -> float:
+        seconds, (loss, *_) = timed(lambda: train.train_one_epoch(
+            model, batches, optimizer, scheduler, scaler, mode["dtype"], memory, device, recipe, 1, "bench"), device)
+        if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
+            raise RuntimeError("the loss diverged while timing: the figure would be of a shortened epoch")
+        return seconds
+    return epoch, mode, switches
 
 
-def timed_epoch(setup: Setup, batches, device: torch.device, args: argparse.Namespace) -> float:
-    """Seconds for train.py's epoch over `batches`, the device synchronised at both ends."""
-    speed.synchronize(device)
-    start = time.perf_counter()
-    loss = train.train_one_epoch(setup.model, batches, setup.optimizer, setup.scheduler, setup.scaler, setup.mode.dtype,
-                                 speed.memory_format(setup.mode.channels_last), device, args, 1, "bench")[0]
-    speed.synchronize(device)
-    if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
-        raise RuntimeError("the loss diverged while timing: the figure would be of a shortened epoch")
-    return time.perf_counter() - start
-
-
-def time_train_step(setup: Setup, device: torch.device, args: argparse.Namespace, plan: dict) -> dict:
-    """img/s of the steady step (median over reps) and the first step's time (compiling, if any)."""
-    batch = speed.dummy_batch(plan["batch_size"], device, speed.memory_format(setup.mode.channels_last))
-    first = timed_epoch(setup, [batch], device, args)
-    timed_epoch(setup, [batch] * plan["warmup_steps"], device, args)
-    reps = [timed_epoch(setup, [batch] * plan["steps_per_rep"], device, args) / plan["steps_per_rep"]
-            for _ in range(plan["reps"])]
-    step = statistics.median(reps)
-    result = {"img_per_s": round(plan["batch_size"] / step, 1), "step_s": step, "first_step_s": first,
-              "rep_step_s": reps, **setup.mode._asdict()}
-    if device.type == "cuda":
-        result["peak_memory_mb"] = speed.peak_memory_mb(device)
-    return result
-
-
-def time_epochs(setup: Setup, loader: data.DeviceLoader, device: torch.device, args: argparse.Namespace,
-                plan: dict) -> dict:
+def time_epochs(epoch, loader: data.DeviceLoader, args: argparse.Namespace) -> dict:
     """Epoch time fed by our loader and fed the same batches from the device's memory, interleaved."""
     # The loader's first epoch pays numba's JIT compilation; its batches, kept, feed the in-memory epochs.
     in_memory = [(images.clone(), labels.clone()) for images, labels in loader]
-    timed_epoch(setup, in_memory[:1], device, args)  # compiles, if this model has not run yet
-    loader_s, memory_s = [], []
-    for _ in range(plan["reps"]):
-        loader_s.append(timed_epoch(setup, loader, device, args))
-        memory_s.append(timed_epoch(setup, in_memory, device, args))
+    epoch(in_memory[:1])  # compiles, if this model has not run yet
+    loader_s, memory_s = map(list, zip(*((epoch(loader), epoch(in_memory)) for _ in range(args.reps)), strict=True))
     return {"arch": EPOCH_ARCH, "mode": EPOCH_MODE, "batches": len(in_memory), "images": loader.num_samples,
             "loader_s": statistics.median(loader_s), "in_memory_s": statistics.median(memory_s),
-            "loader_rep_s": loader_s, "in_memory_rep_s": memory_s, "batch_size": plan["batch_size"],
-            "fraction": plan["epoch_fraction"]}
+            "loader_rep_s": loader_s, "in_memory_rep_s": memory_s, "batch_size": args.batch_size,
+            "fraction": args.epoch_fraction}
 
 
-def train_flops_per_image(model: torch.nn.Module, device: torch.device) -> float:
-    """Forward+backward FLOPs per image of one training step, as FlopCounterMode counts them."""
-    images = torch.randn(FLOP_COUNT_BATCH, 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (FLOP_COUNT_BATCH,), device=device)
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(images), labels).backward()
-    return counter.get_total_flops() / FLOP_COUNT_BATCH
+def measure_label(record: dict, label: str, modes: dict, device: torch.device, args: argparse.Namespace,
+                  epoch_loader: data.DeviceLoader) -> None:
+    """Parts 2 and 3 for one label, a line per mode (out of memory, a dtype the device lacks: its failure);
+    the epoch as soon as its mode's model is compiled and warm."""
+    model = build(label, device)
+    images, labels = speed.dummy_batch(FLOP_COUNT_BATCH, device, torch.contiguous_format)
+    with FlopCounterMode(display=False) as counter:  # forward+backward of a training step
+        F.cross_entropy(model.train()(images), labels).backward()
+    record["flops_per_image"][label] = counter.get_total_flops() / FLOP_COUNT_BATCH
+    details = record["archs"][label] = {"params": models.count_parameters(model), "modes": {},
+                                        "forward_flops": models.forward_flops(model), "default_switches": None}
+    for name, mode in modes.items():
+        epoch = None  # the last mode's model and graphs go before this one's
+        release_memory(device)
+        try:
+            epoch, mode, switches = ready(label, mode, device, args.recipe, args.nominal_steps)
+            details["default_switches"] = switches or details["default_switches"]
+            batch = speed.dummy_batch(args.batch_size, device, speed.memory_format(mode["channels_last"]))
+            first, _ = epoch([batch]), epoch([batch] * args.warmup_steps)  # the first step compiles, if any
+            reps = [epoch([batch] * args.steps_per_rep) / args.steps_per_rep for _ in range(args.reps)]
+            result = details["modes"][name] = {
+                "img_per_s": round(args.batch_size / statistics.median(reps), 1), "step_s": statistics.median(reps),
+                "first_step_s": first, "rep_step_s": reps, **mode,
+                **({"peak_memory_mb": speed.peak_memory_mb(device)} if device.type == "cuda" else {})}
+            if (label, name) == (EPOCH_ARCH, EPOCH_MODE):
+                record["epoch"] = time_epochs(epoch, epoch_loader, args)
+            line = f"{result['img_per_s']:>10,.0f} img/s  first step {result['first_step_s']:.1f} s"
+        except RuntimeError as error:
+            details["modes"].pop(name, None)
+            record["failed"][f"{label} {name}"] = first_line(error)
+            line = f"failed: {first_line(error)}"
+        print(f"{label:<18} {name:<14} {line}", flush=True)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int) -> float:
     """FLOP/s of a square matmul: the ceiling this device reaches in this dtype."""
     n = PEAK_MATMUL_SIZE
     a, b, out = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
-
     def run(count: int) -> float:
-        speed.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(count):
-            torch.matmul(a, b, out=out)
-        speed.synchronize(device)
-        return time.perf_counter() - start
-
-    run(1)
-    count = max(1, round(PEAK_REP_S / run(1)))
+        return timed(lambda: [torch.matmul(a, b, out=out) for _ in range(count)], device)[0]
+    count = max(1, round(PEAK_REP_S / min(run(1), run(1))))  # the first pays the warm-up
     return 2 * n**3 * count / statistics.median(run(count) for _ in range(reps))
+
+
+def first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def release_memory(device: torch.device) -> None:
@@ -230,57 +213,18 @@ def release_memory(device: torch.device) -> None:
     speed.reset_peak_memory(device)
 
 
-def first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-
-
-def measure_label(record: dict, label: str, modes: dict[str, Mode], device: torch.device, args: argparse.Namespace,
-                  plan: dict, nominal_steps: int, epoch_loader: data.DeviceLoader) -> None:
-    """Parts 2 and 3 for one label, a line per mode (out of memory, a dtype the device lacks: its failure);
-    the epoch as soon as its mode's model is compiled and warm."""
-    model = build(label, device)
-    record["flops_per_image"][label] = train_flops_per_image(model, device)
-    details = record["archs"][label] = {"params": models.count_parameters(model),
-                                        "forward_flops": models.forward_flops(model), "modes": {},
-                                        "default_switches": None}
-    del model
-    for name, mode in modes.items():
-        release_memory(device)
-        try:
-            setup, switches = ready(label, mode, device, args, plan["batch_size"], nominal_steps)
-            details["default_switches"] = switches or details["default_switches"]
-            result = details["modes"][name] = time_train_step(setup, device, args, plan)
-            if (label, name) == (EPOCH_ARCH, EPOCH_MODE):
-                record["epoch"] = time_epochs(setup, epoch_loader, device, args, plan)
-        except RuntimeError as error:
-            details["modes"].pop(name, None)
-            record["failed"][f"{label} {name}"] = first_line(error)
-            print(f"{label:<18} {name:<14} failed: {first_line(error)}", flush=True)
-            continue
-        finally:
-            setup = None  # the model and its graphs go before the next mode's
-        print(f"{label:<18} {name:<14} {result['img_per_s']:>10,.0f} img/s  first step {result['first_step_s']:.1f} s",
-              flush=True)
-
-
 # --- 1. the loader alone, against the way such comparisons are usually written ---
 
-def time_epoch(batches, device: torch.device, limit: int | None = None) -> float:
-    """Images per second over one pass (or the first `limit` images), until `device` has them all."""
-    start, seen = time.perf_counter(), 0
-    for images, _ in batches:
-        seen += len(images)
-        if limit and seen >= limit:
-            break
-    if device.type == "cuda":  # this device only: another GPU's work is not the benchmark's
-        torch.cuda.synchronize(device)
-    return seen / (time.perf_counter() - start)
+def images_per_s(batches, device: torch.device, count: int | None = None) -> float:
+    """Images per second over one pass (or its first `count` batches), until `device` has them all."""
+    seconds, seen = timed(lambda: sum(len(images) for images, _ in itertools.islice(batches, count)), device)
+    return seen / seconds
 
 
 def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], workers: int,
                     batch_size: int, device: torch.device):
     """A DataLoader over PIL images, as torchvision.datasets.CIFAR10 serves them, with our workers, batch
-    size and transfer (pinned memory on CUDA, non_blocking copies)."""
+    size and pinned memory on CUDA."""
     import torchvision.transforms as T  # only here: the usual way is what this measures
     from PIL import Image
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
@@ -296,43 +240,37 @@ def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], s
                                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
 
-def moved_to(batches, device: torch.device):
-    """The batches on `device`, copied as our loader's ToDevice copies them."""
-    for images, labels in batches:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
 def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int):
     """The same augmentation as batched tensor ops on data already on the device: an upper bound."""
     n = len(images)
     for _ in range(n // batch_size):
-        x = images[torch.randint(0, n, (batch_size,), device=images.device)]
-        x = torch.nn.functional.pad(x, (data.TRANSLATE_PX,) * 4)
+        x = F.pad(images[torch.randint(0, n, (batch_size,), device=images.device)], (data.TRANSLATE_PX,) * 4)
         dy, dx = np.random.randint(0, 2 * data.TRANSLATE_PX + 1, 2)  # one shift per batch: a generous ceiling
         x = x[:, :, dy:dy + 32, dx:dx + 32]
         x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
         yield data.device_transform(x, mean, std, (), None), None
 
 
-def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int = BATCH_SIZE, workers: int | None = None,
-                     aug: str = data.DEFAULT_AUG) -> dict:
+def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int, workers: int | None, aug: str) -> dict:
     """Part 1, at the full run's batch even under --quick (a small batch times FFCV's per-batch overhead)."""
     threads, meta = torch.get_num_threads(), data.ensure_valid(data_dir)
     workers, note = data.check_workers(workers)  # resolved here, so the record holds the count used
     if note:
         print(f"note: {note}", file=sys.stderr)
     ours = data.make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
-    time_epoch(ours, device)  # the first epoch pays numba's JIT compilation
-    ours_rate = statistics.median(time_epoch(ours, device) for _ in range(LOADER_REPS))
+    images_per_s(ours, device)  # the first epoch pays numba's JIT compilation
+    ours_rate = statistics.median(images_per_s(ours, device) for _ in range(LOADER_REPS))
     n = meta["counts"]["train"]
     images, labels = data.read_images(data_dir, "train", list(range(n))), data.beton_labels(data_dir / "train.beton")
-    tv = torchvision_way(images, labels, meta["mean"], meta["std"], workers, batch_size, device)
-    time_epoch(moved_to(tv, device), device, limit=2048)  # start the workers
-    tv_rate = statistics.median(time_epoch(moved_to(tv, device), device, limit=min(n, 20_000))
+    way = torchvision_way(images, labels, meta["mean"], meta["std"], workers, batch_size, device)
+    def tv():  # each pass copies to the device, non_blocking from the fresh (pinned) tensors each batch gets
+        return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in way)
+    images_per_s(tv(), device, -(-2048 // batch_size))  # starts the workers
+    tv_rate = statistics.median(images_per_s(tv(), device, -(-min(n, 20_000) // batch_size))
                                 for _ in range(LOADER_REPS))
     on_device = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
     mean, std = data.channel_tensor(meta["mean"], device), data.channel_tensor(meta["std"], device)
-    ceiling = statistics.median(time_epoch(in_memory_ceiling(on_device, mean, std, batch_size), device)
+    ceiling = statistics.median(images_per_s(in_memory_ceiling(on_device, mean, std, batch_size), device)
                                 for _ in range(LOADER_REPS))
     torch.set_num_threads(threads)  # FFCV resets torch's thread count
     return {"images": n, "batch_size": batch_size, "workers": workers, "ours_img_per_s": round(ours_rate),
@@ -344,24 +282,21 @@ def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int = BAT
 
 def summarise(record: dict) -> None:
     """The figures plot.py and readers look for, derived from the measured ones."""
-    archs = record["archs"]
-    steps = record["train_step"] = {label: {name: r["img_per_s"] for name, r in a["modes"].items()}
-                                    for label, a in archs.items()}
+    archs, flops, peaks = record["archs"], record["flops_per_image"], record["peak_flops"]
+    def per_mode(value) -> dict:  # {label: {mode: value(label, that mode's result)}}
+        return {label: {name: value(label, r) for name, r in a["modes"].items()} for label, a in archs.items()}
+    steps = record["train_step"] = per_mode(lambda label, r: r["img_per_s"])
+    record["achieved_flops"] = per_mode(lambda label, r: flops[label] * r["img_per_s"])
+    record["peak_fraction"] = per_mode(lambda label, r: flops[label] * r["img_per_s"] / peaks[r["dtype"]])
     if record["device"].startswith("cuda"):
-        record["peak_memory_mb"] = {label: {name: r["peak_memory_mb"] for name, r in a["modes"].items()}
-                                    for label, a in archs.items()}
-    # A compiled mode's first step minus a steady one; the first such mode, as the default's graphs
-    # may already sit in Inductor's cache from its compile probe.
+        record["peak_memory_mb"] = per_mode(lambda label, r: r["peak_memory_mb"])
+    # A compiled mode's first step minus a steady one: the first such mode's, as the default's graphs may
+    # already sit in Inductor's cache from its compile probe.
     compiled = {label: [r for r in a["modes"].values() if r["compile"]] for label, a in archs.items()}
     record["compile_time_s"] = {label: max(0.0, c[0]["first_step_s"] - c[0]["step_s"])
                                 for label, c in compiled.items() if c}
     record["speedup"] = {label: m["default"] / m["eager_fp32"] for label, m in steps.items()
                          if "default" in m and "eager_fp32" in m}
-    record["achieved_flops"] = {label: {name: record["flops_per_image"][label] * rate for name, rate in m.items()}
-                                for label, m in steps.items()}
-    record["peak_fraction"] = {label: {name: flops / record["peak_flops"][archs[label]["modes"][name]["dtype"]]
-                                       for name, flops in m.items()}
-                               for label, m in record["achieved_flops"].items()}
     record["loader_ratio"] = record["loader"]["ratio"]
     if record["epoch"]:  # missing only when the epoch failed (see "failed"); plot.py then draws without it
         record["loader_overhead"] = record["epoch"]["loader_s"] / record["epoch"]["in_memory_s"]
@@ -374,25 +309,29 @@ def loader_line(loader: dict) -> str:
 
 
 def print_table(record: dict) -> None:
-    epoch, modes, memory = record["epoch"], list(record["modes"]), record["peak_memory_mb"]
+    """The train-step table, a row per label with its columns sized to fit, then the rest of the figures."""
+    modes, memory, epoch = list(record["modes"]), record["peak_memory_mb"], record["epoch"]
+    def cell(value, template: str, scale: float = 1) -> str:
+        return "-" if value is None else template.format(value / scale)
+    rows = [["arch", *modes, "speedup", "default is", "compile_s", "GFLOP/img", "TFLOP/s", "% peak", "GB"]]
+    for label, rates in record["train_step"].items():
+        d = record["archs"][label]["modes"].get("default")
+        rows.append([label, *(cell(rates.get(m), "{:,.0f}") for m in modes),
+                     cell(record["speedup"].get(label), "{:.2f}x"),
+                     f"{d['dtype']} {'channels-last' if d['channels_last'] else 'NCHW'} "
+                     f"{'compiled' if d['compile'] else 'eager'}" if d else "-",
+                     cell(record["compile_time_s"].get(label), "{:.1f}"),
+                     cell(record["flops_per_image"][label], "{:.3f}", 1e9),
+                     cell(record["achieved_flops"][label].get("default"), "{:.3f}", 1e12),
+                     cell(record["peak_fraction"][label].get("default"), "{:.1%}"),
+                     cell(memory.get(label, {}).get("default"), "{:.2f}", 1024)])
     print(f"\n{record['device_name']} ({record['device']}), {record['threads']} threads, batch {record['batch_size']}"
-          + (", quick" if record["quick"] else "") + "\n" + loader_line(record["loader"]))
+          + ", quick" * record["quick"] + "\n" + loader_line(record["loader"]))
     print(f"\ntrain step, images/s (median of {record['reps']} reps; compile time excluded, shown apart)")
-    print(f"{'arch':<18}" + "".join(f"{m:>14}" for m in modes) + f"{'speedup':>9}  {'default is':<24}{'compile_s':>10}"
-          f"{'GFLOP/img':>10}{'TFLOP/s':>9}{'% peak':>8}" + f"{'GB':>7}" * bool(memory))
-    for label, m in record["train_step"].items():
-        default = record["archs"][label]["modes"].get("default")
-        row = f"{label:<18}" + "".join(f"{m[mode]:>14,.0f}" if mode in m else f"{'-':>14}" for mode in modes)
-        row += f"{record['speedup'][label]:>8.2f}x" if label in record["speedup"] else f"{'-':>9}"
-        row += "  " + (f"{default['dtype']} {'channels-last' if default['channels_last'] else 'NCHW'} "
-                       f"{'compiled' if default['compile'] else 'eager'}" if default else "-").ljust(24)
-        row += f"{record['compile_time_s'][label]:>10.1f}" if label in record["compile_time_s"] else f"{'-':>10}"
-        row += f"{record['flops_per_image'][label] / 1e9:>10.3f}"
-        if default:
-            row += (f"{record['achieved_flops'][label]['default'] / 1e12:>9.3f}"
-                    f"{record['peak_fraction'][label]['default']:>8.1%}")
-            row += f"{memory[label]['default'] / 1024:>7.2f}" if memory else ""
-        print(row)
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    for row in rows:  # text columns to the left, figures to the right; GB on CUDA only
+        print("  ".join(c.ljust(w) if i in (0, len(modes) + 2) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row[:None if memory else -1], widths, strict=False))))
     for label, problem in record["failed"].items():
         print(f"  failed: {label}: {problem}")
     print("  (TFLOP/s and % peak: the default mode's, every mode's in the JSON; a default of fp32 NCHW eager is "
@@ -405,105 +344,68 @@ def print_table(record: dict) -> None:
     print(f"peak, {PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE} matmul: {peaks}")
 
 
-def save_record(folder: Path, record: dict, show) -> int:
+def save(folder: Path, record: dict) -> int:
     record["load_average"]["end"] = os.getloadavg()[0]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
+    path = folder / f"{platform.node()}-{time.strftime('%Y-%m-%d')}.json"
     data.save_json_atomic(path, record)
-    show(record)
     print(f"\n-> {path}")
     return 0
 
 
 # --- the run ---
 
-def parse_bench_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict, torch.device, dict[str, Mode]]:
-    """The flags, the plan (flags, then --quick's values, then the full run's), the device and the modes
-    to time; a bad flag stops here, before any work."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command = sys.argv[1:] if argv is None else argv
-    plan = {"batch_size": BATCH_SIZE, "reps": REPS, "steps_per_rep": STEPS_PER_REP, "warmup_steps": WARMUP_STEPS,
-            "archs": ARCHS, "epoch_fraction": 1.0, **(QUICK if args.quick else {})}
-    plan.update({key: getattr(args, key) for key in ("batch_size", "reps", "archs", "epoch_fraction")
-                 if getattr(args, key) is not None})
-    if plan["batch_size"] < 2:
-        parser.error(f"--batch-size must be at least 2 (train-mode BatchNorm), got {plan['batch_size']}")
-    if plan["reps"] < 1:
-        parser.error(f"--reps must be at least 1, got {plan['reps']}")
-    if not 0 < plan["epoch_fraction"] <= 1:
-        parser.error(f"--epoch-fraction must be in (0, 1], got {plan['epoch_fraction']}")
-    for label in plan["archs"]:
-        try:
-            build(label, torch.device("cpu"))
-        except ValueError as error:
-            parser.error(f"--archs {label}: {error}")
-    device = speed.resolve_device(args.device, None)
-    all_modes = modes_for(device)
-    unknown = [m for m in args.modes or () if m not in all_modes]
-    if unknown:
-        parser.error(f"--modes {unknown[0]}: choose from {', '.join(all_modes)}")
-    return args, plan, device, {name: m for name, m in all_modes.items() if args.modes is None or name in args.modes}
-
-
-def start_record(args: argparse.Namespace, plan: dict, device: torch.device, modes: dict[str, Mode]) -> dict:
-    """The record's description of this machine and run, printed first (with a warning on a busy CPU)."""
-    env, threads, load, bs = train.environment(device), torch.get_num_threads(), os.getloadavg()[0], plan["batch_size"]
+def main(argv: list[str] | None = None) -> int:
+    speed.check_torch()
+    args, device, modes = parse_args(argv)
+    env, threads, load = train.environment(device), torch.get_num_threads(), os.getloadavg()[0]
     default = "all on (auto on CUDA)" if device.type == "cuda" else "train.py's auto, probed per arch"
-    print(f"bench: {env['device_name']} ({device}), {threads} threads, batch {bs}, modes {', '.join(modes)}; "
-          f"default mode {default}; load average {load:.2f}", flush=True)
+    print(f"bench: {env['device_name']} ({device}), {threads} threads, batch {args.batch_size}, modes "
+          f"{', '.join(modes)}; default mode {default}; load average {load:.2f}", flush=True)
     if device.type == "cpu" and load > 0.5:
         print(f"bench: warning: load average {load:.1f} over the last minute: CPU figures will be noisy, and far "
               "too slow whenever another process holds a core that one of torch's threads waits for", flush=True)
-    return {"created_at": train.now(), "host": platform.node(), "device": str(device),
-            "device_name": env["device_name"], "threads": threads, "batch_size": bs, "quick": args.quick,
-            "reps": plan["reps"], "steps_per_rep": plan["steps_per_rep"], "warmup_steps": plan["warmup_steps"],
-            "load_average": {"start": load, "end": None}, "env": env, "command": args.command,
-            "modes": {name: {k: "auto" if v is None else v for k, v in m._asdict().items()}
-                      for name, m in modes.items()},
-            "loader": None, "flops_per_image": {}, "peak_flops": {}, "epoch": None, "peak_memory_mb": {},
-            "archs": {}, "failed": {}}
-
-
-def main(argv: list[str] | None = None) -> int:
-    speed.check_torch()
-    args, plan, device, modes = parse_bench_args(argv)
-    record = start_record(args, plan, device, modes)
+    record = {"created_at": train.now(), "host": platform.node(), "device": str(device), "env": env,
+              "device_name": env["device_name"], "threads": threads, "load_average": {"start": load, "end": None},
+              "command": args.command}
     try:  # first: a bad data dir or fraction fails before any timing
-        epoch_loader = data.make_loader("train", plan["batch_size"], device, args.aug, fraction=plan["epoch_fraction"],
+        epoch_loader = data.make_loader("train", args.batch_size, device, args.aug, fraction=args.epoch_fraction,
                                         workers=args.workers, data_dir=args.data_dir)
     except ValueError as error:
         raise SystemExit(f"error: epoch part: {error} (bench.py's flag is --epoch-fraction)") from None
     except data.DataError as error:
         raise SystemExit(f"error: {error}") from None
-    record["loader"] = benchmark_loader(args.data_dir, device, args.batch_size or BATCH_SIZE, args.workers, args.aug)
+    record["loader"] = benchmark_loader(args.data_dir, device, args.loader_batch_size, args.workers, args.aug)
     print(loader_line(record["loader"]), flush=True)
     if args.loader_only:
-        return save_record(args.out / "loader", {k: record[k] for k in LOADER_ONLY_KEYS}, lambda r: None)
+        return save(args.out / "loader", record)
+    record.update({k: getattr(args, k) for k in ("batch_size", "quick", "reps", "steps_per_rep", "warmup_steps")},
+                  modes={name: {k: "auto" if v is None else v for k, v in m.items()} for name, m in modes.items()},
+                  flops_per_image={}, peak_flops={}, epoch=None, peak_memory_mb={}, archs={}, failed={})
     # train.py's own defaults at this batch: optimiser, lr for this batch size, warm-up, label smoothing
-    train_args = train.parse_config(["--batch-size", str(plan["batch_size"]), "--quiet"])
-    train_args.batch_size_per_rank = plan["batch_size"]
-    nominal_steps = record["loader"]["images"] // plan["batch_size"] or 1  # one epoch, for the lr warm-up
-    if any(mode.compile for mode in modes.values()):
+    args.recipe = train.parse_config(["--batch-size", str(args.batch_size), "--quiet"])
+    args.recipe.batch_size_per_rank = args.batch_size
+    args.nominal_steps = record["loader"]["images"] // args.batch_size or 1  # one epoch, for the lr warm-up
+    if any(mode["compile"] for mode in modes.values()):
         try:  # torch.compile's one-time start-up (imports, workers) first, so each model's compile time is its own
             torch.compile(lambda x: torch.relu(x) * 2, dynamic=False)(torch.randn(8, device=device))
         except RuntimeError:
             pass  # no working compiler here: each compiled mode reports it as its failure
-    for label in plan["archs"]:
-        measure_label(record, label, modes, device, train_args, plan, nominal_steps, epoch_loader)
+    for label in args.archs:
+        measure_label(record, label, modes, device, args, epoch_loader)
     if record["epoch"] is None and f"{EPOCH_ARCH} {EPOCH_MODE}" not in record["failed"]:  # arch or mode left out
         try:
-            setup, _ = ready(EPOCH_ARCH, modes_for(device)[EPOCH_MODE], device, train_args, plan["batch_size"],
-                             nominal_steps)
-            record["epoch"] = time_epochs(setup, epoch_loader, device, train_args, plan)
+            epoch = ready(EPOCH_ARCH, MODES[EPOCH_MODE], device, args.recipe, args.nominal_steps)[0]
+            record["epoch"] = time_epochs(epoch, epoch_loader, args)
         except RuntimeError as error:
             record["failed"]["epoch"] = first_line(error)
     release_memory(device)
     used = {r["dtype"] for a in record["archs"].values() for r in a["modes"].values()} | {"fp32"}
-    record["peak_flops"] = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, plan["reps"])
+    record["peak_flops"] = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, args.reps)
                             for name in sorted(used)}
     summarise(record)
-    return save_record(args.out, record, print_table)
+    print_table(record)
+    return save(args.out, record)
 
 
 if __name__ == "__main__":

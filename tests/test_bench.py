@@ -56,24 +56,21 @@ def numbers_in(value, where="record"):
         yield where, value
 
 
-def test_record_is_named_after_the_host_and_the_date(tiny_run):
-    path, _, _ = tiny_run
+def test_record_is_complete_named_after_the_host_and_the_date_and_printed(tiny_run):
+    path, record, stdout = tiny_run
     assert path.name == f"{platform.node()}-{datetime.date.today():%Y-%m-%d}.json"
     assert not list(path.parent.glob(".*tmp*"))  # the atomic write left no temporary file
-
-
-def test_record_holds_every_top_level_figure(tiny_run):
-    _, record, _ = tiny_run
     for key in TOP_LEVEL:
         assert key in record, key
     assert record["quick"] is True and record["batch_size"] == 8 and record["device"] == "cpu"
-    assert set(record["train_step"]) == {"resnet20"}
+    assert set(record["train_step"]) == set(record["flops_per_image"]) == {"resnet20"}
     assert set(record["train_step"]["resnet20"]) == set(MODES)
     assert set(record["peak_flops"]) == {"fp32", "bf16"}
-    assert set(record["flops_per_image"]) == {"resnet20"}
     # a compile time exists where a timed mode compiled: `default` compiles only if it won its probe here
     compiled = any(mode["compile"] for mode in record["archs"]["resnet20"]["modes"].values())
     assert set(record["compile_time_s"]) == ({"resnet20"} if compiled else set())
+    for text in ("train step, images/s", "speedup", "loader overhead", "peak", "resnet20"):
+        assert text in stdout, text
 
 
 def test_every_figure_is_positive_and_finite(tiny_run):
@@ -85,55 +82,48 @@ def test_every_figure_is_positive_and_finite(tiny_run):
         assert number > 0 or where.startswith("record.load_average"), f"{where} = {number}"  # an idle machine: 0
 
 
-def test_speedup_is_default_over_eager_fp32(tiny_run):
+def test_derived_figures_are_the_ratios_they_name(tiny_run):
+    import models
     _, record, _ = tiny_run
-    steps = record["train_step"]["resnet20"]
+    steps, loader, epoch = record["train_step"]["resnet20"], record["loader"], record["epoch"]
     assert record["speedup"]["resnet20"] == pytest.approx(steps["default"] / steps["eager_fp32"])
+    assert record["loader_ratio"] == pytest.approx(loader["ours_img_per_s"] / loader["torchvision_img_per_s"], abs=0.01)
+    assert record["loader_overhead"] == pytest.approx(epoch["loader_s"] / epoch["in_memory_s"])
+    assert epoch["arch"] == "resnet20" and epoch["batches"] == 6  # 50 images (5 per class) in batches of 8
+    flops = record["flops_per_image"]["resnet20"]
+    assert 2.5 <= flops / models.forward_flops(models.build_model("resnet20")) <= 3.5  # forward + backward
+    assert record["peak_fraction"]["resnet20"]["amp_bf16"] == pytest.approx(
+        flops * steps["amp_bf16"] / record["peak_flops"]["bf16"])
 
 
 def test_default_mode_is_what_train_py_auto_chose_for_the_arch_here(tiny_run):
     _, record, _ = tiny_run
     details = record["archs"]["resnet20"]
     switches, default = details["default_switches"], details["modes"]["default"]
-    probes = switches["probe_img_per_s"]
-    assert len(probes) == 4 and set(switches["compile_probe_img_per_s"]) == {"compiled", "eager"}
+    assert len(switches["probe_img_per_s"]) == 4 and set(switches["compile_probe_img_per_s"]) == {"compiled", "eager"}
     assert (default["channels_last"], default["compile"]) == (switches["channels_last"], switches["compile"])
     assert default["dtype"] == switches["amp"]  # one vocabulary of dtypes
     assert record["modes"]["default"] == {"channels_last": "auto", "dtype": "auto", "compile": "auto"}
 
 
-def test_loader_figures_are_the_ratios_they_name(tiny_run):
-    _, record, _ = tiny_run
-    loader, epoch = record["loader"], record["epoch"]
-    assert record["loader_ratio"] == pytest.approx(loader["ours_img_per_s"] / loader["torchvision_img_per_s"], abs=0.01)
-    assert record["loader_overhead"] == pytest.approx(epoch["loader_s"] / epoch["in_memory_s"])
-    assert epoch["arch"] == "resnet20" and epoch["batches"] == 6  # 50 images (5 per class) in batches of 8
-
-
-def test_training_flops_are_about_three_forward_passes(tiny_run):
-    import models
-    _, record, _ = tiny_run
-    forward = models.forward_flops(models.build_model("resnet20"))
-    assert 2.5 * forward <= record["flops_per_image"]["resnet20"] <= 3.5 * forward
-
-
-def test_table_is_printed(tiny_run):
-    _, _, stdout = tiny_run
-    for text in ("train step, images/s", "speedup", "loader overhead", "peak", "resnet20"):
-        assert text in stdout, text
-
-
-def test_unknown_arch_label_is_refused_before_any_work(tmp_path, synthetic_data, capsys):
+@pytest.mark.parametrize("flags, problem", [(["--archs", "resnet20-imagenet"], "stem"),
+                                            (["--batch-size", "1"], "--batch-size: must be at least 2"),
+                                            (["--modes", "eager_fp32,fast"], "--modes fast: choose from"),
+                                            (["--epoch-fraction", "0"], "--epoch-fraction: must be in (0, 1]")])
+def test_bad_flags_are_refused_before_any_work(tmp_path, synthetic_data, capsys, flags, problem):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--archs", "resnet20-imagenet", "--data-dir", str(synthetic_data), "--out", str(tmp_path)])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "resnet20-imagenet" in error and "stem" in error
+        bench.main([*flags, "--device", "cpu", "--data-dir", str(synthetic_data), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and problem in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-def test_help_says_what_quick_changes():
-    help_text = " ".join(bench.build_parser().format_help().split())
+def test_quick_gives_its_values_unless_a_flag_is_given_and_help_says_them(capsys):
+    args, _, _ = bench.parse_args(["--quick", "--reps", "2", "--device", "cpu"])
+    assert (args.batch_size, args.reps, args.steps_per_rep, args.archs) == (64, 2, 2, ("resnet20", "resnet18-imagenet"))
+    assert args.loader_batch_size == bench.BATCH_SIZE  # the loader part keeps the full run's batch
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     for text in ("batch 64", "3 reps", "resnet20, resnet18-imagenet", "10% of the train set",
                  "batch 512 unless --batch-size"):
         assert text in help_text, text
@@ -141,15 +131,14 @@ def test_help_says_what_quick_changes():
 
 # --- the loader part: a fair comparison (issue 12 item 11) ------------------------------------------
 
-def test_time_epoch_synchronises_the_benchmarks_device_only(monkeypatch):
+def test_timing_synchronises_the_benchmarks_device_only(monkeypatch):
     synchronised = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
     batches = [(torch.zeros(4, 3, 32, 32), torch.zeros(4))] * 3
-    assert bench.time_epoch(batches, torch.device("cpu")) > 0
+    assert bench.images_per_s(batches, torch.device("cpu")) > 0
     assert synchronised == []
-    bench.time_epoch(batches, torch.device("cuda", 1))
-    assert synchronised == [torch.device("cuda", 1)]
+    assert bench.timed(lambda: 7, torch.device("cuda", 1))[1] == 7
+    assert synchronised == [torch.device("cuda", 1)] * 2  # at both ends
 
 
 def test_torchvision_way_pins_memory_for_cuda_only():
@@ -160,31 +149,21 @@ def test_torchvision_way_pins_memory_for_cuda_only():
     assert loader("cpu").batch_size == 2
 
 
-def test_benchmark_gives_torchvision_our_workers_batch_size_and_device(synthetic_data, monkeypatch):
-    asked, moved = {}, []
-    real_way, real_moved_to = bench.torchvision_way, bench.moved_to
-
+def test_loader_only_gives_torchvision_our_workers_batch_size_and_device(tmp_path, synthetic_data, capsys,
+                                                                         monkeypatch):
+    asked, real_way = {}, bench.torchvision_way
     def torchvision_way(images, labels, mean, std, workers, batch_size, device):
         asked.update(workers=workers, batch_size=batch_size, device=device)
         return real_way(images, labels, mean, std, workers, batch_size, device)
-
-    def moved_to(batches, device):
-        moved.append(device)
-        return real_moved_to(batches, device)
     monkeypatch.setattr(bench, "torchvision_way", torchvision_way)
-    monkeypatch.setattr(bench, "moved_to", moved_to)
-    result = bench.benchmark_loader(synthetic_data, torch.device("cpu"), batch_size=16, workers=1, aug="none")
-    assert asked == {"workers": 1, "batch_size": 16, "device": torch.device("cpu")}
-    assert len(moved) == 1 + bench.LOADER_REPS and set(moved) == {torch.device("cpu")}  # every pass pays the copy
-    assert result["workers"] == 1 and result["batch_size"] == 16
-
-
-def test_loader_only_times_the_loaders_alone(tmp_path, synthetic_data, capsys):
     assert bench.main(["--loader-only", "--data-dir", str(synthetic_data), "--out", str(tmp_path), "--device", "cpu",
                        "--batch-size", "16", "--workers", "1", "--aug", "none"]) == 0
+    assert asked == {"workers": 1, "batch_size": 16, "device": torch.device("cpu")}
     [path] = (tmp_path / "loader").glob("*.json")
     record = json.loads(path.read_text())
-    assert set(record) == set(bench.LOADER_ONLY_KEYS) and record["loader"]["batch_size"] == 16
+    assert set(record) == {"created_at", "host", "device", "device_name", "threads", "load_average", "env",
+                           "command", "loader"}
+    assert record["loader"]["batch_size"] == 16 and record["loader"]["workers"] == 1
     assert record["loader"]["ratio"] == pytest.approx(
         record["loader"]["ours_img_per_s"] / record["loader"]["torchvision_img_per_s"], abs=0.01)
     assert "torchvision DataLoader" in capsys.readouterr().out
