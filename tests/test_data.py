@@ -11,7 +11,6 @@ import sys
 import tarfile
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -131,10 +130,10 @@ def test_official_pickle_format_is_read_once_checksums_match(tmp_path, monkeypat
         files[name] = batch
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CLASSES)}))
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    fake = SimpleNamespace(train_list=[[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)],
-                           test_list=[["test_batch", md5["test_batch"]]],
-                           meta={"filename": "batches.meta", "md5": md5["batches.meta"]})
-    monkeypatch.setattr(data, "cifar10_release", lambda: fake)
+    from torchvision.datasets import CIFAR10
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     for source in (tmp_path, tmp_path / "cifar-10-python.tar.gz"):  # the folder above, and the archive
