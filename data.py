@@ -5,12 +5,11 @@
     python data.py --source ../shared/data/cifar10-jpeg.tar.gz   # or an image-folder tree / its .tar.gz
     python data.py --check                          # is the data dir what training will accept?
 
-Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, the train
-split's mean/std, the source, the betons' sizes and sha256, what was skipped, and a seal: the sha256 of
-its own content), each under a temporary name until all are complete: a conversion that fails leaves the
-previous data valid. Training takes only data whose parts agree (read_meta, `data.py --check`).
-`make_loader` is the one way training gets data: FFCV decodes and does flip/translate in its compiled CPU
-pipeline; normalisation and the other augmentations run on the training device as batched tensor ops.
+Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, train mean/std,
+the source, what was skipped, the betons' sizes and sha256, and a seal: the sha256 of its own content), all
+under temporary names until all are complete, so a failed conversion leaves the old data valid. Training
+takes only data whose parts agree (read_meta). make_loader is the one way training gets data: FFCV decodes
+and does flip/translate on the CPU; normalisation and the other augmentations run on the device.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import tarfile
 import tempfile
 import time
 import types
+import warnings
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,10 +67,6 @@ SOURCE_KINDS = ("cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folde
 
 class DataError(Exception):
     """Bad or missing data: main() prints its message as a one-line error."""
-
-
-class BrokenImage(DataError):
-    """An image file that cannot be decoded: --skip-bad skips these, nothing else."""
 
 
 def usable_cpus() -> int:
@@ -153,12 +149,13 @@ def download_official(raw_dir: Path) -> Path:
 def read_source(source: str | None, data_dir: Path, skip_bad: bool = False) -> tuple[dict, list[str], dict, str]:
     """The splits, the classes, what was skipped or converted (for meta.json) and a description of the
     source; None downloads the official archive. A folder or an archive is read as one tree, {path in it:
-    content (bytes, or a Path in a folder), None for a folder}: an archive in memory, since extracting
-    (and deleting) 60,000 small files takes longer than decoding them."""
+    content (bytes, or a Path in a folder), None for a folder}: an archive in memory, as extracting (and
+    deleting) the 60,000 files of an image folder takes longer than decoding them."""
     path = Path(source) if source is not None else download_official(data_dir / "raw")
     try:
-        if path.is_dir():
-            tree = {p.relative_to(path).as_posix(): None if p.is_dir() else p for p in sorted(path.rglob("*"))}
+        if path.is_dir():  # its own files, and what lies in its train/, test/ and cifar-10-batches-py/
+            found = {*path.iterdir(), *(p for d in (*SPLITS, "cifar-10-batches-py") for p in (path / d).rglob("*"))}
+            tree = {p.relative_to(path).as_posix(): None if p.is_dir() else p for p in sorted(found)}
             where, description = f"{path}/", str(path)
         elif path.exists() and tarfile.is_tarfile(path):
             with tarfile.open(path) as tar:  # each member read as it comes: a gzip stream only reads forward
@@ -249,10 +246,9 @@ def image_folder_files(entries: list[tuple[tuple[str, ...], str, bytes | Path | 
     return images, skipped
 
 
-def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
-    """A 32×32 RGB uint8 array and the file's own mode (converted from when it is not RGB)."""
-    import warnings
-
+def decode_image(content: bytes | Path, where: str, skip_bad: bool) -> tuple[np.ndarray, str] | None:
+    """A 32×32 RGB uint8 array and the file's own mode (converted from when it is not RGB); None for a
+    file that cannot be decoded, with --skip-bad (the one refusal it skips)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():  # PIL warns about palette transparency, which RGB drops anyway
@@ -260,9 +256,11 @@ def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
             image = Image.open(content if isinstance(content, Path) else io.BytesIO(content))
             image.load()  # open() reads the header only: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if skip_bad:
+            return None
         reason = ("not an image PIL can read" if isinstance(error, UnidentifiedImageError)
                   else error.strerror if isinstance(error, OSError) and error.strerror else str(error))
-        raise BrokenImage(f"{where} cannot be read as an image ({reason}): replace or delete it, "
+        raise DataError(f"{where} cannot be read as an image ({reason}): replace or delete it, "
                           "or pass --skip-bad to skip broken images") from None
     if image.size != (32, 32):
         raise DataError(f"{where} is {image.width}×{image.height}, not 32×32: CIFAR-10 images are 32×32; "
@@ -284,13 +282,11 @@ def read_image_folder(entries: list, skip_bad: bool = False) -> tuple[dict, list
         chosen = sorted((f for f in files if f[0] == split), key=lambda f: f[1:3])
         images, labels = [], []
         for _, cls, where, content in tqdm(chosen, desc=f"decode {split}", unit="img", disable=len(chosen) < 2000):
-            try:
-                image, mode = decode_image(content, where)
-            except BrokenImage:
-                if not skip_bad:
-                    raise
+            decoded = decode_image(content, where, skip_bad)
+            if decoded is None:
                 broken.append(where)
                 continue
+            image, mode = decoded
             images.append(image)
             labels.append(classes.index(cls))
             converted[mode] += mode != "RGB"
@@ -349,13 +345,11 @@ def save_json_atomic(path: Path, payload: dict) -> None:
 
 
 def finite_or_null(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -445,10 +439,9 @@ def seal_of(meta: dict) -> str:
 
 
 def read_meta(data_dir: Path) -> tuple[dict | None, list[str]]:
-    """meta.json when it is what conversion wrote (this version, its seal matching; {} otherwise, None
-    when there is none), and
-    what is wrong with the data dir: meta.json, then the betons' sizes and sha256 against it. DataError
-    naming the fix when data_dir cannot be a data folder (a file, inside a file, unreadable)."""
+    """meta.json if it is what conversion wrote (this version, its seal matching; {} if not, None if there
+    is none), and what is wrong: meta.json, then the betons' sizes and sha256 against it. DataError naming
+    the fix when data_dir cannot be a data folder (a file, inside a file, unreadable)."""
     fix = "pass --data-dir a folder (data.py writes the betons there; the default is data/)"
     blocking = next((p for p in (data_dir, *data_dir.parents) if p.exists()), Path("."))
     if not blocking.is_dir():
@@ -790,9 +783,7 @@ def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", default=None,
-                        help="cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree or its "
-                             ".tar.gz; default: download the official archive")
+    parser.add_argument("--source", help=f"{SOURCE_KINDS}; default: download the official archive")
     parser.add_argument("--data-dir", default=DATA_DIR, type=Path, help="where the betons and meta.json go")
     parser.add_argument("--force", action="store_true",
                         help="convert again even if valid files are there (from the recorded source unless --source)")

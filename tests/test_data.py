@@ -421,7 +421,7 @@ def test_skip_bad_skips_broken_images_lists_them_and_keeps_the_rest(tmp_path):
     truncated = (source / "train" / "cat" / "0001.png").read_bytes()[:100]
     (source / "train" / "cat" / "0001.png").write_bytes(truncated)
     (source / "train" / "dog" / "0002.jpg").write_text("<html>not found</html>")
-    with pytest.raises(data.BrokenImage, match="--skip-bad"):
+    with pytest.raises(data.DataError, match="--skip-bad"):
         data.read_source(str(source), tmp_path / "d")
     splits, _, report, _ = data.read_source(str(source), tmp_path / "d", skip_bad=True)
     assert np.bincount(splits["train"][1]).tolist() == [3, 3, 3, 2, 3, 3, 3, 3, 3, 3]
