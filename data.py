@@ -261,7 +261,7 @@ def decode_image(content: bytes | Path, where: str, skip_bad: bool) -> tuple[np.
         reason = ("not an image PIL can read" if isinstance(error, UnidentifiedImageError)
                   else error.strerror if isinstance(error, OSError) and error.strerror else str(error))
         raise DataError(f"{where} cannot be read as an image ({reason}): replace or delete it, "
-                          "or pass --skip-bad to skip broken images") from None
+                        "or pass --skip-bad to skip broken images") from None
     if image.size != (32, 32):
         raise DataError(f"{where} is {image.width}×{image.height}, not 32×32: CIFAR-10 images are 32×32; "
                         "resize the folder yourself (data.py does not: resizing changes the task)")
@@ -289,13 +289,14 @@ def read_image_folder(entries: list, skip_bad: bool = False) -> tuple[dict, list
             image, mode = decoded
             images.append(image)
             labels.append(classes.index(cls))
-            converted[mode] += mode != "RGB"
+            if mode != "RGB":
+                converted[mode] += 1
         emptied = [cls for i, cls in enumerate(classes) if i not in labels]
         if emptied:
             raise DataError(f"every image of {split}/{emptied[0]} is broken (skipped by --skip-bad): "
                             "replace them, or remove the class from train/ and test/")
         splits[split] = (np.stack(images), np.array(labels, np.int64))
-    report = {"skipped_not_images": not_images, "skipped_broken": broken, "converted_to_rgb": +converted}
+    report = {"skipped_not_images": not_images, "skipped_broken": broken, "converted_to_rgb": dict(converted)}
     return splits, classes, report
 
 

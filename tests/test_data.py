@@ -78,11 +78,6 @@ def test_bit_flipped_beton_is_refused_before_training(fresh_data):
         data.ensure_valid(fresh_data)
 
 
-def test_missing_data_dir_names_make_data(tmp_path):
-    with pytest.raises(data.DataError, match="make data"):
-        data.make_loader("train", 8, "cpu", data_dir=tmp_path)
-
-
 class RunsCode:
     """A pickle payload that would create a file if it were ever unpickled."""
 
