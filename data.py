@@ -5,15 +5,11 @@
     python data.py --source ../shared/data/cifar10-jpeg.tar.gz   # or an image-folder tree / its .tar.gz
     python data.py --check                          # is the data dir what training will accept?
 
-Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, the train
-split's mean/std, the source, the betons' sizes and sha256, what was skipped, and a seal: the sha256 of
-its own content), each under a temporary name until all are complete: a conversion that fails leaves the
-previous data valid. Image-folder sources are train/<class>/<image> and test/<class>/<image> (or a .tar.gz
-of them); image_folder_files says what is skipped, converted and refused. Training takes only data whose
-parts agree (ensure_valid, `data.py --check`): meta.json of this version matching its seal, and betons
-matching its sizes and sha256. `make_loader` is the one way training gets data: FFCV decodes and does
-flip/translate in its compiled CPU pipeline; normalisation and the other augmentations run on the
-training device as batched tensor ops.
+Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, train mean/std,
+the source, what was skipped, the betons' sizes and sha256, and a seal: the sha256 of its own content), all
+under temporary names until all are complete, so a failed conversion leaves the old data valid. Training
+takes only data whose parts agree (read_meta). make_loader is the one way training gets data: FFCV decodes
+and does flip/translate on the CPU; normalisation and the other augmentations run on the device.
 """
 from __future__ import annotations
 
@@ -27,11 +23,12 @@ import itertools
 import json
 import math
 import os
-import pickle
 import sys
 import tarfile
+import tempfile
 import time
 import types
+import warnings
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,21 +56,17 @@ CUTOUT_PX = 8
 ROTATE_DEG = 15.0
 SHEAR_DEG, SCALE_RANGE = 10.0, (0.9, 1.1)
 JITTER = 0.2  # brightness, contrast and saturation each drawn from [1 - JITTER, 1 + JITTER]
-# Image-folder sources: the files taken for images, and the modes whose conversion to RGB is exact.
+# Image-folder sources: the files taken for images (torchvision's IMG_EXTENSIONS lacks .gif), and the
+# modes whose conversion to RGB is exact.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 TORCH_THREADS: int | None = None  # torch's thread count before FFCV changed it
 SOURCE_KINDS = ("cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree (train/<class>/*, "
                 "test/<class>/*) or its .tar.gz")
-MISSING_DATA_HINT = "run 'make data' (or 'python data.py --source PATH' offline) or pass --data-dir"
 
 
 class DataError(Exception):
     """Bad or missing data: main() prints its message as a one-line error."""
-
-
-class BrokenImage(DataError):
-    """An image file that cannot be decoded: --skip-bad skips these, nothing else."""
 
 
 def usable_cpus() -> int:
@@ -95,8 +88,6 @@ def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str
         return cpus, (f"--workers {requested} is more than the {cpus} CPU{'s' * (cpus > 1)} this process may use "
                       f"(taskset/Slurm/cgroup): using {cpus}")
     return requested, None
-
-
 @functools.cache
 def import_ffcv() -> None:
     """Import FFCV once. FFCV sets torch's thread count to 1 on import and to its worker count on every
@@ -135,121 +126,142 @@ def run_loader_thread_on_its_device() -> None:
     EpochIterator.run = run
 
 
-# --- sources: each gives {split: (images uint8 N×32×32×3, labels int64 N)} and the class names ---
-
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)  # hashlib.file_digest is Python 3.11's: read in 1 MiB blocks
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
+# --- sources: each gives {split: (images uint8 N×32×32×3, labels int64 N)}, the classes and a report ---
 
 def sha256_of(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
-def cifar10_release():
-    """torchvision's record of the official release: url, file names and md5 checksums."""
-    from torchvision.datasets import CIFAR10
-    return CIFAR10
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_official(raw_dir: Path) -> Path:
-    """Fetch the official archive with torchvision's downloader, which checks its md5."""
-    from torchvision.datasets.utils import download_url
-    CIFAR10 = cifar10_release()
-    archive = raw_dir / CIFAR10.filename
-    if archive.exists() and file_digest(archive, "md5") == CIFAR10.tgz_md5:
-        return archive
+    """The official archive, fetched by torchvision's downloader, which checks its md5."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity, download_url
     try:
-        download_url(CIFAR10.url, str(raw_dir), CIFAR10.filename, CIFAR10.tgz_md5)
+        if not check_integrity(str(raw_dir / CIFAR10.filename), CIFAR10.tgz_md5):
+            download_url(CIFAR10.url, str(raw_dir), CIFAR10.filename, CIFAR10.tgz_md5)
     except Exception as error:  # URLError, timeouts, md5 mismatch: all mean "no usable download"
-        raise DataError(f"could not download CIFAR-10 ({type(error).__name__}: {error}); "
-                        "on an offline machine pass --source PATH (make data SOURCE=PATH) to "
-                        "cifar-10-python.tar.gz, cifar-10-batches-py/ or an image-folder tree") from None
-    return archive
+        raise DataError(f"could not download CIFAR-10 ({type(error).__name__}: {error}); on an offline "
+                        f"machine pass --source PATH (make data SOURCE=PATH) to {SOURCE_KINDS}") from None
+    return raw_dir / CIFAR10.filename
 
 
 def read_source(source: str | None, data_dir: Path, skip_bad: bool = False) -> tuple[dict, list[str], dict, str]:
-    """The splits, the classes, what was skipped or converted, and a description of the source (for
-    meta.json), whichever kind of source it is; None downloads the official archive."""
+    """The splits, the classes, what was skipped or converted (for meta.json) and a description of the
+    source; None downloads the official archive. A folder or an archive is read as one tree, {path in it:
+    content (bytes, or a Path in a folder), None for a folder}: an archive in memory, as extracting (and
+    deleting) the 60,000 files of an image folder takes longer than decoding them."""
     path = Path(source) if source is not None else download_official(data_dir / "raw")
     try:
-        if not path.exists():
-            raise DataError(f"source {path} not found: pass --source PATH to {SOURCE_KINDS}")
-        if path.is_dir():
-            return (*read_folder(path, skip_bad), str(path))
-        if not tarfile.is_tarfile(path):
-            raise DataError(f"{path} is not a folder or a .tar.gz archive: pass --source PATH to {SOURCE_KINDS}")
-        return (*read_archive(path, skip_bad), f"{path} (sha256 {sha256_of(path)})")
+        if path.is_dir():  # its own files, and what lies in its train/, test/ and cifar-10-batches-py/
+            found = {*path.iterdir(), *(p for d in (*SPLITS, "cifar-10-batches-py") for p in (path / d).rglob("*"))}
+            tree = {p.relative_to(path).as_posix(): None if p.is_dir() else p for p in sorted(found)}
+            where, description = f"{path}/", str(path)
+        elif path.exists() and tarfile.is_tarfile(path):
+            with tarfile.open(path) as tar:  # each member read as it comes: a gzip stream only reads forward
+                tree = {m.name.rstrip("/"): tar.extractfile(m).read() if m.isfile() else None
+                        for m in tar if m.isfile() or m.isdir()}
+            where, description = f"{path}:", f"{path} (sha256 {sha256_of(path)})"
+        else:
+            problem = "is not a folder or a .tar.gz archive" if path.exists() else "not found"
+            raise DataError(f"source {path} {problem}: pass --source PATH to {SOURCE_KINDS}")
     except PermissionError as error:
         raise DataError(f"cannot read {error.filename}: permission denied: fix its permissions") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{path} is damaged ({error}): download or pack it again") from None
-
-
-def read_folder(path: Path, skip_bad: bool) -> tuple[dict, list[str], dict]:
-    for folder in (path, path / "cifar-10-batches-py"):
-        if (folder / "data_batch_1").exists():
-            files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-            return (*read_official_batches(files, folder), {})
-    if not ((path / "train").is_dir() and (path / "test").is_dir()):
+    batch = next((k for k in tree if k.rpartition("/")[2] == "data_batch_1"), None)
+    if batch is not None:
+        return (*read_official({k.rpartition("/")[2]: v for k, v in tree.items() if v is not None
+                                and k.rpartition("/")[0] == batch.rpartition("/")[0]}, path), {}, description)
+    # An image folder's train/ and test/ may lie in a folder of their own (an archive often holds one).
+    at = {k: next((i for i, part in enumerate(k.split("/")) if part in SPLITS), None) for k in tree}
+    entries = [(tuple(k.split("/")[i:]), where + k, tree[k]) for k, i in at.items() if i is not None]
+    if not entries:
         raise DataError(f"{path} holds neither cifar-10-batches-py/ nor train/ and test/ folders: "
                         f"pass --source PATH to {SOURCE_KINDS}")
-    entries = [(p.relative_to(path).parts, str(p), None if p.is_dir() else p)
-               for split in SPLITS for p in sorted((path / split).rglob("*"))]
-    return collect_image_folder(entries, skip_bad)
+    return (*read_image_folder(entries, skip_bad), description)
 
 
-def read_archive(path: Path, skip_bad: bool) -> tuple[dict, list[str], dict]:
-    with tarfile.open(path) as tar:  # each member read as it comes: a gzip stream only reads forward
-        members = [(Path(m.name).parts, f"{path}:{m.name.rstrip('/')}", tar.extractfile(m).read() if m.isfile()
-                    else None) for m in tar if m.isfile() or m.isdir()]
-    files = {parts[-1]: content for parts, _, content in members if content is not None}
-    if "data_batch_1" in files:
-        return (*read_official_batches(files, path), {})
-    # The tree from its train/ and test/ on: an archive often holds it in a folder of its own.
-    at = {where: next((i for i, p in enumerate(parts) if p in SPLITS), None) for parts, where, _ in members}
-    entries = [(parts[at[where]:], where, content) for parts, where, content in members if at[where] is not None]
-    return collect_image_folder(entries, skip_bad)
+def read_official(files: dict[str, bytes | Path], source: Path) -> tuple[dict, list[str]]:
+    """The official batches, read by torchvision's CIFAR10 from a temporary copy: it checks every file
+    against the release's md5 before unpickling any (a pickle can run code when loaded)."""
+    from torchvision.datasets import CIFAR10
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / CIFAR10.base_folder).mkdir()
+        for name, content in files.items():
+            copy = content.read_bytes() if isinstance(content, Path) else content
+            (Path(tmp) / CIFAR10.base_folder / name).write_bytes(copy)
+        try:
+            sets = [CIFAR10(tmp, train=split == "train") for split in SPLITS]
+        except RuntimeError:
+            raise DataError(f"{source}: a file is missing or does not match the official CIFAR-10 checksum; "
+                            "refusing to unpickle it (pickles can run code): download the official archive again"
+                            ) from None
+    arrays = [(np.ascontiguousarray(d.data), np.array(d.targets, np.int64)) for d in sets]
+    return dict(zip(SPLITS, arrays, strict=True)), sets[0].classes
 
 
-def read_official_batches(files: dict[str, bytes], where: Path) -> tuple[dict, list[str]]:
-    """The official pickles, each checked against the release's md5 first: a pickle can run code when
-    loaded, so a file whose checksum differs is never unpickled."""
-    CIFAR10 = cifar10_release()
-    expected = dict(CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]])
-    for name, md5 in expected.items():
-        if name not in files:
-            raise DataError(f"{where} lacks {name}: pass the complete cifar-10-batches-py/ folder or archive")
-        if hashlib.md5(files[name]).hexdigest() != md5:
-            raise DataError(f"{where}: {name} does not match the official CIFAR-10 checksum; refusing to unpickle "
-                            "it (pickles can run code): download the official archive again")
-    splits = {}
-    for split, names in (("train", CIFAR10.train_list), ("test", CIFAR10.test_list)):
-        batches = [pickle.loads(files[name], encoding="latin1") for name, _ in names]
-        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        splits[split] = (np.ascontiguousarray(images), np.concatenate([b["labels"] for b in batches]).astype(np.int64))
-    return splits, pickle.loads(files[CIFAR10.meta["filename"]], encoding="latin1")["label_names"]
+def image_folder_files(entries: list[tuple[tuple[str, ...], str, bytes | Path | None]]
+                       ) -> tuple[list[tuple[str, str, str, bytes | Path]], list[str]]:
+    """The image-folder rules on each (parts from the split folder on, where, content; None for a
+    folder) of a tree: (split, class, where, content) per image, and the files skipped.
+
+    Skipped: hidden files and folders (.DS_Store, ._x.png) and files not named as images (README.txt;
+    the content decides the format: a PNG named .jpg is a PNG). Refused, naming the place (decode_image
+    refuses what cannot be decoded, is not 32×32, or has more than 8 bits): an image directly in train/
+    or test/, a folder inside a class folder, a class folder with no images or in only one split."""
+    images, skipped, folders = [], [], {split: {} for split in SPLITS}  # split -> class -> where
+    for parts, where, content in entries:
+        depth, is_file = len(parts), content is not None
+        if any(part.startswith(".") for part in parts):  # .DS_Store, ._x.png, .ipynb_checkpoints/
+            skipped += [where] * is_file
+            continue
+        if depth > 3 or (depth == 3 and not is_file):
+            raise DataError(f"{where.rsplit('/', depth - 3)[0]} is a folder inside the class folder "
+                            f"{'/'.join(parts[:2])}: the layout is {parts[0]}/<class>/<image>, one level; move its "
+                            f"images into {'/'.join(parts[:2])}/ or out of the tree")
+        if depth == 3 or (depth == 2 and not is_file):  # an archive may list a folder's files, not the folder
+            folders[parts[0]].setdefault(parts[1], where.rsplit("/", 1)[0] if is_file else where)
+        if not is_file:
+            continue
+        if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(where)
+        elif depth == 2:
+            raise DataError(f"{where} is not in a class folder: move it into {parts[0]}/<class>/ "
+                            "(the folder's name is the label)")
+        else:
+            images.append((*parts[:2], where, content))
+    empty = next((split for split in SPLITS if not folders[split]), None)
+    if empty:
+        raise DataError(f"the image folder has no {empty}/<class>/ folders: it needs train/<class>/* "
+                        "and test/<class>/* images")
+    with_images = {(split, cls) for split, cls, _, _ in images}
+    for split, other in (("train", "test"), ("test", "train")):
+        for cls, where in folders[split].items():
+            if cls not in folders[other]:
+                raise DataError(f"{where} has no matching {other}/{cls}: train/ and test/ need the same class "
+                                "folders; rename or remove it")
+            if (split, cls) not in with_images:
+                raise DataError(f"{where} holds no images: add its images or remove the folder")
+    return images, skipped
 
 
-def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
-    """A 32×32 RGB uint8 array and the file's own mode (converted from when it is not RGB)."""
-    import warnings
-
+def decode_image(content: bytes | Path, where: str, skip_bad: bool) -> tuple[np.ndarray, str] | None:
+    """A 32×32 RGB uint8 array and the file's own mode (converted from when it is not RGB); None for a
+    file that cannot be decoded, with --skip-bad (the one refusal it skips)."""
     from PIL import Image, UnidentifiedImageError
     try:
-        data = content.read_bytes() if isinstance(content, Path) else content
         with warnings.catch_warnings():  # PIL warns about palette transparency, which RGB drops anyway
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(content if isinstance(content, Path) else io.BytesIO(content))
             image.load()  # open() reads the header only: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if skip_bad:
+            return None
         reason = ("not an image PIL can read" if isinstance(error, UnidentifiedImageError)
                   else error.strerror if isinstance(error, OSError) and error.strerror else str(error))
-        raise BrokenImage(f"{where} cannot be read as an image ({reason}): replace or delete it, "
-                          "or pass --skip-bad to skip broken images") from None
+        raise DataError(f"{where} cannot be read as an image ({reason}): replace or delete it, "
+                        "or pass --skip-bad to skip broken images") from None
     if image.size != (32, 32):
         raise DataError(f"{where} is {image.width}×{image.height}, not 32×32: CIFAR-10 images are 32×32; "
                         "resize the folder yourself (data.py does not: resizing changes the task)")
@@ -259,85 +271,33 @@ def decode_image(content: bytes | Path, where: str) -> tuple[np.ndarray, str]:
     return np.asarray(image.convert("RGB")), image.mode
 
 
-def image_folder_files(entries: list[tuple[tuple[str, ...], str, bytes | Path | None]]
-                       ) -> tuple[list[tuple[str, str, str, bytes | Path]], list[str]]:
-    """The image-folder rules on every (parts from the split folder on, where, content: bytes, a Path,
-    or None for a folder) of a tree: (split, class, where, content) per image, and the files skipped.
-
-    Skipped: hidden files and folders (.DS_Store, ._x.png) and files not named as images (README.txt;
-    the content decides the format: a PNG named .jpg is a PNG). Refused, naming the place (decode_image
-    refuses what cannot be decoded, is not 32×32, or has more than 8 bits): an image directly in train/
-    or test/, a folder inside a class folder, a class folder with no images or in only one split."""
-    images, skipped = [], []
-    class_folders: dict[str, dict[str, str]] = {split: {} for split in SPLITS}  # split -> class -> where
-    for parts, where, content in entries:
-        depth, is_file = len(parts), content is not None
-        if depth == 1:
-            continue  # the split folder itself
-        split, cls = parts[:2]
-        if any(part.startswith(".") for part in parts):  # .DS_Store, ._x.png, .ipynb_checkpoints/
-            skipped += [where] * is_file
-            continue
-        if depth > 3 or (depth == 3 and not is_file):
-            raise DataError(f"{where.rsplit('/', depth - 3)[0]} is a folder inside the class folder {split}/{cls}: "
-                            f"the layout is {split}/<class>/<image>, one level; move its images into {split}/{cls}/ "
-                            "or out of the tree")
-        if depth == 3 or not is_file:
-            class_folders[split].setdefault(cls, where.rsplit("/", 1)[0] if is_file else where)
-        if not is_file:
-            continue
-        if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append(where)
-        elif depth == 2:
-            raise DataError(f"{where} is not in a class folder: move it into {split}/<class>/ "
-                            "(the folder's name is the label)")
-        else:
-            images.append((split, cls, where, content))
-    empty = [split for split in SPLITS if not class_folders[split]]
-    if empty:
-        raise DataError(f"the image folder has no {empty[0]}/<class>/ folders: it needs train/<class>/* "
-                        "and test/<class>/* images")
-    with_images = {(split, cls) for split, cls, _, _ in images}
-    for split, other in (("train", "test"), ("test", "train")):
-        for cls, where in class_folders[split].items():
-            if cls not in class_folders[other]:
-                raise DataError(f"{where} has no matching {other}/{cls}: train/ and test/ need the same class "
-                                "folders; rename or remove it")
-            if (split, cls) not in with_images:
-                raise DataError(f"{where} holds no images: add its images or remove the folder")
-    return images, skipped
-
-
-def collect_image_folder(entries: list, skip_bad: bool = False) -> tuple[dict, list[str], dict]:
-    """Decode an image folder's tree, classes in sorted order (as torchvision's ImageFolder): the
-    splits, the classes, and what was skipped or converted, for meta.json."""
+def read_image_folder(entries: list, skip_bad: bool = False) -> tuple[dict, list[str], dict]:
+    """Decode an image folder's tree, classes in sorted order (as torchvision's ImageFolder), images by
+    class, then name: the splits, the classes, and what was skipped or converted, for meta.json."""
     from tqdm import tqdm
     files, not_images = image_folder_files(entries)
     classes = sorted({cls for split, cls, _, _ in files if split == "train"})
-    label_of = {cls: i for i, cls in enumerate(classes)}
     splits, broken, converted = {}, [], collections.Counter()
     for split in SPLITS:
-        chosen = sorted((f for f in files if f[0] == split), key=lambda f: f[1:3])  # by class, then name
+        chosen = sorted((f for f in files if f[0] == split), key=lambda f: f[1:3])
         images, labels = [], []
         for _, cls, where, content in tqdm(chosen, desc=f"decode {split}", unit="img", disable=len(chosen) < 2000):
-            try:
-                image, mode = decode_image(content, where)
-            except BrokenImage:
-                if not skip_bad:
-                    raise
+            decoded = decode_image(content, where, skip_bad)
+            if decoded is None:
                 broken.append(where)
                 continue
+            image, mode = decoded
             images.append(image)
-            labels.append(label_of[cls])
+            labels.append(classes.index(cls))
             if mode != "RGB":
                 converted[mode] += 1
-        emptied = [cls for cls in classes if label_of[cls] not in set(labels)]
+        emptied = [cls for i, cls in enumerate(classes) if i not in labels]
         if emptied:
             raise DataError(f"every image of {split}/{emptied[0]} is broken (skipped by --skip-bad): "
                             "replace them, or remove the class from train/ and test/")
         splits[split] = (np.stack(images), np.array(labels, np.int64))
-    return splits, classes, {"skipped_not_images": not_images, "skipped_broken": broken,
-                             "converted_to_rgb": dict(converted)}
+    report = {"skipped_not_images": not_images, "skipped_broken": broken, "converted_to_rgb": dict(converted)}
+    return splits, classes, report
 
 
 def source_notes(report: dict) -> list[str]:
@@ -345,16 +305,11 @@ def source_notes(report: dict) -> list[str]:
     def some(paths: list[str]) -> str:
         return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more (all in meta.json)" if len(paths) > 3 else "")
     not_images, broken, modes = (report.get(k) for k in ("skipped_not_images", "skipped_broken", "converted_to_rgb"))
-    notes = []
-    if not_images:
-        notes.append(f"skipped {len(not_images)} files that are not images (hidden, or not "
-                     f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(not_images)}")
-    if broken:
-        notes.append(f"skipped {len(broken)} broken images (--skip-bad): {some(broken)}")
-    if modes:
-        notes.append(f"converted {sum(modes.values())} images to RGB ("
-                     + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")")
-    return notes
+    notes = [f"skipped {len(not_images)} files that are not images (hidden, or not "
+             f"{'/'.join(sorted(IMAGE_EXTENSIONS))}): {some(not_images)}"] if not_images else []
+    notes += [f"skipped {len(broken)} broken images (--skip-bad): {some(broken)}"] if broken else []
+    return notes + ([f"converted {sum(modes.values())} images to RGB ("
+                     + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items())) + ")"] if modes else [])
 
 
 # --- conversion: arrays -> betons, preview and meta.json, atomically ---
@@ -391,13 +346,11 @@ def save_json_atomic(path: Path, payload: dict) -> None:
 
 
 def finite_or_null(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -421,15 +374,16 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         ffcv_writer.shared_memory = shared_memory
     table = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
     allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
-    with allocator:  # writes each page of images as it fills
+    with allocator:  # its __enter__ returns None; pages are written as they fill
         for i, sample in enumerate(zip(images, labels.tolist(), strict=True)):
             ffcv_writer.handle_sample(sample, i, writer.metadata_type.names, table, allocator, fields)
     writer.finalize(allocator.allocations)
 
 
 def convert(source: str | None, data_dir: Path, skip_bad: bool = False) -> dict:
-    """Read the whole source, then write both betons, the preview and meta.json: a bad source leaves
-    data_dir as it was (not even created)."""
+    """Read the whole source, then write both betons, the preview and meta.json, each under a temporary
+    name, renamed over the old ones only once all are complete, meta.json last: a bad source leaves
+    data_dir as it was (not even created), and a failed write (a full disk, a kill) the old data valid."""
     splits, classes, report, description = read_source(source, data_dir, skip_bad)
     mean, std = channel_stats(splits["train"][0])
     meta = {"version": META_VERSION, "classes": list(classes), "source": description,
@@ -437,57 +391,43 @@ def convert(source: str | None, data_dir: Path, skip_bad: bool = False) -> dict:
             "counts": {s: len(splits[s][1]) for s in SPLITS},
             "class_counts": {s: np.bincount(splits[s][1], minlength=len(classes)).tolist() for s in SPLITS},
             "source_report": report, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    # Each file under a temporary name, renamed over the old ones only once all are complete, meta.json
-    # last: a rebuild that fails (a full disk, a kill) leaves the old data as valid as it was. Between
-    # two renames, old and new files disagree in their checksums.
-    files = [data_dir / name for name in ("train.beton", "test.beton", PREVIEW_FILE, "meta.json")]
-    staged = {path.name: temporary_name(path) for path in files}
+    names = ("train.beton", "test.beton", PREVIEW_FILE, "meta.json")
+    tmp = {name: temporary_name(data_dir / name) for name in names}
     _VALIDATED.pop(str(data_dir.resolve()), None)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            write_beton(staged[f"{split}.beton"], *splits[split])
-            meta["betons"][split] = {"bytes": staged[f"{split}.beton"].stat().st_size,
-                                     "sha256": sha256_of(staged[f"{split}.beton"])}
-        write_preview(staged[PREVIEW_FILE], *splits["test"])
-        staged["meta.json"].write_text(json.dumps({**meta, "seal": seal_of(meta)}, indent=1))
-        for path in files:
-            os.replace(staged[path.name], path)
+            write_beton(tmp[f"{split}.beton"], *splits[split])
+            meta["betons"][split] = {"bytes": tmp[f"{split}.beton"].stat().st_size,
+                                     "sha256": sha256_of(tmp[f"{split}.beton"])}
+        write_preview(tmp[PREVIEW_FILE], *splits["test"])
+        tmp["meta.json"].write_text(json.dumps({**meta, "seal": seal_of(meta)}, indent=1))
+        for name in names:
+            os.replace(tmp[name], data_dir / name)
     except OSError as error:  # a full disk, a read-only folder
         raise DataError(f"could not write {error.filename or data_dir}: {error.strerror or error}: "
                         "free some space or pass another --data-dir") from None
     finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     return meta
 
 
 def prepare(source: str | None, data_dir: Path, force: bool = False, skip_bad: bool = False) -> str:
-    """Convert unless valid files from the same source are there; returns a one-line report. What the
-    conversion skipped or converted goes to stderr, a line for each kind."""
-    problem = data_dir_problem(data_dir)
-    if problem:
-        raise DataError(problem)
-    if (data_dir / "meta.json").exists() and not force:
-        meta, problems = data_problems(data_dir)
-        if not problems and source in (None, meta["requested_source"]):
-            return f"{data_dir}: train.beton and test.beton are valid ({meta['source']}); nothing to do"
+    """Convert unless valid files from the same source are there (a rebuild without --source converts
+    the source meta.json records, so an offline machine does not download); returns a one-line report.
+    What the conversion skipped or converted goes to stderr, a line for each kind."""
+    meta, problems = read_meta(data_dir)
+    if meta and not problems and not force and source in (None, meta["requested_source"]):
+        return f"{data_dir}: train.beton and test.beton are valid ({meta['source']}); nothing to do"
+    if meta is not None and not force:
         print(f"{data_dir}: rebuilding: {'; '.join(problems) or 'a different --source was given'}", file=sys.stderr)
     start = time.perf_counter()
-    meta = convert(source if source is not None else recorded_source(data_dir), data_dir, skip_bad)
+    meta = convert(source if source is not None else (meta or {}).get("requested_source"), data_dir, skip_bad)
     for note in source_notes(meta["source_report"]):
         print(f"note: {note}", file=sys.stderr)
     counts = ", ".join(f"{meta['counts'][s]:,} {s}" for s in SPLITS)
     return f"{data_dir}: wrote {counts} images from {meta['source']} in {time.perf_counter() - start:.1f} s"
-
-
-def recorded_source(data_dir: Path) -> str | None:
-    """The source meta.json names, so that a rebuild from a local copy does not download; None: download."""
-    try:
-        source = json.loads((data_dir / "meta.json").read_text()).get("requested_source")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return source if isinstance(source, str) else None
 
 
 # --- validation: what training accepts ---
@@ -499,69 +439,52 @@ def seal_of(meta: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def data_dir_problem(data_dir: Path) -> str | None:
-    """Why data_dir cannot be a data folder at all (a file, inside a file, unreadable), with the fix."""
+def read_meta(data_dir: Path) -> tuple[dict | None, list[str]]:
+    """meta.json if it is what conversion wrote (this version, its seal matching; {} if not, None if there
+    is none), and what is wrong: meta.json, then the betons' sizes and sha256 against it. DataError naming
+    the fix when data_dir cannot be a data folder (a file, inside a file, unreadable)."""
     fix = "pass --data-dir a folder (data.py writes the betons there; the default is data/)"
-    try:
-        if data_dir.exists() and not data_dir.is_dir():
-            return f"--data-dir {data_dir} is a file, not a folder: {fix}"
-        if data_dir.is_dir():
-            os.listdir(data_dir)
-            return None
-        blocking = next((p for p in data_dir.parents if p.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            return f"--data-dir {data_dir} lies inside {blocking}, which is a file: {fix}"
-    except PermissionError:
-        return f"--data-dir {data_dir} cannot be read (permission denied): fix its permissions or {fix}"
-    return None
-
-
-def data_problems(data_dir: Path) -> tuple[dict, list[str]]:
-    """meta.json and what is wrong with the data dir: meta.json's version and seal, then the betons'
-    sizes and sha256 against it. DataError naming the fix when there is no data dir or no meta.json."""
-    problem = data_dir_problem(data_dir)
-    if problem:
-        raise DataError(problem)
+    blocking = next((p for p in (data_dir, *data_dir.parents) if p.exists()), Path("."))
+    if not blocking.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder: {fix}" if blocking == data_dir
+                        else f"--data-dir {data_dir} lies inside {blocking}, which is a file: {fix}")
     path = data_dir / "meta.json"
-    if not path.exists():
-        raise DataError(f"{data_dir} holds no converted CIFAR-10 ({path.name} missing): {MISSING_DATA_HINT}")
     try:
-        meta = json.loads(path.read_text())
-        if not isinstance(meta, dict):
-            return {}, [f"{path.name} holds a JSON {type(meta).__name__}, not an object"]
-        if meta.get("version") != META_VERSION:
-            return meta, [f"{path.name} is version {meta.get('version')}, this data.py reads version {META_VERSION}"]
-        if meta.get("seal") != seal_of(meta):
-            return meta, [f"{path.name} does not match its seal (edited after conversion)"]
-        return meta, beton_problems(data_dir, meta)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}, [f"{path.name} is not valid JSON"]
-    except PermissionError as error:
-        raise DataError(f"cannot read {error.filename} (permission denied): fix its permissions "
-                        "or pass another --data-dir") from None
-
-
-def beton_problems(data_dir: Path, meta: dict) -> list[str]:
-    """What is wrong with the betons against meta.json; empty when they are the ones conversion wrote."""
-    problems = []
-    for split in SPLITS:
-        path, expected = data_dir / f"{split}.beton", meta["betons"][split]
         if not path.exists():
-            problems.append(f"{path.name} is missing")
-        elif path.stat().st_size != expected["bytes"]:
-            problems.append(f"{path.name} has {path.stat().st_size} bytes, meta.json says {expected['bytes']}")
-        elif sha256_of(path) != expected["sha256"]:
-            problems.append(f"{path.name} does not match its sha256 in meta.json (corrupted)")
-    return problems
+            return None, []
+        meta = json.loads(path.read_text())
+    except PermissionError as error:
+        raise DataError(f"cannot read {error.filename} (permission denied): fix its permissions or {fix}") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return {}, ["meta.json is not valid JSON"]
+    if not isinstance(meta, dict):
+        return {}, [f"meta.json holds a JSON {type(meta).__name__}, not an object"]
+    if meta.get("version") != META_VERSION:
+        return {}, [f"meta.json is version {meta.get('version')}, this data.py reads version {META_VERSION}"]
+    if meta.get("seal") != seal_of(meta):
+        return {}, ["meta.json does not match its seal (edited after conversion)"]
+    problems = []
+    for split, expected in meta["betons"].items():
+        beton = data_dir / f"{split}.beton"
+        if not beton.exists():
+            problems.append(f"{beton.name} is missing")
+        elif beton.stat().st_size != expected["bytes"]:
+            problems.append(f"{beton.name} has {beton.stat().st_size} bytes, meta.json says {expected['bytes']}")
+        elif sha256_of(beton) != expected["sha256"]:
+            problems.append(f"{beton.name} does not match its sha256 in meta.json (corrupted)")
+    return meta, problems
 
 
 def ensure_valid(data_dir: str | Path) -> dict:
-    """meta.json of a data dir whose parts agree (data_problems), checked once per process and folder;
+    """meta.json of a data dir whose parts agree (read_meta), checked once per process and folder;
     DataError naming the fix otherwise."""
     data_dir = Path(data_dir)
     key = str(data_dir.resolve())
     if key not in _VALIDATED:
-        meta, problems = data_problems(data_dir)
+        meta, problems = read_meta(data_dir)
+        if meta is None:
+            raise DataError(f"{data_dir} holds no converted CIFAR-10 (meta.json missing): run 'make data' (or "
+                            "'python data.py --source PATH' offline) or pass --data-dir")
         if problems:
             raise DataError(f"{data_dir}: {'; '.join(problems)}: rebuild with 'python data.py --data-dir "
                             f"{data_dir} --force' (add --source PATH offline) or 'make data'")
@@ -861,9 +784,7 @@ def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", default=None,
-                        help="cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree or its "
-                             ".tar.gz; default: download the official archive")
+    parser.add_argument("--source", help=f"{SOURCE_KINDS}; default: download the official archive")
     parser.add_argument("--data-dir", default=DATA_DIR, type=Path, help="where the betons and meta.json go")
     parser.add_argument("--force", action="store_true",
                         help="convert again even if valid files are there (from the recorded source unless --source)")
