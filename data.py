@@ -129,8 +129,11 @@ def run_loader_thread_on_its_device() -> None:
 # --- sources: each gives {split: (images uint8 N×32×32×3, labels int64 N)}, the classes and a report ---
 
 def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest is Python 3.11's: read in 1 MiB blocks
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download_official(raw_dir: Path) -> Path:
