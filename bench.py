@@ -12,6 +12,10 @@ Measured in one run on the same data, each figure the median of --reps timed rep
 """
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # the imports below take seconds: the start-up line's "imports"
+
 import argparse
 import gc
 import itertools
@@ -20,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ import models
 import speed
 import train
 
+IMPORTS_S = time.perf_counter() - STARTED
 ARCHS = ("resnet18", "resnet18-imagenet", "resnet34", "resnet50", "resnet20", "resnet9")
 BATCH_SIZE = 512
 REPS = 5  # timed repetitions per figure; the median is reported
@@ -123,11 +127,13 @@ def ready(label: str, mode: dict, device: torch.device, recipe: argparse.Namespa
     torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
     raw, switches = build(label, device), None
     if mode["compile"] is None:  # as train.py decides: its probes leave the model as it was
+        probe_start = time.perf_counter()
         switches = speed.choose_switches(recipe, raw, device)
         raw = raw.to(memory_format=speed.memory_format(switches["channels_last"]))
         if switches["compile"] is None:
             speed.keep_compile_if_faster(switches, torch.compile(raw, dynamic=False), raw, raw, device,
                                          recipe.batch_size_per_rank)
+        switches["probe_time_s"] = time.perf_counter() - probe_start
         mode = {"channels_last": switches["channels_last"], "dtype": switches["amp"], "compile": switches["compile"]}
         torch._dynamo.reset()
     memory = speed.memory_format(mode["channels_last"])
@@ -258,7 +264,7 @@ def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int, work
     if note:
         print(f"note: {note}", file=sys.stderr)
     ours = data.make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
-    images_per_s(ours, device)  # the first epoch pays numba's JIT compilation
+    first_s, _ = timed(lambda: images_per_s(ours, device), device)  # the first epoch pays numba's JIT compilation
     ours_rate = statistics.median(images_per_s(ours, device) for _ in range(LOADER_REPS))
     n = meta["counts"]["train"]
     images, labels = data.read_images(data_dir, "train", list(range(n))), data.beton_labels(data_dir / "train.beton")
@@ -275,7 +281,8 @@ def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int, work
     torch.set_num_threads(threads)  # FFCV resets torch's thread count
     return {"images": n, "batch_size": batch_size, "workers": workers, "ours_img_per_s": round(ours_rate),
             "torchvision_img_per_s": round(tv_rate), "ceiling_img_per_s": round(ceiling),
-            "ratio": round(round(ours_rate) / round(tv_rate), 2)}  # the ratio of the figures shown
+            "ratio": round(round(ours_rate) / round(tv_rate), 2),  # the ratio of the figures shown
+            "first_epoch_s": first_s, "jit_s": max(0.0, first_s - ours.num_samples / ours_rate)}
 
 
 # --- the record ---
@@ -300,6 +307,18 @@ def summarise(record: dict) -> None:
     record["loader_ratio"] = record["loader"]["ratio"]
     if record["epoch"]:  # missing only when the epoch failed (see "failed"); plot.py then draws without it
         record["loader_overhead"] = record["epoch"]["loader_s"] / record["epoch"]["in_memory_s"]
+
+
+def startup(record: dict, imports_s: float, checks_s: float, loader_s: float) -> dict | None:
+    """What train.py's run.startup_s splits, for the epoch part's arch in the default mode: the loader's JIT
+    is its first epoch less a steady one, the compile time its first step less a steady one."""
+    default = record["archs"].get(EPOCH_ARCH, {}).get("modes", {}).get(EPOCH_MODE)
+    if default is None or record["loader"].get("first_epoch_s") is None:
+        return None
+    switches = record["archs"][EPOCH_ARCH]["default_switches"] or {}
+    return {"arch": EPOCH_ARCH, "imports": imports_s, "data_checks": checks_s, "loaders": loader_s,
+            "jit": record["loader"]["jit_s"], "probes": switches.get("probe_time_s", 0.0),
+            "compile": max(0.0, default["first_step_s"] - default["step_s"]) if default["compile"] else 0.0}
 
 
 def loader_line(loader: dict) -> str:
@@ -340,6 +359,9 @@ def print_table(record: dict) -> None:
         print(f"\nepoch of {epoch['arch']} {epoch['mode']}, {epoch['batches']} batches: fed by our loader "
               f"{epoch['loader_s']:.2f} s | from memory {epoch['in_memory_s']:.2f} s | loader overhead "
               f"{record['loader_overhead']:.2f}x")
+    if record["startup_s"]:
+        print(f"start-up of train.py's default mode, {EPOCH_ARCH}: " + ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f} s" for k, v in record["startup_s"].items() if k != "arch"))
     peaks = " | ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in record["peak_flops"].items())
     print(f"peak, {PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE} matmul: {peaks}")
 
@@ -369,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
               "device_name": env["device_name"], "threads": threads, "load_average": {"start": load, "end": None},
               "command": args.command}
     try:  # first: a bad data dir or fraction fails before any timing
-        epoch_loader = data.make_loader("train", args.batch_size, device, args.aug, fraction=args.epoch_fraction,
-                                        workers=args.workers, data_dir=args.data_dir)
+        checks_s, _ = timed(lambda: data.ensure_valid(args.data_dir), device)
+        loader_s, epoch_loader = timed(lambda: data.make_loader(
+            "train", args.batch_size, device, args.aug, fraction=args.epoch_fraction, workers=args.workers,
+            data_dir=args.data_dir), device)
     except ValueError as error:
         raise SystemExit(f"error: epoch part: {error} (bench.py's flag is --epoch-fraction)") from None
     except data.DataError as error:
@@ -403,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     used = {r["dtype"] for a in record["archs"].values() for r in a["modes"].values()} | {"fp32"}
     record["peak_flops"] = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, args.reps)
                             for name in sorted(used)}
+    record["startup_s"] = startup(record, IMPORTS_S, checks_s, loader_s)
     summarise(record)
     print_table(record)
     return save(args.out, record)

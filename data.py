@@ -8,8 +8,9 @@
 Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, train mean/std,
 the source, what was skipped, the betons' sizes and sha256, and a seal: the sha256 of its own content), all
 under temporary names until all are complete, so a failed conversion leaves the old data valid. Training
-takes only data whose parts agree (read_meta). make_loader is the one way training gets data: FFCV decodes
-and does flip/translate on the CPU; normalisation and the other augmentations run on the device.
+takes only data whose parts agree (read_meta). make_loader is the one way training gets data: FFCV only
+decodes; normalisation and every augmentation run on the training device as batched tensor ops, seeded,
+so that a config and seed train the same on the same device.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ META_VERSION = 1
 # sample, saved at conversion (images, indices, labels) so that figures never need the betons.
 PREVIEW_COUNT = 64
 PREVIEW_FILE = "preview.npz"
-# flip and translate run in FFCV's CPU pipeline; the rest are batched tensor ops on the device.
+# Every augmentation is a batched tensor op on the training device, drawn from the run's seeded generator.
 AUGMENTATIONS = ("flip", "translate", "cutout", "rotate", "affine", "jitter", "vflip")
 DEFAULT_AUG = "flip,translate"
 MAX_WORKERS = 8  # FFCV loader threads per process by default
@@ -590,6 +591,22 @@ def random_affine(x: torch.Tensor, g: torch.Generator, rotate_deg: float, shear_
     return torch.nn.functional.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
 
 
+def flip_and_translate(x: torch.Tensor, g: torch.Generator, flip: bool, px: int) -> torch.Tensor:
+    """A horizontal flip of half the images and a shift of each by up to px pixels (as a random crop of
+    the image padded by px), in one gather per axis; pixels shifted in are 0 (the mean, once normalised)."""
+    import torch
+    n, c, h, w = x.shape
+    x = torch.nn.functional.pad(x, (px,) * 4)
+    dy, dx = (torch.randint(0, 2 * px + 1, (n, 1), device=x.device, generator=g) for _ in range(2))
+    cols = dx + torch.arange(w, device=x.device)
+    if flip:  # a flipped image's column j is the padded image's column (w + 2px - 1) - j
+        mirrored = torch.rand(n, 1, device=x.device, generator=g) < 0.5
+        cols = torch.where(mirrored, w + 2 * px - 1 - cols, cols)
+    rows = dy + torch.arange(h, device=x.device)
+    x = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * px))
+    return x.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
 def cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
     """Zero one size×size square per image (centre anywhere in the image, as DeVries & Taylor)."""
     import torch
@@ -627,6 +644,8 @@ def device_transform(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     if "jitter" in augs:
         x = color_jitter(x.float().div_(255), g).mul_(255)
     x = normalise(x, mean, std)
+    if "flip" in augs or "translate" in augs:
+        x = flip_and_translate(x, g, "flip" in augs, TRANSLATE_PX if "translate" in augs else 0)
     if "rotate" in augs or "affine" in augs:
         rotate = ROTATE_DEG if "rotate" in augs else 0.0
         shear, scale = (SHEAR_DEG, SCALE_RANGE) if "affine" in augs else (0.0, (1.0, 1.0))
@@ -727,7 +746,7 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
     device = torch.device(device)
     meta = ensure_valid(data_dir)
     workers, note = check_workers(workers)
@@ -745,16 +764,12 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     if split == "train" and batch_size > len(indices):
         raise ValueError(f"batch size {batch_size} is larger than the {len(indices)} training images: "
                          "lower --batch-size or raise --fraction")
-    image_ops = [SimpleRGBImageDecoder()]
-    if "flip" in augs:
-        image_ops.append(RandomHorizontalFlip())
-    if "translate" in augs:
-        image_ops.append(RandomTranslate(padding=TRANSLATE_PX, fill=tuple(round(255 * m) for m in meta["mean"])))
     # A blocking copy, in FFCV's loader thread: FFCV reuses each pinned host buffer every batches_ahead + 2
     # batches, and a non-blocking copy is only queued on the GPU (behind the training steps it waits for);
     # nothing would then stop the thread from writing a later batch into the buffer before the GPU read
     # it (FFCV issues 37, 198). Blocking, the thread waits for the copy; the training loop does not.
-    image_ops += [ToTensor(), ToDevice(device, non_blocking=False), ToTorchImage(channels_last=True)]
+    image_ops = [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=False),
+                 ToTorchImage(channels_last=True)]
     label_ops = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=False), Squeeze(1)]
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers,
                     order=register_sharded_order() if split == "train" else OrderOption.SEQUENTIAL,

@@ -7,10 +7,14 @@ import argparse
 import copy
 import ctypes
 import itertools
+import json
 import os
+import platform
 import re
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +134,45 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    return model[1].strip() if model else platform.processor() or platform.machine()
+
+
+# The CPU's auto switches, decided once per machine for each (CPU, torch, threads, what the probes
+# time): the probes take seconds of every run, and a sweep runs the same network again and again.
+# Delete the file to measure again; CIFAR_SWITCH_CACHE names another file.
+SWITCH_CACHE = Path(os.environ.get("CIFAR_SWITCH_CACHE")
+                    or Path.home() / ".cache" / "cifar-resnets" / "cpu-switches.json")
+
+
+def switch_key(probed: dict) -> str:
+    return json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), **probed},
+                      sort_keys=True, default=list)
+
+
+def read_switch_cache() -> dict:
+    try:
+        cache = json.loads(SWITCH_CACHE.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: measure
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def cache_switches(key: str, switches: dict) -> None:
+    """Add a decision to the cache file, written whole under a temporary name; a folder that cannot be
+    written only means measuring again next time."""
+    cache = {**read_switch_cache(), key: switches}
+    tmp = SWITCH_CACHE.with_name(f".{SWITCH_CACHE.name}.tmp-{os.getpid()}")
+    try:
+        SWITCH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, SWITCH_CACHE)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def has_real_bf16() -> bool:
     """bf16 in hardware (8.0+): is_bf16_supported() also counts a T4's emulation, where fp16 runs fast."""
     return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -236,6 +279,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def compiled_graphs() -> int:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled, and importing it would take a second or two
+        return 0
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 

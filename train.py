@@ -12,6 +12,10 @@ results/models/ instead. Exit codes: 0 finished, 1 error, 2 bad arguments, 3 div
 """
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # the imports below take seconds: run.startup_s.imports
+
 import argparse
 import dataclasses
 import datetime
@@ -28,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -36,12 +39,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 import data
 import models
 import speed
+
+IMPORTS_S = time.perf_counter() - STARTED
 
 SCHEMA_VERSION = 1  # of the JSON record and the checkpoint: one of another version is refused where it is read
 # Published CIFAR-10 recipes, one per optimiser; see the README's "Defaults" section for sources.
@@ -496,14 +500,12 @@ def environment(device: torch.device) -> dict:
         return subprocess.run(["git", *argv], cwd=where, capture_output=True, text=True).stdout.strip() \
             if shutil.which("git") else ""
     commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists()
-                    else "", re.M)
     cuda = device.type == "cuda"
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "ffcv": importlib.metadata.version("ffcv"), "numpy": np.__version__, "host": platform.node(),
+    version = importlib.metadata.version  # torchvision's import would import torch.compile's machinery
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
+            "ffcv": version("ffcv"), "numpy": np.__version__, "host": platform.node(),
             "git_commit": (commit + ("-dirty" if dirty else "")) or None, "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name(device) if cuda else cpu[1].strip() if cpu
-            else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device) if cuda else speed.cpu_name(),
             "cuda": torch.version.cuda if cuda else None, "cudnn": torch.backends.cudnn.version() if cuda else None}
 
 
@@ -634,6 +636,7 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lap = stopwatch()  # start-up's parts, from here to the first epoch (run.startup_s)
     speed.check_torch()
     args = parse_config(argv)
     if args.eval_only:
@@ -645,15 +648,22 @@ def main(argv: list[str] | None = None) -> int:
         if claim_run(run, create=False):  # a finished run, or one another process trains, costs no work
             return 0
         torch.manual_seed(args.seed)
-        run.loaders = make_loaders(args, run.device, run.world, run.workers)
+        startup = {"imports": IMPORTS_S, "setup": lap()}  # setup: the config, device, process group, claim
+        run.loaders = make_loaders(args, run.device, run.world, run.workers, startup)
+        startup["loaders"] = lap() - startup["data_checks"]
         raw_model = build_model(args, len(run.loaders.meta["classes"]))
         if claim_run(run, create=True):  # only now, so that a config that cannot run leaves no folder behind
             return 0
         state = build_training(run, raw_model)
         resume_progress(run, state)
         compile_if_chosen(run)
+        startup.update(probes=0.0 if state else run.training.switches["probe_time_s"],
+                       compile=run.training.compile_time)
+        startup["model"] = lap() - startup["probes"] - startup["compile"]
         start_record(run)
         run.board = TensorBoardLog(run)
+        startup["record"] = lap()
+        run.record["run"]["startup_s"] = {**startup, "total": sum(startup.values())}
         status, epoch = train_epochs(run)
         if run.world > 1:
             torch.distributed.destroy_process_group()
@@ -730,10 +740,15 @@ def check_run(args: argparse.Namespace, device: torch.device, world: int, local_
     return workers
 
 
-def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int) -> Loaders:
+def make_loaders(args: argparse.Namespace, device: torch.device, world: int, workers: int,
+                 startup: dict | None = None) -> Loaders:
+    """The loaders, after the data checks (their time goes to startup["data_checks"])."""
     shared = dict(device=device, seed=args.seed, workers=workers, distributed=world > 1, data_dir=args.data_dir)
     try:
+        checks_start = time.perf_counter()
         meta = data.ensure_valid(args.data_dir)
+        if startup is not None:
+            startup["data_checks"] = time.perf_counter() - checks_start
         train_loader = data.make_loader("train", args.batch_size_per_rank, aug=args.aug, fraction=args.fraction,
                                         val_split=args.val_split, **shared)
         val_loader = (data.make_loader("val", args.batch_size_per_rank, aug="none", val_split=args.val_split,
@@ -763,11 +778,15 @@ def build_training(run: Run, raw_model: torch.nn.Module) -> dict | None:
         switches = state["switches"]
         if args.compile is not None:
             switches.update(compile=args.compile, compile_reason="asked")
+    elif switch_key(run) in (cache := speed.read_switch_cache()):
+        switches = {**cache[switch_key(run)], "decision": f"reused from {speed.SWITCH_CACHE}", "probe_time_s": 0.0}
     else:
         probe_start = time.perf_counter()
         switches = speed.choose_switches(args, raw_model, device)
         switches.update(rank0_value({k: switches[k] for k in ("amp", "channels_last")}, world, device))
         switches["probe_time_s"] = time.perf_counter() - probe_start
+        auto = args.amp == "auto" or None in (args.channels_last, args.compile)
+        switches["decision"] = "auto on CUDA" if device.type == "cuda" else "measured" if auto else "given"
     raw_model = raw_model.to(memory_format=speed.memory_format(switches["channels_last"]))
     if args.sync_bn:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
@@ -778,6 +797,17 @@ def build_training(run: Run, raw_model: torch.nn.Module) -> dict | None:
     scaler = torch.amp.GradScaler(device.type, enabled=switches["amp"] == "fp16")
     run.training = Training(raw_model, model, raw_model, optimizer, scheduler, scaler, switches, params, flops)
     return state
+
+
+def switch_key(run: Run) -> str | None:
+    """The key of this run's auto switches in speed.SWITCH_CACHE: what the probes time (the network, the
+    batch, the switches given). None when nothing is probed: on CUDA, under torchrun, or all given."""
+    args = run.args
+    given = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+    if run.device.type != "cpu" or run.world > 1 or "auto" not in given.values() and None not in given.values():
+        return None
+    network = {k: getattr(args, k) for k, role in ROLES.items() if role == "model"}
+    return speed.switch_key({**network, **given, "batch": args.batch_size_per_rank})
 
 
 def resume_progress(run: Run, state: dict | None) -> None:
@@ -816,6 +846,9 @@ def compile_if_chosen(run: Run) -> None:
                 switches["probe_time_s"] += compile_time
         if switches["compile"]:
             training.model, training.eval_model, training.compile_time = compiled, compiled_eval, compile_time
+    if switches["decision"] == "measured" and switch_key(run):
+        speed.cache_switches(switch_key(run), {k: v for k, v in switches.items()
+                                               if k not in ("decision", "probe_time_s")})
     training.graphs_compiled = speed.compiled_graphs()
     speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
 
@@ -1066,6 +1099,17 @@ def keep_preview(out: Path, data_dir: str, meta: dict, print0) -> str | None:
     except (OSError, data.DataError) as error:
         print0(f"warning: the preview images were not kept ({error}): plot.py will skip predictions.png of this run")
         return None
+
+
+def stopwatch() -> Callable[[], float]:
+    """lap() -> the seconds since the previous lap(), or since stopwatch() for the first."""
+    last = time.perf_counter()
+
+    def lap() -> float:
+        nonlocal last
+        start, last = last, time.perf_counter()
+        return last - start
+    return lap
 
 
 def now() -> str:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,10 @@ import pytest
 # torch is first imported (cuda_standin imports it), as torch reads it then.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ["OMP_NUM_THREADS"] = "1"
+
+# The CPU's switch decisions (speed.SWITCH_CACHE) in a file of this session's own, for every script
+# the tests start too: a test that times the probes must not find them decided by another.
+os.environ["CIFAR_SWITCH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="switch-cache-"), "cpu-switches.json")
 
 from cuda_standin import fake_gpu, fake_gpus  # noqa: E402, F401 (fixtures: a strict CUDA stand-in, see cuda_standin.py)
 
@@ -71,9 +76,7 @@ def run_env() -> dict:
 
 
 # resnet20 on 240 images: a few seconds per epoch. Eager, fp32, channels-last and unaugmented unless
-# a test is about those: left to auto, the speed switches are decided by timing steps on CPU (two runs
-# could choose differently), and numba spends ~20 s compiling FFCV's flip/translate pipeline in every
-# new process.
+# a test is about those: left to auto, the speed switches are decided by timing steps on CPU.
 FIXED_SWITCHES = ("--no-compile", "--amp", "fp32", "--channels-last")
 TINY_CONFIG = ["--arch", "resnet20", "--batch-size", "32", "--aug", "none", "--quiet"]
 TINY = [*TINY_CONFIG, *FIXED_SWITCHES]

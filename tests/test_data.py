@@ -188,9 +188,25 @@ def test_same_seed_gives_the_same_order_and_another_seed_another(synthetic_data)
     assert not torch.equal(order(1), order(2))
 
 
+def test_flip_and_translate_give_each_image_one_of_its_mirrored_or_shifted_copies():
+    """Every output image is its input, mirrored or not, shifted by (dy, dx) in [-4, 4]² with zeros
+    shifted in; over 256 images both orientations and every shift occur."""
+    x = torch.randn(256, 3, 32, 32)
+    out = data.flip_and_translate(x, torch.Generator().manual_seed(0), flip=True, px=4)
+    padded = torch.nn.functional.pad(x, (4,) * 4)
+    candidates = {(m, dy, dx): (padded.flip(3) if m else padded)[:, :, dy:dy + 32, dx:dx + 32]
+                  for m in (0, 1) for dy in range(9) for dx in range(9)}
+    found = [next(key for key, c in candidates.items() if torch.equal(c[i], out[i])) for i in range(len(x))]
+    assert {m for m, _, _ in found} == {0, 1}
+    assert {dy for _, dy, _ in found} == set(range(9)) and {dx for _, _, dx in found} == set(range(9))
+    unshifted = data.flip_and_translate(x, torch.Generator().manual_seed(0), flip=False, px=0)
+    assert torch.equal(unshifted, x)
+
+
 def test_device_augmentations_are_seeded_per_epoch(synthetic_data):
     def first_batch(epoch):
-        loader = data.make_loader("train", 8, "cpu", aug="rotate,cutout,jitter,vflip,affine", data_dir=synthetic_data)
+        loader = data.make_loader("train", 8, "cpu", aug="flip,translate,rotate,cutout,jitter,vflip,affine",
+                                  data_dir=synthetic_data)
         loader.epoch = epoch
         return next(iter(loader))[0]
     assert torch.equal(first_batch(0), first_batch(0))

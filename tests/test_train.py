@@ -92,6 +92,29 @@ def test_auto_switches_on_cpu_take_the_fastest_probe_and_record_it(finished_run)
     assert run["run"]["compile"] is False
 
 
+def test_a_config_run_twice_reuses_the_cpu_decision_and_trains_identically(tmp_path, synthetic_data, monkeypatch):
+    """The default augmentation, on the device and seeded, and the switches decided once: the second
+    run of a config and seed has the same losses, step for step. A switch given still decides alone."""
+    monkeypatch.setenv("CIFAR_SWITCH_CACHE", str(tmp_path / "switches.json"))
+    flags = ("--epochs", "1", "--aug", "flip,translate", "--no-compile")
+    for name in ("first", "second"):
+        train(tmp_path, synthetic_data, *flags, "--name", name, switches=())
+    first, second = record(tmp_path, "first"), record(tmp_path, "second")
+    assert first["run"]["decision"] == "measured" and first["run"]["startup_s"]["probes"] > 0
+    assert second["run"]["decision"].startswith("reused from") and second["run"]["startup_s"]["probes"] == 0
+    assert second["run"]["probe_img_per_s"] == first["run"]["probe_img_per_s"]
+    for key in ("first_step_loss", "train_loss", "test_loss"):
+        assert second["history"][0][key] == first["history"][0][key], key
+    train(tmp_path, synthetic_data, *flags, "--amp", "fp32", "--channels-last", "--name", "given", switches=())
+    given = record(tmp_path, "given")["run"]
+    assert given["decision"] == "given" and given["probe_img_per_s"] == {} and given["amp"] == "fp32"
+    startup = first["run"]["startup_s"]
+    assert set(startup) == {"imports", "setup", "data_checks", "loaders", "model", "probes", "compile", "record",
+                            "total"}
+    assert startup["total"] == pytest.approx(sum(v for k, v in startup.items() if k != "total"))
+    assert startup["imports"] > 0.1 and startup["compile"] == 0
+
+
 def tiny_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
