@@ -491,24 +491,20 @@ def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: to
 # --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    here = Path(__file__).resolve().parent
     def git(*argv: str) -> str:  # a copy without git (a tarball, a bare container) records no commit
-        if not shutil.which("git"):
-            return ""
-        return subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True).stdout.strip()
+        where = Path(__file__).resolve().parent
+        return subprocess.run(["git", *argv], cwd=where, capture_output=True, text=True).stdout.strip() \
+            if shutil.which("git") else ""
     commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "ffcv": importlib.metadata.version("ffcv"), "numpy": np.__version__, "host": platform.node(),
-           "git_commit": (commit + ("-dirty" if dirty else "")) or None, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version())
-    else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-        env.update(device_name=model[1].strip() if model else platform.processor() or platform.machine(),
-                   cuda=None, cudnn=None)
-    return env
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists()
+                    else "", re.M)
+    cuda = device.type == "cuda"
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "ffcv": importlib.metadata.version("ffcv"), "numpy": np.__version__, "host": platform.node(),
+            "git_commit": (commit + ("-dirty" if dirty else "")) or None, "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(device) if cuda else cpu[1].strip() if cpu
+            else platform.processor() or platform.machine(),
+            "cuda": torch.version.cuda if cuda else None, "cudnn": torch.backends.cudnn.version() if cuda else None}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1126,7 +1122,8 @@ class TensorBoardLog:
             for key in BOARD_FINAL:
                 if (record.get("final") or {}).get(key) is not None:
                     self.writer.add_scalar(f"final/{key}", record["final"][key], step)
-            self.writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
+            if record["status"] == "finished":  # torch's session end says success; a diverged run has none
+                self.writer.file_writer.add_summary(hparams_summary(record, ended=True), step)
             self.writer.close()
         if self.writer is not None:
             self.guarded(write)
@@ -1143,29 +1140,16 @@ class TensorBoardLog:
 
 
 def hparams_summary(record: dict, ended: bool = False):
-    """The HParams plugin's session start (the config: the roles in HPARAMS and the speed switches as
-    resolved) or end (its status), as a Summary. Only sessions, no experiment: TensorBoard then builds
-    one from every run under --logdir, so a sweep's configs line up in one table. (torch's add_hparams
-    writes an experiment per run and bools as numbers; tensorboard's own summary module needs TensorFlow.)"""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-    info = plugin_data_pb2.HParamsPluginData()
-    if ended:
-        info.session_end_info.status = (api_pb2.STATUS_SUCCESS if record["status"] == "finished" else
-                                        api_pb2.STATUS_FAILURE)
-        info.session_end_info.end_time_secs = time.time()
-    else:
-        info.session_start_info.start_time_secs = time.time()
-        config = {k: v for k, v in record["config"].items() if ROLES[k] in HPARAMS}
-        config.update({k: record["run"][k] for k in ("amp", "channels_last", "compile", "device", "world_size")})
-        for key, value in config.items():
-            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            kind = ("bool_value" if isinstance(value, bool) else "number_value" if isinstance(value, (int, float))
-                    else "string_value" if value is not None else None)
-            if kind:
-                setattr(info.session_start_info.hparams[key], kind, value)
-    tag = metadata.SESSION_END_INFO_TAG if ended else metadata.SESSION_START_INFO_TAG
-    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(info))])
+    """The HParams session's start (the config: the roles in HPARAMS and the speed switches as resolved)
+    or its end, as a Summary. Only sessions, no experiment: TensorBoard then builds one from every run
+    under --logdir, so a sweep's configs line up in one table. Booleans as text: as numbers they read 0/1."""
+    from torch.utils.tensorboard.summary import hparams
+    config = {k: v for k, v in record["config"].items() if ROLES[k] in HPARAMS}
+    config.update({k: record["run"][k] for k in ("amp", "channels_last", "compile", "device", "world_size")})
+    config = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) if isinstance(v, bool) else v
+              for k, v in config.items()}
+    _, start, end = hparams(config, {})
+    return end if ended else start
 
 
 # --- --eval-only: a finished run's kept weights on the test set again ------------------------------------
@@ -1205,7 +1189,7 @@ def evaluate_saved(args: argparse.Namespace) -> int:
 def kept_state(record: dict, source: Path, which: str, model: torch.nn.Module, device) -> tuple[Path, dict]:
     """The weights file --eval-only evaluates and its state dict, if it fits the record's network;
     refuses in one line, naming the fix, a run that kept none or a file that holds something else."""
-    name, status, kept = record.get("name"), record.get("status"), (record.get("final") or {}).get("weights")
+    name, status, kept = record["name"], record["status"], (record.get("final") or {}).get("weights")
     again = f"python train.py --from {source} --name {name}"  # trains the recorded run again under its name
     if status != "finished" or not kept:
         fix = {"running": f"finish it first: {again} --resume",
@@ -1220,46 +1204,39 @@ def kept_state(record: dict, source: Path, which: str, model: torch.nn.Module, d
         raise SystemExit(f"error: {path}, the {which} weights of {source}, is missing: "
                          f"run it again to completion: {again} --overwrite")
     state = load_or_refuse(path, f"{path}, the weights of {source}", f"make them again: {again} --overwrite", device)
-    network = network_of(record["config"])
-    fix = f"point --from to the record of the run that made it, or make {name}'s weights again: {again} --overwrite"
-    if isinstance(state, dict) and isinstance(state.get("fingerprint"), dict):  # checkpoint_state's
-        raise SystemExit(f"error: {path} holds a training checkpoint of {network_of(state['fingerprint'])}, "
-                         f"not the weights of {name}'s network ({network}): {fix}")
     mismatch = state_mismatch(state, model.state_dict())
     if mismatch:
-        raise SystemExit(f"error: {path} does not hold the weights of {name}'s network ({network}): its tensors "
-                         f"do not match ({mismatch}): {fix}")
+        raise SystemExit(f"error: {path} does not hold the weights of {name}'s network "
+                         f"({network_of(record['config'])}): {mismatch}: "
+                         f"point --from to the record of the run that made it, or make {name}'s weights again: "
+                         f"{again} --overwrite")
     return path, state
 
 
 def network_of(config: dict) -> str:
-    """The flags that make a recorded (or checkpointed) run's network, e.g. '--arch resnet20 --pool avg'."""
-    flags = [f"--arch {config['arch']}", f"--pool {config['pool']}"]
-    if config["stem"] != "cifar":
-        flags.append(f"--stem {config['stem']}")
-    if not config["pool_norm"]:
-        flags.append("--no-pool-norm")
-    for option in models.ARCHS[config["arch"]].options:
-        value = config.get(option)
-        if value is not None:
-            value = ",".join(map(str, value)) if isinstance(value, list) else value
-            flags.append(f"--{option.replace('_', '-')} {value}")
-    return " ".join(flags)
+    """The flags that make a recorded run's network, e.g. '--arch resnet20 --pool avg'."""
+    def flag(key, value):
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{'' if value else 'no-'}{name}"
+        return f"--{name} {','.join(map(str, value)) if isinstance(value, list) else value}"
+    return " ".join(flag(k, v) for k, v in config.items() if ROLES.get(k) == "model" and v is not None
+                    and (k in ("arch", "pool") or v != FLAGS[k].default))
 
 
 def state_mismatch(state, expected: dict) -> str | None:
     """The first way `state` is not a state dict of the network whose state dict is `expected`; None if it is."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return f"it holds a {type(state).__name__}, not a state dict of tensors"
+        return f"it holds a {type(state).__name__} of other things than tensors (a training checkpoint?)"
     counts = f"{len(state)} tensors there, {len(expected)} in the network"
     shape = lambda tensor: "×".join(map(str, tensor.shape)) or "a scalar"  # noqa: E731
     for key, tensor in expected.items():
-        if key not in state:
-            return f"{key} is missing; {counts}"
-        if state[key].shape != tensor.shape:
-            return f"{key} is {shape(state[key])} there, {shape(tensor)} in the network; {counts}"
+        if key not in state or state[key].shape != tensor.shape:
+            why = (f"{key} is missing" if key not in state else
+                   f"{key} is {shape(state[key])} there, {shape(tensor)} in the network")
+            return f"its tensors do not match ({why}; {counts})"
     extra = next((key for key in state if key not in expected), None)
-    return f"{extra} is not in the network; {counts}" if extra else None
+    return f"its tensors do not match ({extra} is not in the network; {counts})" if extra else None
 
 
 def evaluation_report(result: dict, classes: list[str], recorded: dict | None) -> str:

@@ -185,7 +185,7 @@ def test_tensorboard_scalars_are_the_records_history_and_hparams_its_config(kept
     start = metadata.parse_session_start_info_plugin_data(sessions[metadata.SESSION_START_INFO_TAG])
     hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     assert hparams["arch"] == "resnet20" and hparams["lr"] == record["config"]["lr"] and hparams["seed"] == 0
-    assert hparams["amp"] == "fp32" and hparams["channels_last"] is True and hparams["compile"] is False
+    assert hparams["amp"] == "fp32" and hparams["channels_last"] == "True" and hparams["compile"] == "False"
     assert not {"name", "out", "data_dir", "quiet", "workers"} & set(hparams)
     end = metadata.parse_session_end_info_plugin_data(sessions[metadata.SESSION_END_INFO_TAG])
     assert end.status == api_pb2.STATUS_SUCCESS
