@@ -8,7 +8,8 @@
   cnn            plain baseline without shortcuts (see plain_cnn).
 
 Every architecture takes pool="avg"|"max" (the global pooling before the classifier) and pool_norm
-(see pooling); only the torchvision ResNets take stem="imagenet" and pretrained=True.
+(off by default: each is then the network its name says; see pooling); only the torchvision ResNets
+take stem="imagenet" and pretrained=True.
 `python models.py` prints params and forward MFLOPs as Markdown.
 """
 from collections import OrderedDict
@@ -24,11 +25,12 @@ POOLS = ("avg", "max")
 STEMS = ("cifar", "imagenet")
 
 
-def pooling(pool: str, channels: int, size: int = 1, pool_norm: bool = True) -> nn.Module:
+def pooling(pool: str, channels: int, size: int = 1, pool_norm: bool = False) -> nn.Module:
     """The global pool to size x size before the classifier; with pool_norm, its output standardised
-    per channel by a BatchNorm without parameters.
+    per channel by a BatchNorm without parameters. Off by default: the plain pool is the network the
+    arch names, and the norm is a choice to compare (docs/models.md).
 
-    Why: the classifier's curvature grows with the size of what it reads. In ResNet-20 at init a max
+    Why the norm: the classifier's curvature grows with the size of what it reads. In ResNet-20 at init a max
     pool's features have mean squared norm 2,271 (avg: 121) and the top Hessian eigenvalue of the
     loss is 691 (avg: 24): SGD with momentum 0.9 is then stable only below lr 2(1 + 0.9) / 691 = 0.005.
     Standardised, it is 6.2 (avg: 7.0), stable up to lr 0.5, past SGD's peak of 0.4. In eval mode the
@@ -39,7 +41,7 @@ def pooling(pool: str, channels: int, size: int = 1, pool_norm: bool = True) -> 
 
 # ---------------------------------------------------------------- torchvision ResNets
 def torchvision_resnet(name: str, num_classes: int, pool: str, stem: str, pretrained: bool,
-                       pool_norm: bool = True) -> nn.Module:
+                       pool_norm: bool = False) -> nn.Module:
     import torchvision  # here: importing it imports torch.compile's machinery, seconds a CIFAR ResNet never needs
     model = getattr(torchvision.models, name)()  # 1000 classes, so the ImageNet state dict fits as is
     if pretrained:  # IMAGENET1K_V1 at every depth (one recipe), cached in $TORCH_HOME/hub/checkpoints
@@ -105,7 +107,7 @@ def mlp_head(c_in: int, hidden: tuple[int, ...], num_classes: int, dropout: floa
 def basic_resnet(num_classes: int, pool: str, blocks: tuple[int, ...] = (2, 2, 2, 2),
                  channels: tuple[int, ...] = (64, 128, 256, 512), kernel_size: int = 3, zero_pad: bool = False,
                  avgpool_size: int = 1, head: tuple[int, ...] = (), dropout: float = 0.0,
-                 pool_norm: bool = True) -> nn.Sequential:
+                 pool_norm: bool = False) -> nn.Sequential:
     """Basic-block ResNet: 3x3 stem conv, one stage per entry of blocks/channels (the first at
     stride 1, the others stride 2), 1x1 projection shortcuts (option A with zero_pad), global pool to
     avgpool_size^2, then an MLP with `head` hidden widths and dropout before each Linear. The
@@ -158,7 +160,7 @@ class Mul(nn.Module):
         return x * self.weight
 
 
-def resnet9(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
+def resnet9(num_classes: int, pool: str, pool_norm: bool = False) -> nn.Module:
     """Layout of FFCV's CIFAR example (after Page's DAWNBench net); 0.2 scales the logits down."""
     return nn.Sequential(
         conv_bn(3, 64), conv_bn(64, 128, kernel_size=5, stride=2, padding=2),
@@ -169,7 +171,7 @@ def resnet9(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
         nn.Linear(128, num_classes, bias=False), Mul(0.2))
 
 
-def plain_cnn(num_classes: int, pool: str, pool_norm: bool = True) -> nn.Module:
+def plain_cnn(num_classes: int, pool: str, pool_norm: bool = False) -> nn.Module:
     """conv-conv-pool x2 (32, 32, pool, 64, 64, pool), flatten 64x8x8, Linear 512, Linear classes (2.17 M
     params). conv-BN-ReLU, so it trains at the ResNets' learning rates: the comparison isolates depth and
     shortcuts. No global pool: `pool` picks its two 2x2 pools (the second with pool_norm); 32x32 inputs only."""
@@ -201,7 +203,7 @@ ARCHS: dict[str, Arch] = {
 
 
 def build_model(arch: str, num_classes: int = 10, pool: str = "avg", stem: str = "cifar",
-                pretrained: bool = False, pool_norm: bool = True, **options) -> nn.Module:
+                pretrained: bool = False, pool_norm: bool = False, **options) -> nn.Module:
     for what, value, choices in (("arch", arch, tuple(ARCHS)), ("pool", pool, POOLS), ("stem", stem, STEMS)):
         if value not in choices:
             raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")

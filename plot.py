@@ -17,15 +17,21 @@ import base64
 import csv
 import html
 import io
+import itertools
 import json
 import math
 import re
 import statistics
 import sys
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
+from statsmodels.regression.linear_model import OLS
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportions_ztest
 # Figure objects rather than pyplot: no GUI backend to pick, no global figures to close
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogFormatter, MaxNLocator, NullLocator
@@ -38,7 +44,6 @@ DPI = 150
 LINE_STYLES = ["-", "--", ":", "-."]  # with 10 colours: 20 distinct lines, and readable in greyscale
 N_PREDICTIONS = 32  # 4 rows of 8: the labels stay legible on paper
 ALPHA = 0.05  # two-sided level of every interval and test here
-Z_975 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run['_file']}: {run['status']}: drawn as curves, left out of final-accuracy figures and the table")
     rows, by = rank(summarize(configs))
     mark_ties_with_best(rows, by)
+    effects, words = factor_model(rows)
     blocks = [*(("conclusion", line) for line in conclusion_lines(rows, by)), *config_table(rows, by),
-              *factor_table(rows)]
+              *(factor_table(effects, words) if effects else [])]
     figures, skipped = draw_figures(configs, rows, by, runs[0]["classes"], dirs, out)
     if skipped:
         print("skipped figures: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
@@ -86,13 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     markdown = to_markdown(blocks)
     save(out / "summary.md", markdown)
     save(out / "summary.csv", summary_csv(rows))
+    save(out / "factors.csv", csv_text(effects, ["factor", "level", "reference", "effect", "ci95", "residual_df", "p"]))
     page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
             ("heading", "Figures")]
     if skipped:
         page.append(("note", "Not drawn: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())))
     page += [("figure", out / name, name, caption) for name, caption in figures.items()]
     save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
-    print(f"wrote figures, summary.md, summary.csv and report.html to {out}/\n")
+    print(f"wrote figures, summary.md, summary.csv, factors.csv and report.html to {out}/\n")
     print(markdown)
 
 
@@ -153,81 +160,11 @@ def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
     return labels, np.frombuffer(preds.encode(), np.uint8) == np.frombuffer(labels.encode(), np.uint8)
 
 
-# ---- statistics: plain math, each function checked against closed forms in tests/test_stats.py ----
-
-def regularized_beta(x: float, a: float, b: float) -> float:
-    """I_x(a, b), by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: I_x(a,b) = 1 - I_1-x(b,a)
-        return 1 - regularized_beta(1 - x, b, a)
-    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
-
-    def nonzero(v: float) -> float:
-        return v if abs(v) > 1e-300 else 1e-300
-
-    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
-    f = d
-    for m in range(1, 500):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d, c = 1 / nonzero(1 + num * d), nonzero(1 + num / c)
-            f *= c * d
-        if abs(c * d - 1) < 1e-15:
-            break
-    return front * f
-
-
-def t_two_sided_p(t: float, df: float) -> float:
-    """P(|T| >= |t|) for Student's t with df degrees of freedom (df may be fractional, as Welch's is)."""
-    return regularized_beta(df / (df + t * t), df / 2, 0.5)
-
-
-def t_quantile(q: float, df: float) -> float:
-    """The q quantile (q > 0.5) of Student's t, by bisection on the tail probability."""
-    lo, hi = 0.0, 1.0
-    while t_two_sided_p(hi, df) > 2 * (1 - q):
-        lo, hi = hi, 2 * hi
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 2 * (1 - q) else (lo, mid)
-    return (lo + hi) / 2
-
+# ---- statistics: scipy.stats for the tests, statsmodels for the factor model ----
 
 def t_half_width(xs: list[float]) -> float:
     """Half-width of the 95 % confidence interval of the mean of xs: Student t with n - 1 df."""
-    return t_quantile(1 - ALPHA / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-
-
-def t_p(diff: float, se: float, df: float) -> float:
-    return float(diff == 0) if se == 0 else t_two_sided_p(diff / se, df)  # se 0: any difference at all is certain
-
-
-def welch_p(xs: list[float], ys: list[float]) -> float:
-    """Two-sided p of Welch's t-test (unequal variances, Welch-Satterthwaite df); needs >= 2 values each."""
-    vx, vy = statistics.variance(xs) / len(xs), statistics.variance(ys) / len(ys)
-    df = (vx + vy) ** 2 / (vx ** 2 / (len(xs) - 1) + vy ** 2 / (len(ys) - 1)) if vx + vy else 1
-    return t_p(statistics.fmean(xs) - statistics.fmean(ys), math.sqrt(vx + vy), df)
-
-
-def single_run_vs_seeds_p(x: float, ys: list[float]) -> float:
-    """Two-sided p that one run x comes from the same spread as the seeds ys (a prediction-interval t-test:
-    t = (x - mean) / (sd * sqrt(1 + 1/n)), n - 1 df). It assumes x's config has the same seed spread as ys'."""
-    return t_p(x - statistics.fmean(ys), statistics.stdev(ys) * math.sqrt(1 + 1 / len(ys)), len(ys) - 1)
-
-
-def mcnemar_p(only_a_right: int, only_b_right: int) -> float:
-    """Exact two-sided McNemar test: of the images exactly one model gets right, is the split 50:50?"""
-    n, k = only_a_right + only_b_right, min(only_a_right, only_b_right)
-    # integers throughout, so a large n neither overflows nor loses precision
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def two_proportion_p(acc_a: float, n_a: int, acc_b: float, n_b: int) -> float:
-    """Two-sided p of the pooled two-proportion z-test."""
-    pooled = (acc_a * n_a + acc_b * n_b) / (n_a + n_b)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    return float(acc_a == acc_b) if se == 0 else math.erfc(abs(acc_a - acc_b) / se / math.sqrt(2))
+    return stats.t.ppf(1 - ALPHA / 2, len(xs) - 1) * stats.sem(xs)
 
 
 def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | None, str]:
@@ -235,8 +172,45 @@ def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | 
     if len(accs) >= 2:
         return t_half_width(accs), "seeds"
     if n_images:  # one seed: only the test set's own sampling error, its binomial standard error, can be measured
-        return Z_975 * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
+        return stats.norm.ppf(1 - ALPHA / 2) * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
     return None, ""
+
+
+def p_or_certain(p: float, a: list[float], b: list[float]) -> float:
+    """A test's p; where there is no spread at all (p is NaN), any difference is certain and none is no evidence."""
+    return float(statistics.fmean(a) == statistics.fmean(b)) if math.isnan(p) else float(p)
+
+
+def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None]:
+    """(the test used, its two-sided p) for "row's `by` accuracy differs from the best's"; p None: no test applies."""
+    a, b = best[f"{by}_accs"], row[f"{by}_accs"]
+    if len(a) >= 2 and len(b) >= 2:
+        return "Welch t", p_or_certain(stats.ttest_ind(a, b, equal_var=False).pvalue, a, b)
+    if len(a) >= 2 or len(b) >= 2:  # the single run against a prediction interval from the other config's seeds
+        (x,), ys = (b, a) if len(a) >= 2 else (a, b)
+        se = statistics.stdev(ys) * math.sqrt(1 + 1 / len(ys))
+        p = 2 * stats.t.sf(abs(x - statistics.fmean(ys)) / se, len(ys) - 1) if se else math.nan
+        return "1 run vs seeds t", p_or_certain(p, a, b)
+    pa, pb = correct_per_image(best["runs"][0]), correct_per_image(row["runs"][0])
+    if by == "test" and pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
+        only_a, only_b = int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1]))
+        return "McNemar", stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]
+    if na and nb:  # unpaired: it ignores that both saw the same images, so it finds ties more easily
+        return "two-proportion z", p_or_certain(proportions_ztest([a[0] * na, b[0] * nb], [na, nb])[1], a, b)
+    return f"none ({by} image count unknown)", None
+
+
+def mark_ties_with_best(rows: list[dict], by: str) -> None:
+    """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %, Holm over the k - 1 tests),
+    "worse" or "untested"; vs_best_p is the uncorrected p, vs_best_p_holm the one the verdict uses."""
+    tests = [("", None)] + [compare_with_best(rows[0], row, by) for row in rows[1:]]
+    ps = [p for _, p in tests if p is not None]
+    holm = iter(multipletests(ps, ALPHA, "holm")[1] if ps else [])
+    for i, (row, (test, p)) in enumerate(zip(rows, tests, strict=True)):
+        p_holm = None if p is None else float(next(holm))
+        row |= {"vs_best": "best" if i == 0 else "untested" if p is None else "tied" if p_holm >= ALPHA else "worse",
+                "vs_best_test": test, "vs_best_p": p, "vs_best_p_holm": p_holm}
 
 
 # ---- configs: accuracy with its interval, ranking, ties with the best ----
@@ -276,31 +250,6 @@ def rank(rows: list[dict]) -> tuple[list[dict], str]:
     return sorted(({**r, "ranked_by": by} for r in rows), key=lambda r: (-r[f"{by}_acc_mean"], r["config"])), by
 
 
-def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None]:
-    """(the test used, its two-sided p) for "row's `by` accuracy differs from the best's"; p None: no test applies."""
-    a, b = best[f"{by}_accs"], row[f"{by}_accs"]
-    if len(a) >= 2 and len(b) >= 2:
-        return "Welch t", welch_p(a, b)
-    if len(a) >= 2 or len(b) >= 2:
-        single, seeds = (b, a) if len(a) >= 2 else (a, b)
-        return "1 run vs seeds t", single_run_vs_seeds_p(single[0], seeds)
-    pa, pb = correct_per_image(best["runs"][0]), correct_per_image(row["runs"][0])
-    if by == "test" and pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
-        return "McNemar", mcnemar_p(int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1])))
-    na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]
-    if na and nb:  # unpaired: it ignores that both saw the same images, so it finds ties more easily
-        return "two-proportion z", two_proportion_p(a[0], na, b[0], nb)
-    return f"none ({by} image count unknown)", None
-
-
-def mark_ties_with_best(rows: list[dict], by: str) -> None:
-    """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %), "worse" or "untested"."""
-    for i, row in enumerate(rows):
-        test, p = compare_with_best(rows[0], row, by) if i else ("", None)
-        row |= {"vs_best": "best" if i == 0 else "untested" if p is None else "tied" if p >= ALPHA else "worse",
-                "vs_best_test": test, "vs_best_p": p}
-
-
 def shown_run(row: dict) -> tuple[dict, str]:
     """The seed that confusion.png and predictions.png show, and why that one: the best val accuracy when there is
     a val split, else the median test accuracy; never the best test accuracy, which flatters the config."""
@@ -311,7 +260,7 @@ def shown_run(row: dict) -> tuple[dict, str]:
     return by_test[(len(by_test) - 1) // 2], f"median test acc of {len(runs)} seeds" if len(runs) > 1 else "one seed"
 
 
-# ---- factors: the effect of one design choice, averaged over the others ----
+# ---- factors: one least-squares model of test accuracy over every finished run, each seed a row ----
 
 def varying_factors(rows: list[dict]) -> list[str]:
     """The factors whose level differs between configs, in the records' order."""
@@ -324,28 +273,64 @@ def level_order(v: object) -> tuple:
     return (v is None, not finite(v), v if finite(v) else str(v))
 
 
-def factor_effects(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """Each level of each varying factor against the factor's first level, on mean test accuracy, averaged over
-    matched pairs (two configs equal in every other factor), so that no other choice is mixed into the effect.
-    Also the factors that never vary alone (no matched pair): their effect cannot be told from another's."""
-    factors, effects, confounded = varying_factors(rows), [], []
-    for f in factors:
-        others = [g for g in factors if g != f]
-        cells = defaultdict(dict)  # the other factors' levels -> {this factor's level: mean test acc}
-        for r in rows:
-            cells[tuple(r["factors"].get(g) for g in others)][r["factors"].get(f)] = r["test_acc_mean"]
-        ref, *levels = sorted({r["factors"].get(f) for r in rows}, key=level_order)
-        found = []
-        for level in levels:
-            matched = [key for key, cell in cells.items() if level in cell and ref in cell]
-            diffs = [cells[key][level] - cells[key][ref] for key in matched]
-            if diffs:
-                found.append({"factor": f, "level": level, "reference": ref, "effect": statistics.fmean(diffs),
-                              "ci95": t_half_width(diffs) if len(diffs) >= 2 else None, "pairs": len(diffs),
-                              "over": [g for i, g in enumerate(others) if len({key[i] for key in matched}) > 1]})
-        effects += found
-        confounded += [] if found else [f]
-    return effects, confounded
+def fit(y: np.ndarray, columns: dict[tuple, np.ndarray]) -> tuple[object, dict[tuple, tuple | None]]:
+    """OLS of y on an intercept and the 0/1 columns: the fit, and {column: (coefficient, ± 95 % CI, p)}, None
+    where the design cannot estimate it. A coefficient is estimable when its unit vector lies in the row space
+    of the design (the projector's diagonal is 1 there); a pseudo-inverse would print a number either way."""
+    x = np.column_stack([np.ones(len(y)), *columns.values()])
+    with warnings.catch_warnings():  # a rank-deficient design is expected here: its inestimable effects are named
+        warnings.simplefilter("ignore")
+        model = OLS(y, x).fit()
+    estimable = np.isclose(np.diag(np.linalg.pinv(x) @ x), 1)
+    with np.errstate(all="ignore"):  # no residual df (one run per coefficient): no interval, no p
+        half = stats.t.ppf(1 - ALPHA / 2, model.df_resid) * model.bse if model.df_resid else np.full(len(x.T), np.nan)
+        return model, {key: (model.params[j], half[j], model.pvalues[j]) if estimable[j] else None
+                       for j, key in enumerate(columns, 1)}
+
+
+def factor_model(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Each level of each varying factor against its first level, in points of test accuracy, from the additive
+    model over every finished run; and, with >= 2 seeds in every config, what the interactions say in words."""
+    factors, runs = varying_factors(rows), [(r["factors"], 100 * acc) for r in rows for acc in r["test_accs"]]
+    y = np.array([acc for _, acc in runs])
+    levels = {f: sorted({r["factors"].get(f) for r in rows}, key=level_order) for f in factors}
+    main = {(f, v): np.array([fs.get(f) == v for fs, _ in runs], float) for f in factors for v in levels[f][1:]}
+    if not main:
+        return [], []
+    additive, coefs = fit(y, main)
+    effects = []
+    for f, v in main:
+        effect, ci95, p = coefs[f, v] or (None, None, None)
+        effects.append({"factor": f, "level": v, "reference": levels[f][0], "effect": effect, "ci95": ci95, "p": p,
+                        "residual_df": int(additive.df_resid)})
+    # interactions of factors whose main effects can be told apart, when seeds give the spread to test them on
+    separable = [f for f in factors if all(e["effect"] is not None for e in effects if e["factor"] == f)]
+    seeded = all(r["n_seeds"] >= 2 for r in rows)
+    return effects, [w for f, g in itertools.combinations(separable, 2) if seeded
+                     for w in interaction_words(y, main, additive, levels, f, g)]
+
+
+def interaction_words(y: np.ndarray, main: dict, additive, levels: dict, f: str, g: str) -> list[str]:
+    """Whether f's effect depends on g: the additive model against it plus the f x g terms (an F test)."""
+    terms = {(a, b): main[a] * main[b] for a in main if a[0] == f for b in main if b[0] == g}
+    model, coefs = fit(y, main | terms)
+    if all(coefs[t] is None for t in terms):
+        return [f"{f} × {g}: the interaction cannot be estimated (a cell of the grid has no runs)"]
+    p = model.compare_f_test(additive)[1]
+    if p >= ALPHA:
+        return []
+    words = []
+    for a in (k for k in main if k[0] == f):
+        what = f"{f}'s effect" + (f" ({a[1]} vs {levels[f][0]})" if len(levels[f]) > 2 else "")
+        parts = [coefs[a]] + [coefs[a, b] for b in main if b[0] == g]  # at g's reference, then the change at each
+        if None in parts:
+            words.append(f"{what} depends on {g} (interaction F test, {p_text(p)}); a cell of the grid has no runs")
+            continue
+        at = [parts[0][0]] + [parts[0][0] + change[0] for change in parts[1:]]
+        words.append(f"{what} depends on {g}: " + ", ".join(f"{e:+.1f} with {v}" for e, v in zip(at, levels[g],
+                                                                                                  strict=True))
+                     + f" (interaction F test, {p_text(p)})")
+    return words
 
 
 # ---- conclusions in words ----
@@ -684,11 +669,14 @@ def cell(v: object, fmt: str = "", prefix: str = "", scale: float = 1) -> str:
     return "" if v is None else prefix + format(v if scale == 1 else v * scale, fmt)
 
 
+def p_text(p: float, name: str = "p") -> str:
+    return f"{name} < 0.001" if p < 0.001 else f"{name} = {p:.3f}"
+
+
 def vs_best_text(r: dict) -> str:
     if r["vs_best"] == "best" or r["vs_best_p"] is None:
         return r["vs_best"] if r["vs_best"] == "best" else f"untested: {r['vs_best_test']}"
-    p = "p < 0.001" if r["vs_best_p"] < 0.001 else f"p = {r['vs_best_p']:.3f}"
-    return f"{r['vs_best']} ({r['vs_best_test']}, {p})"
+    return f"{r['vs_best']} ({r['vs_best_test']}, {p_text(r['vs_best_p'])}, {p_text(r['vs_best_p_holm'], 'Holm')})"
 
 
 CONFIG_COLUMNS = {  # after config and the factors that vary: header -> the cell of a row
@@ -720,30 +708,31 @@ def config_table(rows: list[dict], by: str) -> list[tuple]:
                      "test-set sampling only; seed-to-seed spread is not measured.")
     used = [f"{test}: {note}" for test, note in TEST_NOTES.items() if any(r["vs_best_test"] == test for r in rows)]
     if used:
-        notes.append(f"vs best: two-sided tests at 5 % of {by} accuracy against the best; tied = not separable. "
+        notes.append(f"vs best: two-sided tests at 5 % of {by} accuracy against the best, Holm-corrected over the "
+                     f"{len(rows) - 1} tests (p uncorrected, Holm's p beside it); tied = not separable. "
                      + "; ".join(used) + ".")
     header = ["config", *factors, *CONFIG_COLUMNS]
     return [("heading", "Configs"), ("table", header, cells, [r["vs_best"] for r in rows]),
             *(("note", n) for n in notes)]
 
 
-def factor_table(rows: list[dict]) -> list[tuple]:
-    effects, confounded = factor_effects(rows)
-    blocks = [("heading", "Factors")] if effects or confounded else []
-    if effects:
-        cells = [[e["factor"], f"{e['level']} vs {e['reference']}", f"{100 * e['effect']:+.2f}",
-                  cell(e["ci95"], ".2f", "± ", 100), str(e["pairs"]), ", ".join(e["over"]) or "nothing (one pair)"]
-                 for e in effects]
-        blocks += [("table", ["factor", "level vs reference", "effect (points)", "± 95% CI", "matched pairs",
-                              "averaged over"], cells, None),
-                   ("note", "Factors: the effect on mean test accuracy (points) of each level against the factor's "
-                    "first level, averaged over matched pairs (configs equal in every other factor); ± 95% CI: "
-                    "Student t over the pairs' differences (none for one pair). An optimiser comes with the recipe "
-                    "train.py derives for it (lr, schedule, weight decay, momentum or betas) unless those were given.")]
-    if confounded:
-        blocks.append(("note", f"Not separable: {', '.join(confounded)} never change alone (every config that changes "
-                       "one also changes another factor), so no effect is given."))
-    return blocks
+FACTOR_HEADER = ["factor", "level vs reference", "effect (points)", "± 95% CI", "residual df", "p"]
+
+
+def factor_table(effects: list[dict], words: list[str]) -> list[tuple]:
+    cells = [[e["factor"], f"{e['level']} vs {e['reference']}", cell(e["effect"], "+.2f") or "not estimable",
+              cell(e["ci95"], ".2f", "± ") if finite(e["ci95"]) else "", str(e["residual_df"]),
+              p_text(e["p"]) if finite(e["p"]) else ""] for e in effects]
+    missing = [f"{e['factor']} {e['level']} vs {e['reference']}" for e in effects if e["effect"] is None]
+    notes = ["Factors: one least-squares model of test accuracy (points) over every finished run, each seed a row: "
+             "the additive effects of the factors that vary, each level against the factor's first, ± 95% CI and p "
+             "from the model's residual df; with >= 2 seeds per config, each pair's interaction is tested too (F "
+             "test). An optimiser comes with the recipe train.py derives for it (lr, schedule, weight decay, momentum "
+             "or betas) unless those were given."]
+    if missing:
+        notes.append(f"Not estimable: {', '.join(missing)}: no config changes it apart from the other factors (the "
+                     "grid lacks the cells that would), so no effect is given.")
+    return [("heading", "Factors"), ("table", FACTOR_HEADER, cells, None), *(("note", n) for n in notes + words)]
 
 
 def to_markdown(blocks: list[tuple]) -> str:
@@ -800,14 +789,18 @@ def environment(runs: list[dict]) -> list[list[str]]:
 
 
 def summary_csv(rows: list[dict]) -> str:
-    """One line per config: its name, every factor, then every number of its row (8 significant digits)."""
+    """One line per config: its name, every factor, then every number of its row."""
     factors = list(dict.fromkeys(k for r in rows for k in r["factors"]))
     numbers = [k for k, v in (rows[0] if rows else {}).items() if k != "config" and not isinstance(v, list | dict)]
+    return csv_text([{**r["factors"], **r} for r in rows], ["config", *factors, *numbers])
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, ["config", *factors, *numbers], extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in {**r["factors"], **r}.items()}
-                     for r in rows)
+    # 8 significant digits: exact enough, without float noise like 0.8000000000000002
+    writer.writerows({k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in r.items()} for r in rows)
     return buf.getvalue()
 
 

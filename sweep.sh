@@ -8,7 +8,7 @@
 #   bash sweep.sh --status       # python plot.py --status OUT: each run's status, epochs and accuracy
 #
 # Settings (environment variables):
-#   GRID=default  grids/GRID.txt (default quick datasize cifar-resnets augment optim batch stem) or a file:
+#   GRID=default  grids/GRID.txt (default quick datasize cifar-resnets augment optim batch stem pool-head) or a file:
 #                 "NAME ARGS..." per line, '#' starts a comment, ARGS split on blanks (no quoting)
 #   OUT=          results folder (default: results for the default grid, else results/<grid name>)
 #   SEEDS=1       seeds 0..SEEDS-1 of every config; runs are named <config>-s<seed>

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(m, "model", "--arch", "--model", default="resnet18", choices=models.ARCHS, help="architecture", name_part=str)
     add(m, "model", "--pool", default="avg", choices=models.POOLS, help="global pooling before the classifier",
         name_part=str)
+    add(m, "model", "--pool-norm", action=argparse.BooleanOptionalAction, default=False,
+        help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
+             "see models.pooling); off: the arch's plain pool", name_part=lambda on: "poolnorm" if on else None)
     add(o, "recipe", "--opt", default="sgd", choices=tuple(OPTIMIZER_DEFAULTS), help="optimiser", name_part=str)
     add(m, "model", "--stem", default="cifar", choices=models.STEMS,
         help="cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's 7x7 stride-2 conv + max-pool",
@@ -133,9 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     add(r, "seed", "--seed", type=int, default=0, help="seed of weights, data order, subsets and splits",
         name_part=lambda s: f"s{s}")  # last: default_name puts the hash of other flags before it
     # The other flags, by group
-    add(m, "model", "--pool-norm", action=argparse.BooleanOptionalAction, default=True,
-        help="standardise the pooled features before the classifier (a BatchNorm without parameters, "
-             "see models.pooling); --no-pool-norm: torchvision's plain pool")
     add(m, "model", "--blocks", type=csv_of(int), help="resnet_custom: blocks per stage, e.g. 3,4,4,3")
     add(m, "model", "--channels", type=csv_of(int), help="resnet_custom: channels per stage")
     add(m, "model", "--kernel-size", type=int, help="resnet_custom: convolution kernel size")

@@ -105,6 +105,14 @@ def test_max_pool_head_differs_from_avg(arch):
         assert not torch.allclose(avg(images()), max_(images()))
 
 
+def test_max_pool_is_torchvisions_resnet_with_a_max_pool_and_the_norm_only_when_asked_for():
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.avgpool = nn.AdaptiveMaxPool2d(1)
+    assert repr(build_model("resnet18", pool="max", stem="imagenet")) == repr(reference)
+    normed = build_model("resnet18", pool="max", stem="imagenet", pool_norm=True).avgpool
+    assert repr(normed) == repr(nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.BatchNorm2d(512, affine=False)))
+
+
 def classifier_curvature(model: nn.Module, x: torch.Tensor) -> float:
     """Top eigenvalue of the training loss's Hessian in the classifier's weights, at images x. For a
     linear classifier reading features f with softmax output p it is exactly that of
@@ -146,7 +154,7 @@ def test_pool_norm_keeps_the_classifier_stable_at_sgds_peak_lr_with_either_pool(
 @pytest.mark.parametrize("pool", POOLS)
 def test_pool_norm_adds_no_parameters_and_folds_into_the_classifier_in_eval_mode(arch, pool):
     torch.manual_seed(0)
-    normed, plain = build_model(arch, pool=pool).eval(), build_model(arch, pool=pool, pool_norm=False).eval()
+    normed, plain = build_model(arch, pool=pool, pool_norm=True).eval(), build_model(arch, pool=pool).eval()
     assert count_parameters(normed) == count_parameters(plain)
     norm = normed.avgpool[1]
     norm.running_mean.uniform_(-1, 3)
@@ -199,8 +207,7 @@ def test_pretrained_loads_imagenet_weights_from_torch_home(tmp_path, monkeypatch
 
     fresh = {"fc.weight", "fc.bias"} | ({"conv1.weight"} if stem == "cifar" else set())
     loaded = model.state_dict()
-    pool_norm = {f"avgpool.1.{buffer}" for buffer in ("running_mean", "running_var", "num_batches_tracked")}
-    assert set(loaded) == set(state) | pool_norm  # the pooled features' norm is new; ImageNet's head had none
+    assert set(loaded) == set(state)  # the plain pool, as ImageNet's network has it
     for name, value in state.items():
         if name in fresh:
             assert loaded[name].shape != value.shape or not torch.equal(loaded[name], value), name

@@ -210,12 +210,18 @@ def test_summary_md_first_line_names_the_best_and_the_configs_tied_with_it(sweep
     project, proc = sweep
     md = (project / "figures" / "summary.md").read_text()
     # best: resnet18-pre-sgd, one run at 90 %. resnet18-avg-sgd (3 seeds, 82.33 ± sd 2.08) against it:
-    # t = (90 - 82.333) / (2.0817 × sqrt(1 + 1/3)) = 3.190 on 2 df -> p = 1 - t / sqrt(2 + t²) = 0.086 >= 0.05: tied.
-    # resnet18-max-sgd (81.5, 83, 82 -> 82.17, sd 0.764): t = 7.833 / (0.764 × 1.1547) = 8.88 -> p = 0.012: worse.
-    first = "best: resnet18-pre-sgd (90.00 ± 0.59); statistically tied with: resnet18-avg-sgd\n"
+    # t = (90 - 82.333) / (2.0817 × sqrt(1 + 1/3)) = 3.190 on 2 df -> p = 1 - t / sqrt(2 + t²) = 0.086.
+    # resnet18-max-sgd (81.5, 83, 82 -> 82.17, sd 0.764): t = 7.833 / (0.764 × 1.1547) = 8.88 -> p = 0.012.
+    # Holm over the 7 tests: the 4 two-proportion p < 0.001 come first, then 0.012 × 3 = 0.037 (worse),
+    # f0.5's 0.038 × 2 = 0.076 and 0.086 × 1 (both tied, though f0.5 alone would be under 5 %)
+    first = ("best: resnet18-pre-sgd (90.00 ± 0.59); statistically tied with: resnet18-avg-sgd, "
+             "resnet18-avg-sgd-f0.5\n")
     assert md.startswith(first)
-    assert "| tied (1 run vs seeds t, p = 0.086) |" in md
-    assert "| worse (1 run vs seeds t, p = 0.012) |" in md
+    for verdict in ["tied (1 run vs seeds t, p = 0.086, Holm = 0.086)",
+                    "worse (1 run vs seeds t, p = 0.012, Holm = 0.037)",
+                    "tied (1 run vs seeds t, p = 0.038, Holm = 0.076)",
+                    "worse (two-proportion z, p < 0.001, Holm < 0.001)"]:
+        assert f"| {verdict} |" in md
     assert first in proc.stdout
     rows = {r["config"]: r for r in read_csv(project / "figures" / "summary.csv")}
     assert rows["resnet18-avg-sgd"]["vs_best"] == "tied" and rows["resnet18-max-sgd"]["vs_best"] == "worse"
@@ -223,15 +229,19 @@ def test_summary_md_first_line_names_the_best_and_the_configs_tied_with_it(sweep
     assert {r["ranked_by"] for r in rows.values()} == {"test"}  # val split in only one config
 
 
-def test_summary_md_has_a_factor_table_that_says_what_it_averaged_over(sweep):
+def test_summary_md_and_factors_csv_have_the_factor_model_and_name_what_it_cannot_estimate(sweep):
     project, _ = sweep
     md = (project / "figures" / "summary.md").read_text()
-    # fraction 0.5 vs 0.25, in the two designs that have both: scratch (75.5 - 65 = +10.5) and pretrained
-    # (87 - 83 = +4): mean +7.25; 95 % CI: t(0.975, 1 df) = 12.706 × sd 4.596 / sqrt(2) = 41.30
-    assert "| fraction | 0.5 vs 0.25 | +7.25 | ± 41.30 | 2 | stem, pretrained |" in md
-    # pool, arch, ... never change alone in this sweep (resnet18-max-sgd has no val split, resnet18-avg-sgd has one)
-    [line] = [ln for ln in md.splitlines() if ln.startswith("Not separable")]
-    assert "pool" in line and "arch" in line and "fraction" not in line
+    factors = {(r["factor"], r["level"]): r for r in read_csv(project / "figures" / "factors.csv")}
+    # 13 finished runs, a design of rank 7 (intercept, pool, 2 fractions, val_split, and two confounded
+    # groups: arch with opt, stem with pretrained): 6 residual df
+    assert {r["residual_df"] for r in factors.values()} == {"6"}
+    fraction = factors["fraction", "0.5"]
+    assert f"| fraction | 0.5 vs 0.25 | {float(fraction['effect']):+.2f} | ± {float(fraction['ci95']):.2f} | 6 |" in md
+    # arch, stem, pretrained and opt never change apart from one another in this sweep
+    assert factors["arch", "resnet50"]["effect"] == "" and "| arch | resnet50 vs resnet18 | not estimable |" in md
+    [line] = [ln for ln in md.splitlines() if ln.startswith("Not estimable")]
+    assert "arch resnet50 vs resnet18" in line and "stem" in line and "fraction" not in line
 
 
 @pytest.mark.parametrize("file, why", [("bad.json", "malformed JSON"), ("foreign.json", "not a train.py run record"),
@@ -350,9 +360,9 @@ def test_figures_show_the_seed_with_the_best_val_acc_when_there_is_a_val_split(v
 
 
 def test_missing_results_dir_names_the_fix(tmp_path):
-    proc = run_plot(tmp_path, "nowhere")
-    assert proc.returncode != 0
-    assert "nowhere not found: run train.py" in proc.stderr
+    with pytest.raises(SystemExit) as exit_:  # sys.exit(message): exit code 1, the message on stderr
+        plot.main([str(tmp_path / "nowhere")])
+    assert "nowhere not found: run train.py" in str(exit_.value.code)
 
 
 class FigureThatFailsMidWrite(Figure):

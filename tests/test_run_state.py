@@ -161,13 +161,16 @@ def test_default_names_differ_when_configs_differ():
     names = {train.parse_config(argv).name for argv in (
         [], ["--epochs", "20"], ["--lr", "0.1"], ["--batch-size", "128"], ["--aug", "none"], ["--val-split", "0.1"],
         ["--tta"], ["--label-smoothing", "0"], ["--wd", "0"], ["--amp", "off"], ["--fraction", "0.5"],
-        ["--early-stop", "2", "--val-split", "0.1"])}
-    assert len(names) == 12
+        ["--early-stop", "2", "--val-split", "0.1"], ["--pool-norm"])}
+    assert len(names) == 13
     assert train.parse_config(["--arch", "resnet20", "--epochs", "10", "--val-split", "0.1", "--tta"]).name == \
         "resnet20-avg-sgd-val0.1-tta-s0"
     assert train.parse_config(["--arch", "resnet34", "--pool", "avg", "--opt", "sgd"]).name == "resnet34-avg-sgd-s0"
+    assert train.parse_config(["--arch", "resnet20", "--pool", "max", "--pool-norm"]).name == \
+        "resnet20-max-poolnorm-sgd-s0"
     # flags that do not change what is computed do not change the name
     assert train.parse_config(["--quiet", "--workers", "1", "--data-dir", "x"]).name == train.parse_config([]).name
+    assert train.parse_config(["--no-pool-norm"]).name == train.parse_config([]).name  # the default, said
 
 
 def test_factors_are_the_choices_made_with_resnet_custom_options_only_when_set():

@@ -1,8 +1,5 @@
-"""plot.py's statistics, each against a case computed by hand (the computation is written in the test), and
-the comparison built on them (intervals, ties with the best, factor effects, the seed shown) on constructed
-records."""
-
-import math
+"""The comparison plot.py draws from run records, on cases whose answers are known: intervals, ties with the
+best (Holm over the tests), the seed shown, and the factor model (issue 26's grid, an interaction, a missing cell)."""
 
 import pytest
 
@@ -42,31 +39,6 @@ def preds_wrong_on(wrong: range) -> str:
     return "".join(str((int(y) + 1) % 10) if i in wrong else y for i, y in enumerate(LABELS))
 
 
-# ---- the distributions ----
-
-def test_t_quantile_matches_closed_forms_and_the_printed_table():
-    # 1 df is the Cauchy distribution: t_q = tan(pi (q - 1/2)) -> tan(0.475 pi) = 12.706
-    assert plot.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)
-    # 2 df: F(t) = 1/2 + t / (2 sqrt(2 + t²)), so t_q = (2q - 1) / sqrt(2q(1 - q)) -> 0.95 / sqrt(0.04875) = 4.3027
-    assert plot.t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-9)
-    # printed t tables, 97.5 %: 2.776 (4 df), 2.262 (9 df), 2.042 (30 df); very many df: the normal's 1.960
-    for df, table in [(4, 2.776), (9, 2.262), (30, 2.042), (1e6, 1.960)]:
-        assert plot.t_quantile(0.975, df) == pytest.approx(table, abs=5e-4), df
-
-
-def test_t_two_sided_p_matches_closed_forms_including_between_integer_df():
-    # 1 df: P(|T| >= 1) = 1 - 2 atan(1) / pi = 0.5
-    assert plot.t_two_sided_p(1.0, 1) == pytest.approx(0.5, rel=1e-12)
-    # 2 df: P(|T| >= t) = 1 - t / sqrt(2 + t²); t = 2 -> 1 - 2 / sqrt(6) = 0.18350
-    assert plot.t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6), rel=1e-12)
-    # 3 df: P(|T| >= t) = 1 - (2/pi) (t / (sqrt(3) (1 + t²/3)) + atan(t / sqrt(3)));
-    # t = sqrt(3) -> 1 - (2/pi)(1/2 + pi/4) = 1/2 - 1/pi
-    assert plot.t_two_sided_p(math.sqrt(3), 3) == pytest.approx(0.5 - 1 / math.pi, rel=1e-12)
-    # Welch's df are fractional: the tail at 2.5 df lies between those at 2 and 3 df
-    assert plot.t_two_sided_p(2.0, 2) > plot.t_two_sided_p(2.0, 2.5) > plot.t_two_sided_p(2.0, 3)
-    assert plot.t_two_sided_p(0.0, 5) == 1.0
-
-
 # ---- intervals ----
 
 def test_interval_over_three_seeds_is_student_t_with_2_df():
@@ -81,44 +53,6 @@ def test_interval_of_one_seed_is_the_test_sets_binomial_sampling_error():
     half, over = plot.accuracy_interval([0.85], 10_000)
     assert (half, over) == (pytest.approx(0.0069985, abs=1e-7), "images")
     assert plot.accuracy_interval([0.85], None) == (None, "")
-
-
-# ---- the tests against the best ----
-
-def test_welch_p_on_two_seeds_each_with_equal_spread_has_2_df():
-    # 85, 87 vs 83, 85: means 86 and 84, variances 0.0002 each; se² = 0.0002/2 + 0.0002/2 = 0.0002, t = 0.02 /
-    # 0.014142 = sqrt(2); df = 0.0002² / (0.0001² / 1 + 0.0001² / 1) = 2; p = 1 - sqrt(2) / sqrt(2 + 2) = 0.29289
-    assert plot.welch_p([0.85, 0.87], [0.83, 0.85]) == pytest.approx(1 - math.sqrt(2) / 2, rel=1e-9)
-
-
-def test_welch_p_uses_the_welch_satterthwaite_df():
-    # 80, 84, 88 (var 0.0016, /3 = 5.333e-4) vs 85, 86 (var 0.00005, /2 = 2.5e-5): se = sqrt(5.5833e-4) = 0.023629,
-    # t = (0.84 - 0.855) / 0.023629 = -0.63481; df = 5.5833e-4² / (5.333e-4² / 2 + 2.5e-5² / 1) = 2.1823
-    df = (0.0016 / 3 + 0.00005 / 2) ** 2 / ((0.0016 / 3) ** 2 / 2 + (0.00005 / 2) ** 2)
-    assert df == pytest.approx(2.1823, abs=1e-4)
-    assert plot.welch_p([0.80, 0.84, 0.88], [0.85, 0.86]) == pytest.approx(plot.t_two_sided_p(0.63481, df), abs=1e-5)
-
-
-def test_single_run_against_seeds_is_a_prediction_interval_t_test():
-    # 90 against 85, 86, 87 (mean 86, sd 1): t = 4 / (1 × sqrt(1 + 1/3)) = 2 sqrt(3) = 3.4641 on 2 df;
-    # p = 1 - t / sqrt(2 + t²) = 1 - 3.4641 / sqrt(14) = 0.074180
-    assert plot.single_run_vs_seeds_p(0.90, [0.85, 0.86, 0.87]) == pytest.approx(1 - 3.4641016 / math.sqrt(14),
-                                                                                     abs=1e-7)
-
-
-def test_mcnemar_exact_p():
-    # 10 images only A gets right, 2 only B: two-sided 2 × P(X <= 2), X ~ Binomial(12, 1/2) = 2 (1 + 12 + 66) / 4096
-    assert plot.mcnemar_p(10, 2) == 2 * (1 + 12 + 66) / 4096
-    assert plot.mcnemar_p(2, 10) == plot.mcnemar_p(10, 2)
-    assert plot.mcnemar_p(0, 0) == 1.0 and plot.mcnemar_p(5, 5) == 1.0
-
-
-def test_two_proportion_p():
-    # 85 % vs 84 % on 10,000 each: pooled 0.845; se = sqrt(0.845 × 0.155 × 2 / 10000) = 0.0051181; z = 1.95385;
-    # p = 2 (1 - Phi(1.95385)) = 0.0507 (normal table: Phi(1.95) = 0.97441, Phi(1.96) = 0.97500)
-    assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(0.0507, abs=2e-4)
-    assert plot.two_proportion_p(0.85, 10_000, 0.84, 10_000) == pytest.approx(math.erfc(1.95385 / math.sqrt(2)),
-                                                                              abs=1e-5)
 
 
 # ---- ties with the best ----
@@ -146,7 +80,8 @@ def test_single_runs_with_per_image_predictions_are_compared_by_mcnemar():
     a, b = preds_wrong_on(range(1500)), preds_wrong_on(range(20, 1560))
     rows, _ = compare({"a": [make_run("a-s0", 0.85, preds=a)], "b": [make_run("b-s0", 0.846, preds=b)]})
     assert (rows[1]["vs_best"], rows[1]["vs_best_test"]) == ("worse", "McNemar")
-    assert rows[1]["vs_best_p"] == plot.mcnemar_p(60, 20) < 0.001
+    # exact: 2 P(X <= 20), X ~ Binomial(80, 1/2) = 8.6e-6
+    assert rows[1]["vs_best_p"] == pytest.approx(8.5806e-6, rel=1e-4)
     # the same accuracies without paired predictions: 85.0 vs 84.6 on 10,000 images each, unpaired:
     # pooled 0.848, se = sqrt(0.848 × 0.152 × 2 / 10000) = 0.0050773, z = 0.004 / 0.0050773 = 0.788, p = 0.43: tied
     rows, by = compare({"a": [make_run("a-s0", 0.85)], "b": [make_run("b-s0", 0.846)]})
@@ -197,37 +132,67 @@ def test_figures_show_the_seed_with_the_best_val_accuracy_with_a_val_split():
     assert plot.shown_run(row) == (runs[1], "its best val acc")  # not the best test (s2) nor the median (s0)
 
 
-# ---- factors ----
-
-def test_factor_effects_average_matched_pairs_over_the_other_factors():
-    grid = {("resnet18", "avg"): 0.85, ("resnet18", "max"): 0.84, ("resnet34", "avg"): 0.87, ("resnet34", "max"): 0.855}
-    rows = plot.summarize({f"{a}-{p}": [make_run(f"{a}-{p}-s0", acc, arch=a, pool=p)] for (a, p), acc in grid.items()})
-    effects, confounded = plot.factor_effects(rows)
-    assert confounded == []
-    by_factor = {e["factor"]: e for e in effects}
-    # pool, max vs avg: -1.0 (resnet18) and -1.5 (resnet34) -> mean -1.25 points; sd of the two = 0.5 / sqrt(2)
-    # = 0.35355; 95 %: t(0.975, 1 df) 12.706 × 0.35355 / sqrt(2) = 3.18 points
-    pool = by_factor["pool"]
-    assert (pool["level"], pool["reference"], pool["pairs"], pool["over"]) == ("max", "avg", 2, ["arch"])
-    assert 100 * pool["effect"] == pytest.approx(-1.25)
-    assert 100 * pool["ci95"] == pytest.approx(12.7062 * 0.35355 / math.sqrt(2), abs=1e-3)
-    # arch, resnet34 vs resnet18: +2.0 (avg) and +1.5 (max) -> +1.75 points, same interval
-    assert 100 * by_factor["arch"]["effect"] == pytest.approx(1.75)
-    assert plot.factor_table(rows)[1][2][0] == ["arch", "resnet34 vs resnet18", "+1.75", "± 3.18", "2", "pool"]
+def test_ties_with_the_best_are_holm_corrected_over_the_k_minus_1_tests():
+    # b and c each 2.7 points below a (3 seeds of sd 1): Welch p = 0.0297 each, under 5 % alone; Holm over the
+    # two tests: 2 × 0.0297 = 0.059 for both, so both are tied with a
+    rows, _ = compare({c: seeds(c, [0.85 - d, 0.86 - d, 0.87 - d]) for c, d in [("a", 0), ("b", 0.027), ("c", 0.027)]})
+    assert [(r["vs_best"], round(r["vs_best_p"], 4), round(r["vs_best_p_holm"], 4)) for r in rows[1:]] == [
+        ("tied", 0.0297, 0.0595)] * 2
+    assert plot.vs_best_text(rows[1]) == "tied (Welch t, p = 0.030, Holm = 0.059)"
 
 
-def test_factors_that_never_change_alone_get_no_effect():
-    runs = {"scratch": [make_run("scratch-s0", 0.85, stem="cifar", pretrained=False)],
-            "pre": [make_run("pre-s0", 0.90, stem="imagenet", pretrained=True)]}
-    effects, confounded = plot.factor_effects(plot.summarize(runs))
-    assert effects == [] and confounded == ["stem", "pretrained"]
+# ---- factors: one model over every run ----
+
+def grid(cells: dict[tuple[str, str], list[float]]) -> list[dict]:
+    """Ranked rows of a pool x opt grid: {(pool, opt): test accuracy in % of each seed}."""
+    return compare({f"{p}-{o}": [make_run(f"{p}-{o}-s{i}", acc / 100, pool=p, opt=o) for i, acc in enumerate(accs)]
+                    for (p, o), accs in cells.items()})[0]
+
+
+def test_factor_effects_of_a_2x2_grid_with_3_seeds_come_from_the_additive_model_over_its_12_runs():
+    # issue 26's case: 80 % + 2 points for max + each seed's noise; acc ~ pool + opt over the 12 runs has
+    # 12 - 3 = 9 residual df, and pool's effect +1.82 ± 1.39 (the mean of the 6 max runs less the 6 avg runs)
+    noise = {("avg", "sgd"): [0.4, 1.5, -1.8], ("avg", "adam"): [1.7, 0.0, -0.8],
+             ("max", "sgd"): [-0.8, -1.1, -0.2], ("max", "adam"): [0.8, 0.6, 0.6]}
+    rows = grid({(p, o): [80 + 2 * (p == "max") + n for n in ns] for (p, o), ns in noise.items()})
+    effects, words = plot.factor_model(rows)
+    pool, opt = effects
+    assert (pool["factor"], pool["level"], pool["reference"], pool["residual_df"]) == ("pool", "max", "avg", 9)
+    assert (pool["effect"], pool["ci95"]) == (pytest.approx(1.8167, abs=1e-4), pytest.approx(1.39, abs=0.01))
+    assert pool["p"] < 0.05 and abs(opt["effect"]) < opt["ci95"]  # opt's interval covers 0
+    assert words == []  # no interaction
+    table = plot.factor_table(effects, words)[1]
+    assert table[1] == plot.FACTOR_HEADER and table[2][0] == ["pool", "max vs avg", "+1.82", "± 1.39", "9", "p = 0.016"]
+
+
+def test_an_interaction_is_said_in_words_with_the_effect_at_each_level():
+    means = {("avg", "sgd"): 80, ("max", "sgd"): 80.7, ("avg", "adam"): 80, ("max", "adam"): 83.6}
+    rows = grid({cell: [m - 0.3, m, m + 0.3] for cell, m in means.items()})
+    assert plot.factor_model(rows)[1] == [
+        "pool's effect depends on opt: +3.6 with adam, +0.7 with sgd (interaction F test, p < 0.001)"]
+
+
+def test_a_missing_cell_names_what_it_cannot_estimate():
+    rows = grid({("avg", "sgd"): [80, 80.6], ("max", "sgd"): [80.7, 81.3], ("avg", "adam"): [80, 80.6]})
+    effects, words = plot.factor_model(rows)
+    assert [round(e["effect"], 2) for e in effects] == [0.7, 0.0]  # the main effects still are estimable
+    assert words == ["pool × opt: the interaction cannot be estimated (a cell of the grid has no runs)"]
+    # factors that never change apart: neither effect is printed as a number
+    runs = {"scratch": seeds("scratch", [0.85, 0.86], stem="cifar", pretrained=False),
+            "pre": seeds("pre", [0.90, 0.91], stem="imagenet", pretrained=True)}
+    effects, words = plot.factor_model(plot.summarize(runs))
+    blocks = plot.factor_table(effects, words)
+    assert [row[:3] for row in blocks[1][2]] == [["stem", "imagenet vs cifar", "not estimable"],
+                                                 ["pretrained", "True vs False", "not estimable"]]
+    assert any(b[1].startswith("Not estimable: stem imagenet vs cifar, pretrained True vs False") for b in blocks[2:])
+    assert words == []
 
 
 def test_factors_are_the_records_factors_and_nothing_else_of_its_config():
     runs = {"a": [make_run("a-s0", 0.85)], "b": [make_run("b-s1", 0.84)]}
     runs["a"][0]["config"] |= {"device": "cuda", "workers": 8, "lr": 0.1}
     runs["b"][0]["config"] |= {"device": "cpu", "workers": 2, "lr": 0.2}
-    assert plot.factor_effects(plot.summarize(runs)) == ([], [])
+    assert plot.factor_model(plot.summarize(runs)) == ([], [])
 
 
 def test_an_optimiser_is_one_factor_with_the_recipe_train_py_derived_for_it():
@@ -235,16 +200,11 @@ def test_an_optimiser_is_one_factor_with_the_recipe_train_py_derived_for_it():
     of the factors: they are part of `opt`."""
     recipes = {"sgd": {"lr": 0.1, "wd": 5e-4, "schedule": "onecycle"},
                "adam": {"lr": 1e-3, "wd": 0.0, "schedule": "cosine"}}
-    grid = {("avg", "sgd"): 0.41, ("max", "sgd"): 0.29, ("avg", "adam"): 0.38, ("max", "adam"): 0.31}
-    runs = {}
-    for (pool, opt), acc in grid.items():
-        run = make_run(f"{pool}-{opt}-s0", acc, pool=pool, opt=opt)
-        run["config"] |= recipes[opt]
-        runs[f"{pool}-{opt}"] = [run]
-    effects, confounded = plot.factor_effects(plot.summarize(runs))
-    assert confounded == []
-    by_factor = {e["factor"]: e for e in effects}
-    assert set(by_factor) == {"pool", "opt"}
-    opt = by_factor["opt"]  # sgd vs adam: +3 points with avg pooling, -2 with max -> +0.5
-    assert (opt["level"], opt["reference"], opt["pairs"], opt["over"]) == ("sgd", "adam", 2, ["pool"])
-    assert 100 * opt["effect"] == pytest.approx(0.5)
+    accs = {("avg", "sgd"): 41, ("max", "sgd"): 29, ("avg", "adam"): 38, ("max", "adam"): 31}
+    rows = grid({cell: [acc] for cell, acc in accs.items()})
+    for r in rows:
+        r["runs"][0]["config"] |= recipes[r["factors"]["opt"]]
+    effects, _ = plot.factor_model(rows)
+    assert [(e["factor"], e["level"], e["reference"]) for e in effects] == [("pool", "max", "avg"),
+                                                                            ("opt", "sgd", "adam")]
+    assert effects[1]["effect"] == pytest.approx(0.5)  # sgd vs adam: +3 points with avg pooling, -2 with max

@@ -27,7 +27,7 @@ from conftest import make_env
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.sh"
 SETTINGS = ("GRID", "OUT", "SEEDS", "EPOCHS", "EXTRA", "PYTHON", "GPUS", "NPROC", "SHARD", "PREFLIGHT")
-FLAGS_WITHOUT_VALUE = {"--pretrained", "--resume", "--quiet", "--no-compile", "--preflight"}
+FLAGS_WITHOUT_VALUE = {"--pretrained", "--pool-norm", "--resume", "--quiet", "--no-compile", "--preflight"}
 R18_34_50 = ["resnet18", "resnet34", "resnet50"]
 # Each named grid: the flags that tell its configs apart, and their values config by config, in order.
 GRIDS = {
@@ -48,6 +48,8 @@ GRIDS = {
     # no --lr: train.py scales sgd's lr with the batch (0.4 at 512)
     "batch": (("batch-size", "opt", "lr"), itertools.product(["64", "128", "256", "512", "1024"], ["sgd"], [None])),
     "stem": (("arch", "stem"), itertools.product(R18_34_50, ["cifar", "imagenet"])),
+    "pool-head": (("arch", "pool", "pool-norm", "opt"), itertools.product(["resnet20"], ["avg", "max"], [None, True],
+                                                                          ["sgd"])),
 }
 GRIDS = {name: (keys, list(cells)) for name, (keys, cells) in GRIDS.items()}
 

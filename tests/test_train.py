@@ -28,7 +28,7 @@ def test_run_writes_a_complete_consistent_record(finished_run):
         assert key in run["env"]
     assert run["model"]["params"] == 269_722 and run["model"]["flops_per_image"] > 0
     assert run["factors"] == {  # what was trained: no seed, no run control, no derived value not given
-        "arch": "resnet20", "pool": "avg", "opt": "sgd", "stem": "cifar", "pretrained": False, "pool_norm": True,
+        "arch": "resnet20", "pool": "avg", "opt": "sgd", "stem": "cifar", "pretrained": False, "pool_norm": False,
         "fraction": 1.0, "epochs": 4, "batch_size": 16, "val_split": 0.2, "aug": "none", "tta": False, "lr": 0.1,
         "gamma": 0.1, "label_smoothing": 0.1, "sync_bn": False, "early_stop": None}
     assert [row["epoch"] for row in run["history"]] == [1, 2, 3, 4]
