@@ -831,10 +831,12 @@ def compile_if_chosen(run: Run) -> None:
     training, switches, device, world = run.training, run.training.switches, run.device, run.world
     batch = run.args.batch_size_per_rank
     if switches["compile"] is not False:
-        # dynamic=False: shapes never change (drop_last in training, padded eval batches).
+        # dynamic=False: shapes never change (drop_last in training, padded eval batches). The time
+        # includes torch.compile's first call, which imports the compiler (a second or two).
+        start = time.perf_counter()
         compiled = torch.compile(training.model, dynamic=False)
         compiled_eval = compiled if world == 1 else torch.compile(training.raw_model, dynamic=False)
-        compile_time = speed.compile_on_dummy_batches(
+        compile_time = time.perf_counter() - start + speed.compile_on_dummy_batches(
             compiled, compiled_eval, training.raw_model, training.optimizer, training.scaler, training.amp,
             training.memory, device, batch, batch)
         if switches["compile"] is None:
@@ -1271,7 +1273,8 @@ def network_of(config: dict) -> str:
 def state_mismatch(state, expected: dict) -> str | None:
     """The first way `state` is not a state dict of the network whose state dict is `expected`; None if it is."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return f"it holds a {type(state).__name__} of other things than tensors (a training checkpoint?)"
+        return (f"it holds a {type(state).__name__}, not a state dict of tensors"
+                + (" (a training checkpoint?)" if isinstance(state, dict) else ""))
     counts = f"{len(state)} tensors there, {len(expected)} in the network"
     shape = lambda tensor: "×".join(map(str, tensor.shape)) or "a scalar"  # noqa: E731
     for key, tensor in expected.items():

@@ -361,8 +361,8 @@ ROWS += [
     row("eval_only_weights_of_another_width", lambda i: finished_run_keeping(i, weights_of("resnet18")), EVAL_ONLY,
         "its tensors do not match (conv1.weight is 64×3×3×3 there, 16×3×3×3 in the network;"),
     row("eval_only_checkpoint_for_weights", lambda i: finished_run_keeping(i, checkpoint_of("resnet20")), EVAL_ONLY,
-        "models/x.pt does not hold the weights of x's network (--arch resnet20 --pool avg): it holds a dict of "
-        "other things than tensors (a training checkpoint?): point --from to the record of the run that made it, "
+        "models/x.pt does not hold the weights of x's network (--arch resnet20 --pool avg): it holds a dict, not a "
+        "state dict of tensors (a training checkpoint?): point --from to the record of the run that made it, "
         "or make x's weights again: python train.py --from"),
     row("eval_only_weights_unreadable", lambda i: finished_run_keeping(i, b"PK\x03\x04 cut short"), EVAL_ONLY,
         "models/x.pt, the weights of"),
