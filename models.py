@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,7 +43,6 @@ def pooling(pool: str, channels: int, size: int = 1, pool_norm: bool = False) ->
 # ---------------------------------------------------------------- torchvision ResNets
 def torchvision_resnet(name: str, num_classes: int, pool: str, stem: str, pretrained: bool,
                        pool_norm: bool = False) -> nn.Module:
-    import torchvision  # here: importing it imports torch.compile's machinery, seconds a CIFAR ResNet never needs
     model = getattr(torchvision.models, name)()  # 1000 classes, so the ImageNet state dict fits as is
     if pretrained:  # IMAGENET1K_V1 at every depth (one recipe), cached in $TORCH_HOME/hub/checkpoints
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1

@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -279,8 +278,6 @@ def synchronize(device: torch.device) -> None:
 
 
 def compiled_graphs() -> int:
-    if "torch._dynamo" not in sys.modules:  # nothing compiled, and importing it would take a second or two
-        return 0
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 

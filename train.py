@@ -501,7 +501,7 @@ def environment(device: torch.device) -> dict:
             if shutil.which("git") else ""
     commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     cuda = device.type == "cuda"
-    version = importlib.metadata.version  # torchvision's import would import torch.compile's machinery
+    version = importlib.metadata.version
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
             "ffcv": version("ffcv"), "numpy": np.__version__, "host": platform.node(),
             "git_commit": (commit + ("-dirty" if dirty else "")) or None, "threads": torch.get_num_threads(),
