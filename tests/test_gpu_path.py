@@ -69,6 +69,22 @@ def test_a_machine_without_a_driver_trains_on_cpu(fake_gpu, monkeypatch):
         speed.resolve_device("cuda", None)
 
 
+@pytest.mark.parametrize("cpu_only_torch", [False, True])
+def test_a_driver_that_works_but_no_gpu_torch_can_use_stops_auto_with_the_reason(fake_gpu, monkeypatch, cpu_only_torch):
+    """CUDA_VISIBLE_DEVICES hides every GPU (the driver answers, torch counts none), or torch is a CPU-only
+    build on a GPU machine: auto names why rather than training on the CPU."""
+    monkeypatch.setattr(speed, "driver_cuda_version", fake_gpu.driver_cuda_version)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    fake_gpu.count = 0  # what the driver reports to a process that may see no GPU
+    if cpu_only_torch:
+        monkeypatch.setattr(torch.version, "cuda", None)
+    reason = "is a CPU-only build" if cpu_only_torch else r"driver works \(CUDA 13\.0\) but CUDA sees no GPU"
+    for name in ("auto", "cuda"):
+        with pytest.raises(SystemExit, match=reason):
+            speed.resolve_device(name, None)
+    assert speed.resolve_device("cpu", None) == torch.device("cpu")
+
+
 def test_amp_auto_takes_real_bf16_only_and_all_switches_on(fake_gpu):
     device = speed.resolve_device("auto", None)
     args = train.parse_config([])
