@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import itertools
 import json
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import data
 
 # The oldest torch with every API this code calls: torch.amp.GradScaler(device) and
 # torch.cuda.is_bf16_supported(including_emulation=...) are torch 2.3's. Tested: requirements.txt's pin.
@@ -133,6 +136,7 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+@functools.cache
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
@@ -160,16 +164,13 @@ def read_switch_cache() -> dict:
 
 
 def cache_switches(key: str, switches: dict) -> None:
-    """Add a decision to the cache file, written whole under a temporary name; a folder that cannot be
-    written only means measuring again next time."""
-    cache = {**read_switch_cache(), key: switches}
-    tmp = SWITCH_CACHE.with_name(f".{SWITCH_CACHE.name}.tmp-{os.getpid()}")
+    """Add a decision to the cache file, written atomically; a folder that cannot be written only means
+    measuring again next time."""
     try:
         SWITCH_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, SWITCH_CACHE)
+        data.save_json_atomic(SWITCH_CACHE, {**read_switch_cache(), key: switches})
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def has_real_bf16() -> bool:
