@@ -163,7 +163,8 @@ run_lanes() {  # run_lanes FLAG JOB...: the jobs over the lanes at once -> LANES
   c=$(cut -d' ' -f1 "$TALLY" | sort | uniq -c | awk '{ printf "%s%s %s", sep, $1, $2; sep = ", " }')
   echo "${TAG:-sweep of $OUT }ended: $(wc -l <"$TALLY") of ${#JOBS[@]} in $(duration "$SECONDS")${c:+: $c}" >&2
   if grep '^failed ' "$TALLY" | cut -d' ' -f2- | sed 's/^/failed  /' >&2; then LANES_RC=1; fi
-  if ((STOPPED)) || grep -q '^interrupted ' "$TALLY"; then LANES_RC=130; fi
+  if ((STOPPED)) || grep -q '^interrupted ' "$TALLY"; then  # Ctrl-C reaches train.py too: bash may skip its trap
+    ((STOPPED)) || echo "sweep: stopping every run" >&2; LANES_RC=130; fi
 }
 
 for arg; do case $arg in
@@ -186,8 +187,7 @@ if ((DRY_RUN)); then
   exit 0
 fi
 mkdir -p "$OUT/logs" "$PREFLIGHT_DIR"
-TALLY=$(mktemp)
-trap 'rm -f "$TALLY"' EXIT
+TALLY=$(mktemp) && trap 'rm -f "$TALLY"' EXIT
 # Ctrl-C or SIGTERM: each lane stops its train.py, which keeps its checkpoint; run_lanes waits for them.
 trap 'STOPPED=1; echo "sweep: stopping every run" >&2; kill -TERM "${LANE_PIDS[@]}" 2>/dev/null || true' INT TERM
 if [[ $MODE == preflight ]]; then run_lanes --preflight "${CHECKS[@]}"; exit "$LANES_RC"; fi
