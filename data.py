@@ -89,6 +89,8 @@ def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str
         return cpus, (f"--workers {requested} is more than the {cpus} CPU{'s' * (cpus > 1)} this process may use "
                       f"(taskset/Slurm/cgroup): using {cpus}")
     return requested, None
+
+
 @functools.cache
 def import_ffcv() -> None:
     """Import FFCV once. FFCV sets torch's thread count to 1 on import and to its worker count on every

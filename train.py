@@ -778,7 +778,7 @@ def build_training(run: Run, raw_model: torch.nn.Module) -> dict | None:
         switches = state["switches"]
         if args.compile is not None:
             switches.update(compile=args.compile, compile_reason="asked")
-    elif (key := switch_key(run)) in (cache := speed.read_switch_cache()):
+    elif (key := switch_key(run)) and key in (cache := speed.read_switch_cache()):  # no key: nothing to read
         switches = {**cache[key], "decision": f"reused from {speed.SWITCH_CACHE}", "probe_time_s": 0.0}
     else:
         probe_start = time.perf_counter()
@@ -849,8 +849,7 @@ def compile_if_chosen(run: Run) -> None:
         if switches["compile"]:
             training.model, training.eval_model, training.compile_time = compiled, compiled_eval, compile_time
     if switches["decision"] == "measured" and (key := switch_key(run)):
-        speed.cache_switches(key, {k: v for k, v in switches.items()
-                                               if k not in ("decision", "probe_time_s")})
+        speed.cache_switches(key, {k: v for k, v in switches.items() if k not in ("decision", "probe_time_s")})
     training.graphs_compiled = speed.compiled_graphs()
     speed.reset_peak_memory(device)  # the peak to report is training's, not the compiler's
 

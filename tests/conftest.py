@@ -24,7 +24,8 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 # The CPU's switch decisions (speed.SWITCH_CACHE) in a file of this session's own, for every script
 # the tests start too: a test that times the probes must not find them decided by another.
-os.environ["CIFAR_SWITCH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="switch-cache-"), "cpu-switches.json")
+SWITCH_CACHE_DIR = tempfile.TemporaryDirectory(prefix="switch-cache-")  # removed when the session ends
+os.environ["CIFAR_SWITCH_CACHE"] = os.path.join(SWITCH_CACHE_DIR.name, "cpu-switches.json")
 
 from cuda_standin import fake_gpu, fake_gpus  # noqa: E402, F401 (fixtures: a strict CUDA stand-in, see cuda_standin.py)
 
