@@ -3,8 +3,10 @@ T4 (7.5, bf16 only emulated), an A100 (8.0) and an H100 (9.0). Only torch's lowe
 points are stood in: torch's own checks stay real, so a call a real GPU would refuse fails here."""
 from __future__ import annotations
 
+import json
 import re
 import threading
+import types
 
 import data
 import pytest
@@ -96,6 +98,20 @@ def test_amp_auto_takes_real_bf16_only_and_all_switches_on(fake_gpu):
     assert scaler.is_enabled() == (fake_gpu.profile.name == "Tesla T4")  # fp16 needs loss scaling
     with speed.autocast(torch.device("cuda", 0), switches["amp"]):
         pass  # torch's own autocast accepts the choice on that GPU
+
+
+def test_only_a_single_cpu_process_with_a_switch_left_to_auto_has_a_switch_cache_key(fake_gpu):
+    """The key build_training looks the CPU's decision up by: none on CUDA (auto turns every switch on,
+    nothing is probed, the cache file is not read), under torchrun, or with every switch given."""
+    def key(argv: list[str], device: torch.device, world: int = 1) -> str | None:
+        args = train.parse_config(argv)
+        args.batch_size_per_rank = 512
+        return train.switch_key(types.SimpleNamespace(args=args, device=device, world=world))
+    cpu, given = torch.device("cpu"), ["--amp", "fp32", "--channels-last", "--no-compile"]
+    assert key([], speed.resolve_device("auto", None)) is None
+    assert key([], cpu, world=2) is None and key(given, cpu) is None
+    probed = json.loads(key(["--arch", "resnet20", "--amp", "fp32"], cpu))
+    assert (probed["arch"], probed["amp"], probed["compile"], probed["batch"]) == ("resnet20", "fp32", None, 512)
 
 
 def test_sync_bn_leaves_compile_off_unless_asked_and_says_why(fake_gpu):
