@@ -148,11 +148,12 @@ def cpu_name() -> str:
 # Delete the file to measure again; CIFAR_SWITCH_CACHE names another file.
 SWITCH_CACHE = Path(os.environ.get("CIFAR_SWITCH_CACHE")
                     or Path.home() / ".cache" / "cifar-resnets" / "cpu-switches.json")
+SWITCH_RULES = 2  # part of every key: raised when what a decision holds changes, so older entries are measured again
 
 
 def switch_key(probed: dict) -> str:
-    return json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), **probed},
-                      sort_keys=True, default=list)
+    machine = {"rules": SWITCH_RULES, "cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return json.dumps({**machine, **probed}, sort_keys=True, default=list)
 
 
 def read_switch_cache() -> dict:
@@ -218,15 +219,28 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
 
 
 def keep_compile_if_faster(switches: dict, compiled, model, raw_model: torch.nn.Module, device: torch.device,
-                           batch_size: int) -> None:
-    """Auto on CPU: switches["compile"] is whether compiled steps beat eager ones by PROBE_MARGIN at the
-    run's batch, with the rates and the reason."""
+                           batch_size: int, compile_s: float | None = None, images: int | None = None) -> None:
+    """Auto on CPU: time compiled against eager steps at the run's batch, then decide_compile (bench.py, timing
+    steady steps only, passes neither the compile time nor the run's images)."""
     memory = memory_format(switches["channels_last"])
     rates = {"compiled": round(step_rate(compiled, raw_model, switches["amp"], batch_size, device, memory)),
              "eager": round(step_rate(model, raw_model, switches["amp"], batch_size, device, memory))}
-    switches.update(compile=rates["compiled"] > PROBE_MARGIN * rates["eager"], compile_probe_img_per_s=rates,
-                    compile_reason=f"auto on CPU: compiled steps at the run's batch, after compiling, "
-                                   f"kept if {PROBE_MARGIN}x the eager ones or faster")
+    switches.update(compile_probe_img_per_s=rates, **({} if compile_s is None else {"probe_compile_s": compile_s}))
+    decide_compile(switches, images)
+
+
+def decide_compile(switches: dict, images: int | None) -> None:
+    """switches["compile"] from the compile probe's rates: compiled steps must beat eager ones by PROBE_MARGIN
+    and, in a run of `images` training images, save more time than compiling took (probe_compile_s), which a
+    short run does not repay. A decision reused from SWITCH_CACHE is made again for each run's length."""
+    rates, compile_s = switches["compile_probe_img_per_s"], switches.get("probe_compile_s")
+    faster = rates["compiled"] > PROBE_MARGIN * rates["eager"]
+    saved = images / rates["eager"] - images / rates["compiled"] if images else None
+    switches.update(compile=faster and (saved is None or saved > compile_s),
+                    compile_reason=f"auto on CPU: compiled steps at the run's batch kept if {PROBE_MARGIN}x the eager "
+                                   "ones or faster" + ("" if saved is None else
+                                   f" and they save the run's {images:,} training images more time than compiling "
+                                   f"took ({saved:.1f} s against {compile_s:.1f} s)"))
 
 
 def step_rate(model, raw_model: torch.nn.Module, amp: str, batch_size: int, device: torch.device,

@@ -780,6 +780,8 @@ def build_training(run: Run, raw_model: torch.nn.Module) -> dict | None:
             switches.update(compile=args.compile, compile_reason="asked")
     elif (key := switch_key(run)) and key in (cache := speed.read_switch_cache()):  # no key: nothing to read
         switches = {**cache[key], "decision": f"reused from {speed.SWITCH_CACHE}", "probe_time_s": 0.0}
+        if args.compile is None:  # whether compiling pays depends on this run's length
+            speed.decide_compile(switches, run_images(run))
     else:
         probe_start = time.perf_counter()
         switches = speed.choose_switches(args, raw_model, device)
@@ -808,6 +810,11 @@ def switch_key(run: Run) -> str | None:
         return None
     network = {k: getattr(args, k) for k, role in ROLES.items() if role == "model"}
     return speed.switch_key({**network, **given, "batch": args.batch_size_per_rank})
+
+
+def run_images(run: Run) -> int:
+    """The images this process trains on in the whole run: what a compile must repay."""
+    return run.args.epochs * len(run.loaders.train) * run.args.batch_size_per_rank
 
 
 def resume_progress(run: Run, state: dict | None) -> None:
@@ -841,7 +848,8 @@ def compile_if_chosen(run: Run) -> None:
             training.memory, device, batch, batch)
         if switches["compile"] is None:
             probe_start = time.perf_counter()
-            speed.keep_compile_if_faster(switches, compiled, training.model, training.raw_model, device, batch)
+            speed.keep_compile_if_faster(switches, compiled, training.model, training.raw_model, device, batch,
+                                         compile_time, run_images(run))
             switches["compile"] = rank0_value(switches["compile"], world, device)
             switches["probe_time_s"] += time.perf_counter() - probe_start
             if not switches["compile"]:  # compiled for nothing: the time was spent probing

@@ -1,6 +1,7 @@
 """train.py end to end on tiny synthetic data, run as the user runs it: a subprocess."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,36 @@ def test_a_config_run_twice_reuses_the_cpu_decision_and_trains_identically(tmp_p
                             "total"}
     assert startup["total"] == pytest.approx(sum(v for k, v in startup.items() if k != "total"))
     assert startup["imports"] > 0.1 and startup["compile"] == 0
+
+
+def test_a_reused_cpu_decision_compiles_only_if_this_run_repays_the_compile(tmp_path, synthetic_data, monkeypatch):
+    """The cache holds a decision that compiled (a long run repaid it); a 1-epoch run of the same network
+    weighs it again against its own length and stays eager, saying why."""
+    cache = tmp_path / "switches.json"
+    monkeypatch.setenv("CIFAR_SWITCH_CACHE", str(cache))
+    flags = ("--epochs", "1", "--channels-last")  # amp left to auto: the run has a key
+    train(tmp_path, synthetic_data, *flags, "--no-compile", "--name", "measured", switches=())
+    (key, decision), = json.loads(cache.read_text()).items()
+    auto_key = json.dumps({**json.loads(key), "compile": None}, sort_keys=True)  # the key with compile on auto
+    rates = {"compiled": 2000, "eager": 1000}  # 1/2000 s saved per image
+    cache.write_text(json.dumps({auto_key: {**decision, "compile": True, "compile_probe_img_per_s": rates,
+                                            "probe_compile_s": 30.0}}))
+    train(tmp_path, synthetic_data, *flags, "--name", "short", switches=())
+    run = record(tmp_path, "short")["run"]
+    images = run["steps_per_epoch"] * 32  # one epoch of whole batches of 32
+    assert run["decision"].startswith("reused from") and run["compile"] is False and run["compile_time_s"] == 0
+    assert f"save the run's {images:,} training images more time than compiling took " \
+           f"({images / 2000:.1f} s against 30.0 s)" in run["compile_reason"]
+
+
+def test_compile_auto_on_cpu_is_kept_only_if_faster_by_the_margin_and_repaid_by_the_run():
+    switches = {"compile_probe_img_per_s": {"compiled": 1500, "eager": 1000}, "probe_compile_s": 30.0}
+    for images, kept in ((10_000, False), (89_000, False), (91_000, True), (None, True)):  # 90,000 save 30 s
+        speed.decide_compile(switches, images)
+        assert switches["compile"] is kept, images
+    switches["compile_probe_img_per_s"] = {"compiled": 1040, "eager": 1000}  # faster, within the noise
+    speed.decide_compile(switches, 10**9)
+    assert switches["compile"] is False
 
 
 def tiny_model():
