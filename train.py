@@ -22,6 +22,7 @@ import datetime
 import fcntl
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -463,7 +464,7 @@ def evaluate(model, loader, device, amp, memory, num_classes: int, batch_size: i
         preds.append(pred)
         targets.append(labels)
     loss_sum, confusion, preds, labels = gather_evaluation(
-        loss_sum, confusion, torch.cat(preds), torch.cat(targets), loader.num_samples, world)
+        loss_sum, confusion, torch.cat(preds), torch.cat(targets), world)
     confusion = confusion.view(num_classes, num_classes)
     total = int(confusion.sum())
     return {"loss": loss_sum / total, "acc": confusion.diag().sum().item() / total, "confusion": confusion.tolist(),
@@ -471,25 +472,18 @@ def evaluate(model, loader, device, amp, memory, num_classes: int, batch_size: i
 
 
 def gather_evaluation(loss_sum: torch.Tensor, confusion: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor,
-                      images: int, world: int) -> tuple[float, torch.Tensor, list[int], list[int]]:
-    """Totals over all ranks and per-image results in split order, in one collective.
-
-    FFCV's sequential distributed order deals image i to rank i % world, so rank r's k-th result is
-    image k * world + r. Each rank sends [loss, confusion, preds, labels] padded to one length."""
+                      world: int) -> tuple[float, torch.Tensor, list[int], list[int]]:
+    """Totals over all ranks and per-image results in split order, in one all-gather. FFCV's sequential
+    distributed order deals image i to rank i % world, so rank r's k-th result is image k * world + r."""
+    mine = (loss_sum.item(), confusion.cpu(), preds.tolist(), labels.tolist())
     if world == 1:
-        return loss_sum.item(), confusion.cpu(), preds.tolist(), labels.tolist()
-    share = -(-images // world)
-    pad = lambda t: torch.cat([t.double(), t.new_full((share - len(t),), -1).double()])  # noqa: E731
-    mine = torch.cat([loss_sum.view(1).double(), confusion.double(), pad(preds), pad(labels)])
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(parts, mine)
-    everything = torch.stack(parts).cpu()
-    n_conf = len(confusion)
-    per_image = everything[:, 1 + n_conf:].view(world, 2, share)
-    interleaved = per_image.permute(1, 2, 0).reshape(2, -1)  # image k * world + r
-    kept = interleaved[:, interleaved[0] >= 0].long()
-    return (everything[:, 0].sum().item(), everything[:, 1:1 + n_conf].sum(0).long(), kept[0].tolist(),
-            kept[1].tolist())
+        return mine
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+
+    def in_order(i: int) -> list[int]:  # ranks may hold one image fewer: zip_longest fills with None
+        return [v for row in itertools.zip_longest(*(p[i] for p in parts)) for v in row if v is not None]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts), in_order(2), in_order(3)
 
 
 # --- Records: JSON and checkpoint, both written atomically -----------------------------------------------
