@@ -709,8 +709,7 @@ class DeviceLoader:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 100_003 + self.epoch)
         threads = torch.get_num_threads()
-        epoch = iter(self.loader)
-        torch.set_num_threads(threads)  # FFCV's __iter__ just set it to its worker count
+        epoch = iter(self.loader)  # FFCV sets torch's threads to its worker count, here and in its thread's start
         self.epoch += 1
         try:
             batches = epoch
@@ -723,6 +722,8 @@ class DeviceLoader:
                 batches = [(images.clone(), labels.clone()) for images, labels in epoch]
             seen = 0
             for images, labels in batches:
+                if torch.get_num_threads() != threads:  # once its thread has started, FFCV sets it no more
+                    torch.set_num_threads(threads)
                 keep = min(len(labels), self.real_samples - seen)
                 if keep <= 0:
                     break

@@ -311,10 +311,15 @@ def test_color_jitter_builds_no_tensor_from_python_values_per_step(monkeypatch):
 
 
 def test_loader_keeps_torch_thread_count(synthetic_data):
-    threads = torch.get_num_threads()
-    loader = data.make_loader("train", 8, "cpu", aug="none", workers=1, data_dir=synthetic_data)
-    for _ in loader:
-        assert torch.get_num_threads() == threads
+    """FFCV sets torch's threads to its worker count, also from its loader thread as that starts: every
+    batch must reach the training step with the count taken before FFCV's import."""
+    data.import_ffcv()
+    threads = data.TORCH_THREADS
+    workers = 1 if threads > 1 else min(2, data.usable_cpus())  # another count than the one to keep
+    torch.set_num_threads(threads)
+    for _ in range(2):
+        for _ in data.make_loader("train", 8, "cpu", aug="none", workers=workers, data_dir=synthetic_data):
+            assert torch.get_num_threads() == threads
 
 
 def test_ffcv_is_imported_without_compiling_numbas_typed_dict():
