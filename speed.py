@@ -29,6 +29,9 @@ CUDA_BUILD_MIN_DRIVER = "580"  # the pinned wheel's CUDA 13.0 runtime needs a dr
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the one vocabulary of dtypes
 PROBE_BATCH = 128  # eager probes of dtype x layout: the modes ranked the same at batch 64 and 512 here
 PROBE_STEPS = 2  # timed steps per probe, after an untimed one; the fastest step counts
+# Probes that compete are timed in turns, PROBE_ROUNDS times, each keeping its best: a burst of load on
+# the machine then slows one round of every probe, not every step of one (which the cache would keep).
+PROBE_ROUNDS = 3
 # Auto turns a switch on only if it is this much faster: below is the machine's noise, where the plain
 # fp32 NCHW eager step is the safer bet (no compile time, fp32 numerics).
 PROBE_MARGIN = 1.05
@@ -148,7 +151,8 @@ def cpu_name() -> str:
 # Delete the file to measure again; CIFAR_SWITCH_CACHE names another file.
 SWITCH_CACHE = Path(os.environ.get("CIFAR_SWITCH_CACHE")
                     or Path.home() / ".cache" / "cifar-resnets" / "cpu-switches.json")
-SWITCH_RULES = 2  # part of every key: raised when what a decision holds changes, so older entries are measured again
+SWITCH_RULES = 3  # part of every key: raised when how a decision is made or what it holds changes, so
+# older entries are measured again
 
 
 def switch_key(probed: dict) -> str:
@@ -190,7 +194,8 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
     """Autocast dtype, channels-last and torch.compile, each with its reason; a switch given is taken as given.
     On CUDA auto turns all three on (tensor cores want fp16/bf16 in NHWC; compile fuses BatchNorm and ReLU). On
     CPU each may pay or cost, by processor and network: auto times eager steps of every dtype x layout left
-    open, takes the fastest if it beats fp32 NCHW by PROBE_MARGIN, and leaves "compile" to keep_compile_if_faster."""
+    open (in turns: best_of_rounds), takes the fastest if it beats fp32 NCHW by PROBE_MARGIN, and leaves
+    "compile" to keep_compile_if_faster."""
     cuda = device.type == "cuda"
     amps = [args.amp] if args.amp != "auto" else ["bf16" if has_real_bf16() else "fp16"] if cuda else ["fp32", "bf16"]
     layouts = [args.channels_last] if args.channels_last is not None else [True] if cuda else [False, True]
@@ -200,9 +205,11 @@ def choose_switches(args: argparse.Namespace, model: torch.nn.Module, device: to
     probes = {}  # images/s by (dtype, channels_last): on CPU, where more than one choice is left open
     if not cuda and len(amps) * len(layouts) > 1:
         batch = min(args.batch_size_per_rank, PROBE_BATCH)
-        for amp, nhwc in itertools.product(amps, layouts):
-            probe = copy.deepcopy(model).to(memory_format=memory_format(nhwc))
-            probes[amp, nhwc] = round(step_rate(probe, probe, amp, batch, device, memory_format(nhwc)))
+        copies = {(amp, nhwc): copy.deepcopy(model).to(memory_format=memory_format(nhwc))
+                  for amp, nhwc in itertools.product(amps, layouts)}
+        probes = best_of_rounds({(amp, nhwc): functools.partial(step_rate, probe, probe, amp, batch, device,
+                                                                memory_format(nhwc))
+                                 for (amp, nhwc), probe in copies.items()})
     amp, channels_last = max(itertools.product(amps, layouts), key=lambda choice: probes.get(choice, 0))
     if probes and probes[amp, channels_last] < PROBE_MARGIN * probes.get(("fp32", False), 0):
         amp, channels_last = "fp32", False
@@ -223,8 +230,9 @@ def keep_compile_if_faster(switches: dict, compiled, model, raw_model: torch.nn.
     """Auto on CPU: time compiled against eager steps at the run's batch, then decide_compile (bench.py, timing
     steady steps only, passes neither the compile time nor the run's images)."""
     memory = memory_format(switches["channels_last"])
-    rates = {"compiled": round(step_rate(compiled, raw_model, switches["amp"], batch_size, device, memory)),
-             "eager": round(step_rate(model, raw_model, switches["amp"], batch_size, device, memory))}
+    rates = best_of_rounds({name: functools.partial(step_rate, stepped, raw_model, switches["amp"], batch_size,
+                                                    device, memory)
+                            for name, stepped in (("compiled", compiled), ("eager", model))})
     switches.update(compile_probe_img_per_s=rates, **({} if compile_s is None else {"probe_compile_s": compile_s}))
     decide_compile(switches, images)
 
@@ -241,6 +249,15 @@ def decide_compile(switches: dict, images: int | None) -> None:
                                    "ones or faster" + ("" if saved is None else
                                    f" and they save the run's {images:,} training images more time than compiling "
                                    f"took ({saved:.1f} s against {compile_s:.1f} s)"))
+
+
+def best_of_rounds(probes: dict) -> dict:
+    """Each probe's best images/s (probes: key -> a call that times steps) over PROBE_ROUNDS rounds in turn."""
+    rates = dict.fromkeys(probes, 0.0)
+    for _ in range(PROBE_ROUNDS):
+        for key, probe in probes.items():
+            rates[key] = max(rates[key], probe())
+    return {key: round(rate) for key, rate in rates.items()}
 
 
 def step_rate(model, raw_model: torch.nn.Module, amp: str, batch_size: int, device: torch.device,

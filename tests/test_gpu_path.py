@@ -43,6 +43,9 @@ def test_torchrun_local_rank_picks_the_rank_gpu(fake_gpus):
     assert speed.resolve_device("auto", 2) == torch.device("cuda", 2)
     assert speed.resolve_device("cuda", 3) == torch.device("cuda", 3)
     assert [index for index, _ in gpu.set_device_calls] == [2, 3]
+    # where NCCL's object collectives (gather_evaluation's all_gather_object, rank0_value's broadcast)
+    # put their pickled tensors: the current device, "cuda" (distributed_c10d._get_object_coll_device)
+    assert torch.cuda.current_device() == 3
 
 
 @pytest.mark.parametrize("fake_gpu", [("A100", 2)], indirect=True)

@@ -177,6 +177,23 @@ def test_auto_on_cpu_takes_a_switch_only_if_it_pays_by_the_margin(monkeypatch, r
                                                                                        "eager": 100}
 
 
+def test_cpu_probes_are_timed_in_turns_so_a_burst_of_load_does_not_decide(monkeypatch):
+    rates = {("fp32", False): 100, ("fp32", True): 120, ("bf16", False): 90, ("bf16", True): 150}
+    calls = []
+
+    def fake_rate(model, raw_model, amp, batch_size, device, memory):  # calls 3 to 5 run at half speed
+        calls.append((amp, memory == torch.channels_last))
+        return rates[calls[-1]] / (2 if 3 <= len(calls) - 1 <= 5 else 1)
+    monkeypatch.setattr(speed, "step_rate", fake_rate)
+    args = train_module.parse_config([])
+    args.batch_size_per_rank = 512
+    switches = speed.choose_switches(args, tiny_model(), torch.device("cpu"))
+    assert calls == list(rates) * speed.PROBE_ROUNDS  # every mode once per round
+    assert switches["probe_img_per_s"] == {"fp32 NCHW": 100, "fp32 channels-last": 120, "bf16 NCHW": 90,
+                                           "bf16 channels-last": 150}
+    assert (switches["amp"], switches["channels_last"]) == ("bf16", True)
+
+
 class Slow(torch.nn.Module):
     """Stands in for a compiled model that loses to eager: the same weights, a slower forward."""
 
