@@ -41,6 +41,14 @@ def label_of_red(red: float) -> int:
     return int(round((red - 20) / 20))
 
 
+def tiny_model():
+    """A network of a few hundred weights, the same every call: what the speed and state tests step."""
+    import torch
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
 def synthetic_images(n: int, label: int, rng: np.random.Generator) -> np.ndarray:
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     images[..., 0] = np.clip(20 + 20 * label + rng.integers(-3, 4, size=(n, 32, 32)), 0, 255)

@@ -13,14 +13,9 @@ import pytest
 import speed
 import torch
 import train
+from conftest import tiny_model
 
 EXPECTED_AMP = {"Tesla T4": "fp16", "NVIDIA A100-SXM4-80GB": "bf16", "NVIDIA H100 80GB HBM3": "bf16"}
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import train
-from conftest import TINY
+from conftest import TINY, tiny_model
 
 STRICT = {"parse_constant": lambda name: pytest.fail(f"non-strict JSON constant {name}")}
 
@@ -267,12 +267,6 @@ def test_the_default_lr_never_rises_faster_than_the_warm_up_floor(opt, epochs, s
 
 # ---------------------------------------------------------------------------------------------
 # What the metrics mean
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
 
 
 class Batches(list):
