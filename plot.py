@@ -162,18 +162,12 @@ def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
 
 # ---- statistics: scipy.stats for the tests, statsmodels for the factor model ----
 
-def t_half_width(xs: list[float]) -> float:
-    """Half-width of the 95 % confidence interval of the mean of xs: Student t with n - 1 df."""
-    return stats.t.ppf(1 - ALPHA / 2, len(xs) - 1) * stats.sem(xs)
-
-
-def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | None, str]:
+def accuracy_interval(accs: list[float], n_images: int) -> tuple[float, str]:
     """(half-width of the 95 % interval of the mean accuracy, what it is over: "seeds" or "images")."""
-    if len(accs) >= 2:
-        return t_half_width(accs), "seeds"
-    if n_images:  # one seed: only the test set's own sampling error, its binomial standard error, can be measured
-        return stats.norm.ppf(1 - ALPHA / 2) * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
-    return None, ""
+    if len(accs) >= 2:  # Student t with n - 1 df
+        return stats.t.ppf(1 - ALPHA / 2, len(accs) - 1) * stats.sem(accs), "seeds"
+    # one seed: only the test set's own sampling error, its binomial standard error, can be measured
+    return stats.norm.ppf(1 - ALPHA / 2) * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
 
 
 def p_or_certain(p: float, a: list[float], b: list[float]) -> float:
@@ -181,8 +175,8 @@ def p_or_certain(p: float, a: list[float], b: list[float]) -> float:
     return float(statistics.fmean(a) == statistics.fmean(b)) if math.isnan(p) else float(p)
 
 
-def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None]:
-    """(the test used, its two-sided p) for "row's `by` accuracy differs from the best's"; p None: no test applies."""
+def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float]:
+    """(the test used, its two-sided p) for "row's `by` accuracy differs from the best's"."""
     a, b = best[f"{by}_accs"], row[f"{by}_accs"]
     if len(a) >= 2 and len(b) >= 2:
         return "Welch t", p_or_certain(stats.ttest_ind(a, b, equal_var=False).pvalue, a, b)
@@ -195,21 +189,17 @@ def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None
     if by == "test" and pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
         only_a, only_b = int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1]))
         return "McNemar", stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]
-    if na and nb:  # unpaired: it ignores that both saw the same images, so it finds ties more easily
-        return "two-proportion z", p_or_certain(proportions_ztest([a[0] * na, b[0] * nb], [na, nb])[1], a, b)
-    return f"none ({by} image count unknown)", None
+    na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]  # unpaired: it finds ties more easily than McNemar
+    return "two-proportion z", p_or_certain(proportions_ztest([a[0] * na, b[0] * nb], [na, nb])[1], a, b)
 
 
 def mark_ties_with_best(rows: list[dict], by: str) -> None:
-    """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %, Holm over the k - 1 tests),
-    "worse" or "untested"; vs_best_p is the uncorrected p, vs_best_p_holm the one the verdict uses."""
-    tests = [("", None)] + [compare_with_best(rows[0], row, by) for row in rows[1:]]
-    ps = [p for _, p in tests if p is not None]
-    holm = iter(multipletests(ps, ALPHA, "holm")[1] if ps else [])
-    for i, (row, (test, p)) in enumerate(zip(rows, tests, strict=True)):
-        p_holm = None if p is None else float(next(holm))
-        row |= {"vs_best": "best" if i == 0 else "untested" if p is None else "tied" if p_holm >= ALPHA else "worse",
+    """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %, Holm over the k - 1 tests) or
+    "worse"; vs_best_p is the uncorrected p, vs_best_p_holm the one the verdict uses."""
+    tests = [compare_with_best(rows[0], row, by) for row in rows[1:]]
+    holm = multipletests([p for _, p in tests], ALPHA, "holm")[1] if tests else []
+    for row, (test, p), p_holm in zip(rows, [("", None), *tests], [None, *map(float, holm)], strict=False):
+        row |= {"vs_best": "best" if p is None else "tied" if p_holm >= ALPHA else "worse",
                 "vs_best_test": test, "vs_best_p": p, "vs_best_p_holm": p_holm}
 
 
@@ -351,7 +341,6 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
         return []
     best, others = rows[0], rows[1:]
     tied = [r for r in others if r["vs_best"] == "tied"]
-    untested = [r["config"] for r in others if r["vs_best"] == "untested"]
     single = [r["config"] for r in rows if r["n_seeds"] == 1]
     all_single_and_tied = len(single) == len(rows) and len(tied) == len(others)
     lines = ["Ranked and chosen by val accuracy; test accuracy is reported for the chosen configs, never used "
@@ -364,8 +353,6 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
         names = ", ".join(chosen_text(r, by) if by == "val" else r["config"] for r in tied)
         lines.append(f"best: {chosen_text(best, by)}; "
                      + (f"statistically tied with: {names}" if tied else "every other config is separably worse"))
-    if untested:
-        lines.append(f"not tested against the best ({by} image count unknown): {', '.join(untested)}")
     if single and others and not all_single_and_tied:
         which = "every config" if len(single) == len(rows) else ", ".join(single)
         lines.append(f"n = 1 for {which}: intervals and tests there cover {by}-set sampling only, "
@@ -471,8 +458,7 @@ def plot_config_curves(label: str, runs: list[dict]) -> Figure:
 
 
 # each config in accuracy.png by how it compares with the best: (colour, legend label)
-VERDICTS = {"best": ("C2", "best"), "tied": ("C0", "tied with the best (5 %)"), "worse": ("0.55", "separably worse"),
-            "untested": ("C1", "not tested")}
+VERDICTS = {"best": ("C2", "best"), "tied": ("C0", "tied with the best (5 %)"), "worse": ("0.55", "separably worse")}
 
 
 def plot_accuracy(rows: list[dict], by: str) -> Figure:
@@ -484,7 +470,7 @@ def plot_accuracy(rows: list[dict], by: str) -> Figure:
                          "seeds; open: one seed, test-set sampling only")
     ends = []
     for y, r in enumerate(rows):
-        mean, half = 100 * r["test_acc_mean"], 100 * (r["test_acc_ci95"] or 0)
+        mean, half = 100 * r["test_acc_mean"], 100 * r["test_acc_ci95"]
         filled = r["test_acc_ci95_over"] == "seeds"
         color, label = VERDICTS[r["vs_best"]]
         ax.errorbar(mean, y, xerr=half, fmt="o" if filled else "s", capsize=4, color=color,
@@ -626,7 +612,7 @@ def plot_accuracy_vs(rows: list[dict], key: str) -> Figure | str:
     fig, ax = new_figure(8, 5.5, f"Test accuracy vs {what}")
     for i, r in enumerate(rows):
         x, y = r[key] / scale, 100 * r["test_acc_mean"]
-        ax.errorbar(x, y, yerr=100 * (r["test_acc_ci95"] or 0), marker="o", capsize=3, color=f"C{i % 10}")
+        ax.errorbar(x, y, yerr=100 * r["test_acc_ci95"], marker="o", capsize=3, color=f"C{i % 10}")
         # rows are sorted by accuracy, so neighbours in y alternate sides and their labels do not collide
         ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(7 if i % 2 else -7, 0), va="center",
                     ha="left" if i % 2 else "right", fontsize=7)
@@ -674,8 +660,8 @@ def p_text(p: float, name: str = "p") -> str:
 
 
 def vs_best_text(r: dict) -> str:
-    if r["vs_best"] == "best" or r["vs_best_p"] is None:
-        return r["vs_best"] if r["vs_best"] == "best" else f"untested: {r['vs_best_test']}"
+    if r["vs_best"] == "best":
+        return "best"
     return f"{r['vs_best']} ({r['vs_best_test']}, {p_text(r['vs_best_p'])}, {p_text(r['vs_best_p_holm'], 'Holm')})"
 
 
@@ -683,7 +669,7 @@ CONFIG_COLUMNS = {  # after config and the factors that vary: header -> the cell
     "params": lambda r: f"{r['params'] / 1e6:.2f}M",
     "val acc (%)": lambda r: acc_text(r, "val") if r["val_accs"] else "",
     "test acc (%)": lambda r: f"{100 * r['test_acc_mean']:.2f}",
-    "± 95% CI": lambda r: cell(r["test_acc_ci95"], ".2f", "± ", 100) + " †" * (r["test_acc_ci95_over"] == "images"),
+    "± 95% CI": lambda r: f"± {100 * r['test_acc_ci95']:.2f}" + " †" * (r["test_acc_ci95_over"] == "images"),
     "sd": lambda r: cell(r["test_acc_std_ddof1"], ".2f", scale=100), "n": lambda r: str(r["n_seeds"]),
     "vs best": vs_best_text, "epoch time (s)": lambda r: f"{r['mean_epoch_time_s']:.1f}",
     "img/s": lambda r: f"{r['img_per_s']:.0f}", "device": lambda r: r["device"]}

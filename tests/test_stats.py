@@ -52,7 +52,6 @@ def test_interval_of_one_seed_is_the_test_sets_binomial_sampling_error():
     # 85 % on 10,000 images: SE = sqrt(0.85 × 0.15 / 10000) = 0.0035707 (0.36 points); 95 %: × 1.96 = 0.70 points
     half, over = plot.accuracy_interval([0.85], 10_000)
     assert (half, over) == (pytest.approx(0.0069985, abs=1e-7), "images")
-    assert plot.accuracy_interval([0.85], None) == (None, "")
 
 
 # ---- ties with the best ----
