@@ -115,14 +115,10 @@ def load_run(path: Path) -> tuple[dict | None, str]:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, f"malformed JSON ({e})"
-    if not isinstance(record, dict) or "schema_version" not in record or "history" not in record:
-        return None, "not a train.py run record (no schema_version/history)"
+    if not isinstance(record, dict) or "schema_version" not in record:
+        return None, "not a train.py run record (no schema_version)"
     if record["schema_version"] != SCHEMA_VERSION:
         return None, f"schema_version {record['schema_version']} but plot.py reads {SCHEMA_VERSION}: train it again"
-    if not (isinstance(record.get("name"), str) and isinstance(record.get("config"), dict)
-            and isinstance(record.get("factors"), dict) and isinstance(record["history"], list)
-            and (record.get("status") != "finished" or finite((record.get("final") or {}).get("test_acc")))):
-        return None, "malformed run record (needs name, config, factors, a history list and, finished, final.test_acc)"
     return record, ""
 
 
@@ -146,8 +142,7 @@ def mean_or_none(xs: list) -> float | None:
 
 
 def val_size(run: dict) -> int | None:
-    """How many images the val accuracy was measured on. Records hold the training images, not these:
-    data.split_indices holds out val_split of each class, then takes the fraction of the rest; undo that."""
+    """How many images the val accuracy was measured on: data.split_indices' split, undone from train_images."""
     split, fraction = run["config"]["val_split"], run["config"]["fraction"]
     return round(run["run"]["train_images"] / fraction / (1 - split) * split) if split > 0 else None
 
@@ -155,7 +150,7 @@ def val_size(run: dict) -> int | None:
 def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
     """(the test labels, whether each test image is right); train.py keeps them when every label is one digit."""
     preds, labels = run["final"].get("test_preds"), run["final"].get("test_labels")
-    if preds is None or labels is None or len(preds) != len(labels):
+    if preds is None:
         return None
     return labels, np.frombuffer(preds.encode(), np.uint8) == np.frombuffer(labels.encode(), np.uint8)
 
@@ -607,8 +602,8 @@ def plot_accuracy_vs(rows: list[dict], key: str) -> Figure | str:
     (what compute buys)."""
     if len(rows) < 2:
         return "fewer than 2 configs"
-    what, unit, scale = {"params": ("parameters", "millions, log scale", 1e6)}.get(key, ("total training time",
-                                                                                        "s", 1))
+    log = key == "params"
+    what, unit, scale = ("parameters", "millions, log scale", 1e6) if log else ("total training time", "s", 1)
     fig, ax = new_figure(8, 5.5, f"Test accuracy vs {what}")
     for i, r in enumerate(rows):
         x, y = r[key] / scale, 100 * r["test_acc_mean"]
@@ -617,7 +612,7 @@ def plot_accuracy_vs(rows: list[dict], key: str) -> Figure | str:
         ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(7 if i % 2 else -7, 0), va="center",
                     ha="left" if i % 2 else "right", fontsize=7)
     ax.margins(x=0.25)  # room for the labels beside the outermost points
-    style(ax, log="x" * (key == "params"), xscale="log" if key == "params" else "linear", xlabel=f"{what} ({unit})",
+    style(ax, log="x" * log, xscale="log" if log else "linear", xlabel=f"{what} ({unit})",
           ylabel="test accuracy (%, mean ± 95 % CI)")
     return fig
 
