@@ -623,21 +623,22 @@ def plot_bench(dirs: list[Path]) -> Figure | str:
     if not files:
         return "no RESULTS_DIR/bench/*.json"
     newest = max(files, key=lambda p: p.stat().st_mtime)
-    try:
-        bench = json.loads(newest.read_text())
-        steps, speedup = bench["train_step"], bench["speedup"]
-        top = max(v for a in steps for v in steps[a].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
-        return f"{newest} is not a bench record ({type(e).__name__}: {e})"
+    bench = json.loads(newest.read_text())  # bench.py's record, written atomically
+    steps, speedup = bench["train_step"], bench["speedup"]  # a failed mode has no rate, nor its arch a speedup
     archs, modes = list(steps), list(dict.fromkeys(m for a in steps for m in steps[a]))  # union, first-seen order
-    fig, ax = new_figure(9, 5, f"Train-step benchmark ({newest.name}): loader ratio {bench['loader_ratio']:.2f}, "
-                         f"loader overhead {bench['loader_overhead']:.2f}")
+    if not modes:
+        return f"{newest} has no train-step rates (every mode failed)"
+    top = max(v for a in steps for v in steps[a].values())
+    overhead = f", loader overhead {bench['loader_overhead']:.2f}" if "loader_overhead" in bench else ""
+    fig, ax = new_figure(9, 5, f"Train-step benchmark ({newest.name}): loader ratio {bench['loader_ratio']:.2f}"
+                         + overhead)
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
         ax.bar(np.arange(len(archs)) + (j - (len(modes) - 1) / 2) * width,
                [steps[a].get(mode, math.nan) for a in archs], width, label=mode)
     for i, a in enumerate(archs):
-        ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
+        if a in speedup:
+            ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(range(len(archs)), archs)
     style(ax, "y", ylim=(0, top * 1.15), xlabel="architecture", ylabel="training throughput (images/s)")
     fig.legend(loc="outside right upper", title="mode")
@@ -799,7 +800,7 @@ def print_status(dirs: list[Path]) -> None:
         print((f"{r['name']:<32} {r['status']:<11} {done:>3}/{total} epochs  {acc:<13}"
                + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip())
         done_epochs += done
-        if r["status"] in ("running", "interrupted"):  # what a run that can go on still has to train
+        if r["status"] == "running":  # what a run that can go on (--resume) still has to train
             left_s += (total - done) * (epoch_s or 0)
     counts = ", ".join(f"{n} {status}" for status, n in Counter(r["status"] for r in runs).most_common())
     print(f"total: {len(runs)} runs" + (f" ({counts})" if runs else "")
