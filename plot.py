@@ -147,12 +147,8 @@ def val_size(run: dict) -> int | None:
     return round(run["run"]["train_images"] / fraction / (1 - split) * split) if split > 0 else None
 
 
-def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
-    """(the test labels, whether each test image is right); train.py keeps them when every label is one digit."""
-    preds, labels = run["final"].get("test_preds"), run["final"].get("test_labels")
-    if preds is None:
-        return None
-    return labels, np.frombuffer(preds.encode(), np.uint8) == np.frombuffer(labels.encode(), np.uint8)
+def right_per_image(final: dict) -> np.ndarray:
+    return np.array(list(final["test_preds"])) == np.array(list(final["test_labels"]))  # one digit per test image
 
 
 # ---- statistics: scipy.stats for the tests, statsmodels for the factor model ----
@@ -180,9 +176,10 @@ def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float]:
         se = statistics.stdev(ys) * math.sqrt(1 + 1 / len(ys))
         p = 2 * stats.t.sf(abs(x - statistics.fmean(ys)) / se, len(ys) - 1) if se else math.nan
         return "1 run vs seeds t", p_or_certain(p, a, b)
-    pa, pb = correct_per_image(best["runs"][0]), correct_per_image(row["runs"][0])
-    if by == "test" and pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
-        only_a, only_b = int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1]))
+    fa, fb = best["runs"][0]["final"], row["runs"][0]["final"]  # test_preds: kept when every label is one digit
+    if by == "test" and "test_preds" in fa and "test_preds" in fb and fa["test_labels"] == fb["test_labels"]:
+        ra, rb = right_per_image(fa), right_per_image(fb)  # the same test images in the same order: pair them
+        only_a, only_b = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
         return "McNemar", stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
     na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]  # unpaired: it finds ties more easily than McNemar
     return "two-proportion z", p_or_certain(proportions_ztest([a[0] * na, b[0] * nb], [na, nb])[1], a, b)
@@ -229,17 +226,16 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
 
 
 def rank(rows: list[dict]) -> tuple[list[dict], str]:
-    """(rows best first, the accuracy that ranks them): "val" when every config has one, since choosing by test
-    accuracy would make the test set a second val set and bias the accuracy reported for the choice upwards."""
+    """(rows best first, the accuracy that ranks them): "val" when every config has one, else "test"."""
+    # choosing by test accuracy would make the test set a second val set and bias the chosen accuracy upwards
     by = "val" if rows and all(r["val_accs"] for r in rows) else "test"
     return sorted(({**r, "ranked_by": by} for r in rows), key=lambda r: (-r[f"{by}_acc_mean"], r["config"])), by
 
 
 def shown_run(row: dict) -> tuple[dict, str]:
-    """The seed that confusion.png and predictions.png show, and why that one: the best val accuracy when there is
-    a val split, else the median test accuracy; never the best test accuracy, which flatters the config."""
+    """The seed confusion.png and predictions.png show, and why: the best val acc, else the median (best flatters)."""
     runs = row["runs"]
-    if all(r["final"]["val_acc"] is not None for r in runs):
+    if row["val_accs"]:
         return max(runs, key=lambda r: (r["final"]["val_acc"], r["name"])), "its best val acc"
     by_test = sorted(runs, key=lambda r: (r["final"]["test_acc"], r["name"]))
     return by_test[(len(by_test) - 1) // 2], f"median test acc of {len(runs)} seeds" if len(runs) > 1 else "one seed"
@@ -321,8 +317,7 @@ def interaction_words(y: np.ndarray, main: dict, additive, levels: dict, f: str,
 # ---- conclusions in words ----
 
 def acc_text(row: dict, by: str) -> str:
-    mean, half = row[f"{by}_acc_mean"], row[f"{by}_acc_ci95"]
-    return f"{100 * mean:.2f}" + ("" if half is None else f" ± {100 * half:.2f}")
+    return f"{100 * row[f'{by}_acc_mean']:.2f} ± {100 * row[f'{by}_acc_ci95']:.2f}"
 
 
 def chosen_text(row: dict, by: str) -> str:
@@ -415,8 +410,7 @@ def style(ax, grid: str = "both", log: str = "", integer_x: bool = False, **prop
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-epoch mean of history[key] over runs. Epochs a running run has not reached and non-finite values
-    (diverged) are left out rather than cutting the curve short or turning it into NaN."""
+    """Per-epoch mean of history[key] over the runs that have a finite value there (not diverged, not running)."""
     by_epoch = defaultdict(list)
     for run in runs:
         for h in run["history"]:
@@ -521,8 +515,7 @@ def plot_confusion(rows: list[dict], classes: list[str]) -> Figure:
 
 
 def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
-    """The test images at `indices` from the preview file the record names (train.py keeps it in
-    RESULTS_DIR/previews/), or why they cannot be had. Figures need nothing but the results folder."""
+    """The test images at `indices` from the preview file the record names (RESULTS_DIR/previews/), or why not."""
     name = run["final"]["predictions"].get("images")  # absent when train.py could not keep them
     if not name:
         return "the record names no preview images (train.py could not keep them)"
