@@ -279,11 +279,8 @@ def factor_model(rows: list[dict]) -> tuple[list[dict], list[str]]:
     if not main:
         return [], []
     additive, coefs = fit(y, main)
-    effects = []
-    for f, v in main:
-        effect, ci95, p = coefs[f, v] or (None, None, None)
-        effects.append({"factor": f, "level": v, "reference": levels[f][0], "effect": effect, "ci95": ci95, "p": p,
-                        "residual_df": int(additive.df_resid)})
+    effects = [{"factor": f, "level": v, "reference": levels[f][0], "residual_df": int(additive.df_resid),
+                **dict(zip(["effect", "ci95", "p"], coefs[f, v] or [None] * 3, strict=True))} for f, v in main]
     # interactions of factors whose main effects can be told apart, when seeds give the spread to test them on
     separable = [f for f in factors if all(e["effect"] is not None for e in effects if e["factor"] == f)]
     seeded = all(r["n_seeds"] >= 2 for r in rows)
@@ -307,10 +304,9 @@ def interaction_words(y: np.ndarray, main: dict, additive, levels: dict, f: str,
         if None in parts:
             words.append(f"{what} depends on {g} (interaction F test, {p_text(p)}); a cell of the grid has no runs")
             continue
-        at = [parts[0][0]] + [parts[0][0] + change[0] for change in parts[1:]]
-        words.append(f"{what} depends on {g}: " + ", ".join(f"{e:+.1f} with {v}" for e, v in zip(at, levels[g],
-                                                                                                  strict=True))
-                     + f" (interaction F test, {p_text(p)})")
+        base, changes = parts[0][0], [0.0] + [change[0] for change in parts[1:]]
+        at = ", ".join(f"{base + change:+.1f} with {v}" for change, v in zip(changes, levels[g], strict=True))
+        words.append(f"{what} depends on {g}: {at} (interaction F test, {p_text(p)})")
     return words
 
 
