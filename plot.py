@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [*(("conclusion", line) for line in conclusion_lines(rows, by)), *config_table(rows, by),
               *(factor_table(effects, words) if effects else [])]
     figures, skipped = draw_figures(configs, rows, by, runs[0]["classes"], dirs, out)
+    not_drawn = "; ".join(f"{name} ({why})" for name, why in skipped.items())
     if skipped:
-        print("skipped figures: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+        print("skipped figures: " + not_drawn)
     if rows and all(r["n_seeds"] == 1 for r in rows):
         print("one seed per config: intervals cover test-set sampling only, not seed-to-seed spread (run SEEDS=3)")
     if not any("val_acc" in h for run in runs for h in run["history"]):
@@ -94,10 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     save(out / "summary.csv", summary_csv(rows))
     save(out / "factors.csv", csv_text(effects, ["factor", "level", "reference", "effect", "ci95", "residual_df", "p"]))
     page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
-            ("heading", "Figures")]
-    if skipped:
-        page.append(("note", "Not drawn: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())))
-    page += [("figure", out / name, name, caption) for name, caption in figures.items()]
+            ("heading", "Figures"), *[("note", "Not drawn: " + not_drawn)] * bool(skipped),
+            *(("figure", out / name, name, caption) for name, caption in figures.items())]
     save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
     print(f"wrote figures, summary.md, summary.csv, factors.csv and report.html to {out}/\n")
     print(markdown)
@@ -636,8 +635,8 @@ def plot_bench(dirs: list[Path]) -> Figure | str:
 
 # ---- tables: summary.md and report.html render one list of blocks; summary.csv has the rows' numbers ----
 
-def cell(v: object, fmt: str = "", prefix: str = "", scale: float = 1) -> str:
-    return "" if v is None else prefix + format(v if scale == 1 else v * scale, fmt)
+def cell(v: object, fmt: str = "", scale: float = 1) -> str:
+    return "" if v is None else format(v if scale == 1 else v * scale, fmt)
 
 
 def p_text(p: float, name: str = "p") -> str:
@@ -692,7 +691,7 @@ FACTOR_HEADER = ["factor", "level vs reference", "effect (points)", "± 95% CI",
 
 def factor_table(effects: list[dict], words: list[str]) -> list[tuple]:
     cells = [[e["factor"], f"{e['level']} vs {e['reference']}", cell(e["effect"], "+.2f") or "not estimable",
-              cell(e["ci95"], ".2f", "± ") if finite(e["ci95"]) else "", str(e["residual_df"]),
+              f"± {e['ci95']:.2f}" if finite(e["ci95"]) else "", str(e["residual_df"]),
               p_text(e["p"]) if finite(e["p"]) else ""] for e in effects]
     missing = [f"{e['factor']} {e['level']} vs {e['reference']}" for e in effects if e["effect"] is None]
     notes = ["Factors: one least-squares model of test accuracy (points) over every finished run, each seed a row: "
