@@ -254,14 +254,13 @@ def level_order(v: object) -> tuple:
 
 
 def fit(y: np.ndarray, columns: dict[tuple, np.ndarray]) -> tuple[object, dict[tuple, tuple | None]]:
-    """OLS of y on an intercept and the 0/1 columns: the fit, and {column: (coefficient, ± 95 % CI, p)}, None
-    where the design cannot estimate it. A coefficient is estimable when its unit vector lies in the row space
-    of the design (the projector's diagonal is 1 there); a pseudo-inverse would print a number either way."""
+    """OLS of y on an intercept and the 0/1 columns: the fit, and {column: (coefficient, ± 95 % CI, p)}, None where
+    the design cannot estimate it (a pseudo-inverse would print a number either way)."""
     x = np.column_stack([np.ones(len(y)), *columns.values()])
     with warnings.catch_warnings():  # a rank-deficient design is expected here: its inestimable effects are named
         warnings.simplefilter("ignore")
         model = OLS(y, x).fit()
-    estimable = np.isclose(np.diag(np.linalg.pinv(x) @ x), 1)
+    estimable = np.isclose(np.diag(np.linalg.pinv(x) @ x), 1)  # its unit vector lies in the design's row space
     with np.errstate(all="ignore"):  # no residual df (one run per coefficient): no interval, no p
         half = stats.t.ppf(1 - ALPHA / 2, model.df_resid) * model.bse if model.df_resid else np.full(len(x.T), np.nan)
         return model, {key: (model.params[j], half[j], model.pvalues[j]) if estimable[j] else None
@@ -498,8 +497,7 @@ def plot_per_class(rows: list[dict], classes: list[str]) -> Figure:
 
 
 def plot_confusion(rows: list[dict], classes: list[str]) -> Figure:
-    """Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the true
-    class)."""
+    """Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the true class)."""
     run = shown_run(rows[0])[0]
     counts = np.array(run["final"]["confusion"])
     # colour by fraction of each true class, so rare and common classes read on one scale

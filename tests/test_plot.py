@@ -1,9 +1,7 @@
 """plot.py on hand-made run records: which figures it writes, the summary table, and what it skips.
 
-plot.py is copied next to a stub data.py in a temp dir and run as a script, so the tests do not
-depend on ffcv or on the CIFAR-10 beton. The stub's write_atomically is data.py's own (its source,
-copied), so the figures and tables are written by the one atomic writer the project has.
-"""
+plot.py runs as a script in a temp dir beside a stub data.py that holds only data.py's own atomic writer
+(its source, copied), so the tests need neither ffcv nor the CIFAR-10 beton."""
 
 import base64
 import csv
@@ -67,9 +65,8 @@ def make_record(name: str, test_acc: float | None, status: str = "finished", epo
     history, speed = [], 2.0 - (test_acc or 0.8)  # better configs learn faster, so the curves differ
     for e in range(1, epochs + 1):
         h = {"epoch": e, "train_loss": 2.3 / (1 + speed * (e - 1)) ** 2, "train_acc": 0.3 + 0.15 * e,
-             "test_loss": 1.8 / e,
-             "test_acc": 0.25 + 0.15 * e, "lr": 0.1, "epoch_time_s": 30.0, "train_img_per_s": 1650.0,
-             "eval_time_s": 3.0}
+             "test_loss": 1.8 / e, "test_acc": 0.25 + 0.15 * e, "lr": 0.1, "epoch_time_s": 30.0,
+             "train_img_per_s": 1650.0, "eval_time_s": 3.0}
         if has_val:
             h |= {"val_loss": 1.9 / e, "val_acc": 0.2 + 0.15 * e}
         history.append(h)
