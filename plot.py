@@ -21,7 +21,7 @@ import itertools
 import json
 import math
 import re
-import statistics
+from statistics import fmean, stdev
 import sys
 import warnings
 from collections import Counter, defaultdict
@@ -136,10 +136,6 @@ def load_runs(dirs: list[Path]) -> list[dict]:
     return runs
 
 
-def mean_or_none(xs: list) -> float | None:
-    return None if not xs or None in xs else statistics.fmean(xs)  # best_val_acc is null without a val split
-
-
 def val_size(run: dict) -> int | None:
     """How many images the val accuracy was measured on: data.split_indices' split, undone from train_images."""
     split, fraction = run["config"]["val_split"], run["config"]["fraction"]
@@ -162,7 +158,7 @@ def accuracy_interval(accs: list[float], n_images: int) -> tuple[float, str]:
 
 def p_or_certain(p: float, a: list[float], b: list[float]) -> float:
     """A test's p; where there is no spread at all (p is NaN), any difference is certain and none is no evidence."""
-    return float(statistics.fmean(a) == statistics.fmean(b)) if math.isnan(p) else float(p)
+    return float(fmean(a) == fmean(b)) if math.isnan(p) else float(p)
 
 
 def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float]:
@@ -172,8 +168,8 @@ def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float]:
         return "Welch t", p_or_certain(stats.ttest_ind(a, b, equal_var=False).pvalue, a, b)
     if len(a) >= 2 or len(b) >= 2:  # the single run against a prediction interval from the other config's seeds
         (x,), ys = (b, a) if len(a) >= 2 else (a, b)
-        se = statistics.stdev(ys) * math.sqrt(1 + 1 / len(ys))
-        p = 2 * stats.t.sf(abs(x - statistics.fmean(ys)) / se, len(ys) - 1) if se else math.nan
+        se = stdev(ys) * math.sqrt(1 + 1 / len(ys))
+        p = 2 * stats.t.sf(abs(x - fmean(ys)) / se, len(ys) - 1) if se else math.nan
         return "1 run vs seeds t", p_or_certain(p, a, b)
     fa, fb = best["runs"][0]["final"], row["runs"][0]["final"]  # test_preds: kept when every label is one digit
     if by == "test" and "test_preds" in fa and "test_preds" in fb and fa["test_labels"] == fb["test_labels"]:
@@ -211,15 +207,16 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
         rows.append({
             "config": label, "factors": {k: tuple(v) if isinstance(v, list) else v
                                          for k, v in done[0]["factors"].items()},
-            "params": done[0]["model"]["params"], "best_val_acc": mean_or_none([f["best_val_acc"] for f in finals]),
-            "val_accs": val_accs, "val_acc_mean": statistics.fmean(val_accs) if val_accs else None,
+            "params": done[0]["model"]["params"],
+            "best_val_acc": fmean(f["best_val_acc"] for f in finals) if val_accs else None,
+            "val_accs": val_accs, "val_acc_mean": fmean(val_accs) if val_accs else None,
             "val_acc_ci95": accuracy_interval(val_accs, n_val)[0] if val_accs else None, "n_val_images": n_val,
-            "test_accs": test_accs, "test_acc_mean": statistics.fmean(test_accs),
-            "test_acc_std_ddof1": statistics.stdev(test_accs) if len(test_accs) >= 2 else None,
+            "test_accs": test_accs, "test_acc_mean": fmean(test_accs),
+            "test_acc_std_ddof1": stdev(test_accs) if len(test_accs) >= 2 else None,
             "test_acc_ci95": test_ci, "test_acc_ci95_over": test_ci_over, "n_test_images": n_test,
-            "n_seeds": len(done), "mean_epoch_time_s": statistics.fmean(f["mean_epoch_time_s"] for f in finals),
-            "img_per_s": statistics.fmean(f["train_img_per_s"] for f in finals),
-            "train_time_s": statistics.fmean(f["train_time_s"] for f in finals),
+            "n_seeds": len(done), "mean_epoch_time_s": fmean(f["mean_epoch_time_s"] for f in finals),
+            "img_per_s": fmean(f["train_img_per_s"] for f in finals),
+            "train_time_s": fmean(f["train_time_s"] for f in finals),
             "device": " / ".join(sorted({r["env"]["device_name"] for r in done})), "runs": done})
     return rows
 
@@ -411,7 +408,7 @@ def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
             if finite(h.get(key)):  # val_* only with a val split
                 by_epoch[h["epoch"]].append(h[key])
     epochs = sorted(by_epoch)
-    return np.array(epochs), np.array([statistics.fmean(by_epoch[e]) for e in epochs])
+    return np.array(epochs), np.array([fmean(by_epoch[e]) for e in epochs])
 
 
 def plot_loss_curves(configs: dict[str, list[dict]]) -> Figure:
@@ -489,7 +486,7 @@ def heatmap(values: np.ndarray, text: list[list[str]], cmap: str, size: tuple[fl
 
 def plot_per_class(rows: list[dict], classes: list[str]) -> Figure:
     """Test accuracy per true class, mean over seeds: which classes each config finds hard."""
-    acc = np.array([[100 * statistics.fmean(run["final"]["per_class_acc"][c] for run in r["runs"]) for c in classes]
+    acc = np.array([[100 * fmean(run["final"]["per_class_acc"][c] for run in r["runs"]) for c in classes]
                     for r in rows])
     return heatmap(acc, [[f"{v:.1f}" for v in row] for row in acc], "viridis", (10, 1.8 + 0.4 * len(rows)),
                    "Per-class test accuracy (%) (mean over seeds)", classes, [r["config"] for r in rows],
@@ -557,8 +554,8 @@ def plot_datasize(rows: list[dict]) -> Figure | str:
         for r in group:
             by_frac[r["factors"]["fraction"]] += [100 * acc for acc in r["test_accs"]]
         x = sorted(by_frac)
-        ax.errorbar(x, [statistics.fmean(by_frac[f]) for f in x], marker="o", capsize=3,
-                    yerr=[statistics.stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x],
+        ax.errorbar(x, [fmean(by_frac[f]) for f in x], marker="o", capsize=3,
+                    yerr=[stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x],
                     label=" ".join(f"{k}={group[0]['factors'].get(k)}" for k in names) or "every config")
     fractions = sorted({r["factors"]["fraction"] for g in lines for r in g})
     ax.set_xscale("log", base=2)
@@ -781,7 +778,7 @@ def print_status(dirs: list[Path]) -> None:
         done, total = (r["history"][-1]["epoch"] if r["history"] else 0), r["config"]["epochs"]
         # once finished, final's mean (steady epochs only); else the mean of the epochs so far
         epoch_s = (r["final"]["mean_epoch_time_s"] if r["status"] == "finished"
-                   else mean_or_none([h["epoch_time_s"] for h in r["history"]]))
+                   else fmean(h["epoch_time_s"] for h in r["history"]) if r["history"] else None)
         acc = f"test {100 * r['final']['test_acc']:.2f} %" if r["status"] == "finished" else ""
         print((f"{r['name']:<32} {r['status']:<11} {done:>3}/{total} epochs  {acc:<13}"
                + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip())
