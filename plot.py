@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     dirs, out = [Path(d) for d in args.results_dirs], Path(args.out)
     if args.status:
         return print_status([d for d in dirs if d.is_dir()])  # a folder not made yet has no runs
-    for d in dirs:
-        if not d.is_dir():
-            sys.exit(f"{d} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
+    if missing := [d for d in dirs if not d.is_dir()]:
+        sys.exit(f"{missing[0]} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
     runs = load_runs(dirs)
     if not runs:
         sys.exit(f"no usable run JSONs in {', '.join(map(str, dirs))}: run train.py first")
