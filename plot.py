@@ -21,7 +21,7 @@ import itertools
 import json
 import math
 import re
-import statistics
+from statistics import fmean, stdev
 import sys
 import warnings
 from collections import Counter, defaultdict
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     dirs, out = [Path(d) for d in args.results_dirs], Path(args.out)
     if args.status:
         return print_status([d for d in dirs if d.is_dir()])  # a folder not made yet has no runs
-    for d in dirs:
-        if not d.is_dir():
-            sys.exit(f"{d} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
+    if missing := [d for d in dirs if not d.is_dir()]:
+        sys.exit(f"{missing[0]} not found: run train.py (it writes results/<run>.json) or pass RESULTS_DIR")
     runs = load_runs(dirs)
     if not runs:
         sys.exit(f"no usable run JSONs in {', '.join(map(str, dirs))}: run train.py first")
@@ -80,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [*(("conclusion", line) for line in conclusion_lines(rows, by)), *config_table(rows, by),
               *(factor_table(effects, words) if effects else [])]
     figures, skipped = draw_figures(configs, rows, by, runs[0]["classes"], dirs, out)
+    not_drawn = "; ".join(f"{name} ({why})" for name, why in skipped.items())
     if skipped:
-        print("skipped figures: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+        print("skipped figures: " + not_drawn)
     if rows and all(r["n_seeds"] == 1 for r in rows):
         print("one seed per config: intervals cover test-set sampling only, not seed-to-seed spread (run SEEDS=3)")
     if not any("val_acc" in h for run in runs for h in run["history"]):
@@ -94,10 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     save(out / "summary.csv", summary_csv(rows))
     save(out / "factors.csv", csv_text(effects, ["factor", "level", "reference", "effect", "ci95", "residual_df", "p"]))
     page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
-            ("heading", "Figures")]
-    if skipped:
-        page.append(("note", "Not drawn: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())))
-    page += [("figure", out / name, name, caption) for name, caption in figures.items()]
+            ("heading", "Figures"), *[("note", "Not drawn: " + not_drawn)] * bool(skipped),
+            *(("figure", out / name, name, caption) for name, caption in figures.items())]
     save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
     print(f"wrote figures, summary.md, summary.csv, factors.csv and report.html to {out}/\n")
     print(markdown)
@@ -115,14 +113,10 @@ def load_run(path: Path) -> tuple[dict | None, str]:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, f"malformed JSON ({e})"
-    if not isinstance(record, dict) or "schema_version" not in record or "history" not in record:
-        return None, "not a train.py run record (no schema_version/history)"
+    if not isinstance(record, dict) or "schema_version" not in record:
+        return None, "not a train.py run record (no schema_version)"
     if record["schema_version"] != SCHEMA_VERSION:
         return None, f"schema_version {record['schema_version']} but plot.py reads {SCHEMA_VERSION}: train it again"
-    if not (isinstance(record.get("name"), str) and isinstance(record.get("config"), dict)
-            and isinstance(record.get("factors"), dict) and isinstance(record["history"], list)
-            and (record.get("status") != "finished" or finite((record.get("final") or {}).get("test_acc")))):
-        return None, "malformed run record (needs name, config, factors, a history list and, finished, final.test_acc)"
     return record, ""
 
 
@@ -141,75 +135,57 @@ def load_runs(dirs: list[Path]) -> list[dict]:
     return runs
 
 
-def mean_or_none(xs: list) -> float | None:
-    return None if not xs or None in xs else statistics.fmean(xs)  # best_val_acc is null without a val split
-
-
 def val_size(run: dict) -> int | None:
-    """How many images the val accuracy was measured on. Records hold the training images, not these:
-    data.split_indices holds out val_split of each class, then takes the fraction of the rest; undo that."""
+    """How many images the val accuracy was measured on: data.split_indices' split, undone from train_images."""
     split, fraction = run["config"]["val_split"], run["config"]["fraction"]
     return round(run["run"]["train_images"] / fraction / (1 - split) * split) if split > 0 else None
 
 
-def correct_per_image(run: dict) -> tuple[str, np.ndarray] | None:
-    """(the test labels, whether each test image is right); train.py keeps them when every label is one digit."""
-    preds, labels = run["final"].get("test_preds"), run["final"].get("test_labels")
-    if preds is None or labels is None or len(preds) != len(labels):
-        return None
-    return labels, np.frombuffer(preds.encode(), np.uint8) == np.frombuffer(labels.encode(), np.uint8)
+def right_per_image(final: dict) -> np.ndarray:
+    return np.array(list(final["test_preds"])) == np.array(list(final["test_labels"]))  # one digit per test image
 
 
 # ---- statistics: scipy.stats for the tests, statsmodels for the factor model ----
 
-def t_half_width(xs: list[float]) -> float:
-    """Half-width of the 95 % confidence interval of the mean of xs: Student t with n - 1 df."""
-    return stats.t.ppf(1 - ALPHA / 2, len(xs) - 1) * stats.sem(xs)
-
-
-def accuracy_interval(accs: list[float], n_images: int | None) -> tuple[float | None, str]:
+def accuracy_interval(accs: list[float], n_images: int) -> tuple[float, str]:
     """(half-width of the 95 % interval of the mean accuracy, what it is over: "seeds" or "images")."""
-    if len(accs) >= 2:
-        return t_half_width(accs), "seeds"
-    if n_images:  # one seed: only the test set's own sampling error, its binomial standard error, can be measured
-        return stats.norm.ppf(1 - ALPHA / 2) * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
-    return None, ""
+    if len(accs) >= 2:  # Student t with n - 1 df
+        return stats.t.ppf(1 - ALPHA / 2, len(accs) - 1) * stats.sem(accs), "seeds"
+    # one seed: only the test set's own sampling error, its binomial standard error, can be measured
+    return stats.norm.ppf(1 - ALPHA / 2) * math.sqrt(accs[0] * (1 - accs[0]) / n_images), "images"
 
 
 def p_or_certain(p: float, a: list[float], b: list[float]) -> float:
     """A test's p; where there is no spread at all (p is NaN), any difference is certain and none is no evidence."""
-    return float(statistics.fmean(a) == statistics.fmean(b)) if math.isnan(p) else float(p)
+    return float(fmean(a) == fmean(b)) if math.isnan(p) else float(p)
 
 
-def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float | None]:
-    """(the test used, its two-sided p) for "row's `by` accuracy differs from the best's"; p None: no test applies."""
+def compare_with_best(best: dict, row: dict, by: str) -> tuple[str, float]:
+    """(the test used, its two-sided p) for "row's `by` accuracy differs from the best's"."""
     a, b = best[f"{by}_accs"], row[f"{by}_accs"]
     if len(a) >= 2 and len(b) >= 2:
         return "Welch t", p_or_certain(stats.ttest_ind(a, b, equal_var=False).pvalue, a, b)
     if len(a) >= 2 or len(b) >= 2:  # the single run against a prediction interval from the other config's seeds
         (x,), ys = (b, a) if len(a) >= 2 else (a, b)
-        se = statistics.stdev(ys) * math.sqrt(1 + 1 / len(ys))
-        p = 2 * stats.t.sf(abs(x - statistics.fmean(ys)) / se, len(ys) - 1) if se else math.nan
+        se = stdev(ys) * math.sqrt(1 + 1 / len(ys))
+        p = 2 * stats.t.sf(abs(x - fmean(ys)) / se, len(ys) - 1) if se else math.nan
         return "1 run vs seeds t", p_or_certain(p, a, b)
-    pa, pb = correct_per_image(best["runs"][0]), correct_per_image(row["runs"][0])
-    if by == "test" and pa and pb and pa[0] == pb[0]:  # the same test images in the same order: pair them
-        only_a, only_b = int(np.sum(pa[1] & ~pb[1])), int(np.sum(~pa[1] & pb[1]))
+    fa, fb = best["runs"][0]["final"], row["runs"][0]["final"]  # test_preds: kept when every label is one digit
+    if by == "test" and "test_preds" in fa and "test_preds" in fb and fa["test_labels"] == fb["test_labels"]:
+        ra, rb = right_per_image(fa), right_per_image(fb)  # the same test images in the same order: pair them
+        only_a, only_b = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
         return "McNemar", stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]
-    if na and nb:  # unpaired: it ignores that both saw the same images, so it finds ties more easily
-        return "two-proportion z", p_or_certain(proportions_ztest([a[0] * na, b[0] * nb], [na, nb])[1], a, b)
-    return f"none ({by} image count unknown)", None
+    na, nb = best[f"n_{by}_images"], row[f"n_{by}_images"]  # unpaired: it finds ties more easily than McNemar
+    return "two-proportion z", p_or_certain(proportions_ztest([a[0] * na, b[0] * nb], [na, nb])[1], a, b)
 
 
 def mark_ties_with_best(rows: list[dict], by: str) -> None:
-    """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %, Holm over the k - 1 tests),
-    "worse" or "untested"; vs_best_p is the uncorrected p, vs_best_p_holm the one the verdict uses."""
-    tests = [("", None)] + [compare_with_best(rows[0], row, by) for row in rows[1:]]
-    ps = [p for _, p in tests if p is not None]
-    holm = iter(multipletests(ps, ALPHA, "holm")[1] if ps else [])
-    for i, (row, (test, p)) in enumerate(zip(rows, tests, strict=True)):
-        p_holm = None if p is None else float(next(holm))
-        row |= {"vs_best": "best" if i == 0 else "untested" if p is None else "tied" if p_holm >= ALPHA else "worse",
+    """Set each row's vs_best: "best", "tied" (not separable from the best at 5 %, Holm over the k - 1 tests) or
+    "worse"; vs_best_p is the uncorrected p, vs_best_p_holm the one the verdict uses."""
+    tests = [compare_with_best(rows[0], row, by) for row in rows[1:]]
+    holm = multipletests([p for _, p in tests], ALPHA, "holm")[1] if tests else []
+    for row, (test, p), p_holm in zip(rows, [("", None), *tests], [None, *map(float, holm)], strict=False):
+        row |= {"vs_best": "best" if p is None else "tied" if p_holm >= ALPHA else "worse",
                 "vs_best_test": test, "vs_best_p": p, "vs_best_p_holm": p_holm}
 
 
@@ -230,31 +206,31 @@ def summarize(configs: dict[str, list[dict]]) -> list[dict]:
         rows.append({
             "config": label, "factors": {k: tuple(v) if isinstance(v, list) else v
                                          for k, v in done[0]["factors"].items()},
-            "params": done[0]["model"]["params"], "best_val_acc": mean_or_none([f["best_val_acc"] for f in finals]),
-            "val_accs": val_accs, "val_acc_mean": statistics.fmean(val_accs) if val_accs else None,
+            "params": done[0]["model"]["params"],
+            "best_val_acc": fmean(f["best_val_acc"] for f in finals) if val_accs else None,
+            "val_accs": val_accs, "val_acc_mean": fmean(val_accs) if val_accs else None,
             "val_acc_ci95": accuracy_interval(val_accs, n_val)[0] if val_accs else None, "n_val_images": n_val,
-            "test_accs": test_accs, "test_acc_mean": statistics.fmean(test_accs),
-            "test_acc_std_ddof1": statistics.stdev(test_accs) if len(test_accs) >= 2 else None,
+            "test_accs": test_accs, "test_acc_mean": fmean(test_accs),
+            "test_acc_std_ddof1": stdev(test_accs) if len(test_accs) >= 2 else None,
             "test_acc_ci95": test_ci, "test_acc_ci95_over": test_ci_over, "n_test_images": n_test,
-            "n_seeds": len(done), "mean_epoch_time_s": statistics.fmean(f["mean_epoch_time_s"] for f in finals),
-            "img_per_s": statistics.fmean(f["train_img_per_s"] for f in finals),
-            "train_time_s": statistics.fmean(f["train_time_s"] for f in finals),
+            "n_seeds": len(done), "mean_epoch_time_s": fmean(f["mean_epoch_time_s"] for f in finals),
+            "img_per_s": fmean(f["train_img_per_s"] for f in finals),
+            "train_time_s": fmean(f["train_time_s"] for f in finals),
             "device": " / ".join(sorted({r["env"]["device_name"] for r in done})), "runs": done})
     return rows
 
 
 def rank(rows: list[dict]) -> tuple[list[dict], str]:
-    """(rows best first, the accuracy that ranks them): "val" when every config has one, since choosing by test
-    accuracy would make the test set a second val set and bias the accuracy reported for the choice upwards."""
+    """(rows best first, the accuracy that ranks them): "val" when every config has one, else "test"."""
+    # choosing by test accuracy would make the test set a second val set and bias the chosen accuracy upwards
     by = "val" if rows and all(r["val_accs"] for r in rows) else "test"
     return sorted(({**r, "ranked_by": by} for r in rows), key=lambda r: (-r[f"{by}_acc_mean"], r["config"])), by
 
 
 def shown_run(row: dict) -> tuple[dict, str]:
-    """The seed that confusion.png and predictions.png show, and why that one: the best val accuracy when there is
-    a val split, else the median test accuracy; never the best test accuracy, which flatters the config."""
+    """The seed confusion.png and predictions.png show, and why: the best val acc, else the median (best flatters)."""
     runs = row["runs"]
-    if all(r["final"]["val_acc"] is not None for r in runs):
+    if row["val_accs"]:
         return max(runs, key=lambda r: (r["final"]["val_acc"], r["name"])), "its best val acc"
     by_test = sorted(runs, key=lambda r: (r["final"]["test_acc"], r["name"]))
     return by_test[(len(by_test) - 1) // 2], f"median test acc of {len(runs)} seeds" if len(runs) > 1 else "one seed"
@@ -274,14 +250,13 @@ def level_order(v: object) -> tuple:
 
 
 def fit(y: np.ndarray, columns: dict[tuple, np.ndarray]) -> tuple[object, dict[tuple, tuple | None]]:
-    """OLS of y on an intercept and the 0/1 columns: the fit, and {column: (coefficient, ± 95 % CI, p)}, None
-    where the design cannot estimate it. A coefficient is estimable when its unit vector lies in the row space
-    of the design (the projector's diagonal is 1 there); a pseudo-inverse would print a number either way."""
+    """OLS of y on an intercept and the 0/1 columns: the fit, and {column: (coefficient, ± 95 % CI, p)}, None where
+    the design cannot estimate it (a pseudo-inverse would print a number either way)."""
     x = np.column_stack([np.ones(len(y)), *columns.values()])
     with warnings.catch_warnings():  # a rank-deficient design is expected here: its inestimable effects are named
         warnings.simplefilter("ignore")
         model = OLS(y, x).fit()
-    estimable = np.isclose(np.diag(np.linalg.pinv(x) @ x), 1)
+    estimable = np.isclose(np.diag(np.linalg.pinv(x) @ x), 1)  # its unit vector lies in the design's row space
     with np.errstate(all="ignore"):  # no residual df (one run per coefficient): no interval, no p
         half = stats.t.ppf(1 - ALPHA / 2, model.df_resid) * model.bse if model.df_resid else np.full(len(x.T), np.nan)
         return model, {key: (model.params[j], half[j], model.pvalues[j]) if estimable[j] else None
@@ -298,11 +273,8 @@ def factor_model(rows: list[dict]) -> tuple[list[dict], list[str]]:
     if not main:
         return [], []
     additive, coefs = fit(y, main)
-    effects = []
-    for f, v in main:
-        effect, ci95, p = coefs[f, v] or (None, None, None)
-        effects.append({"factor": f, "level": v, "reference": levels[f][0], "effect": effect, "ci95": ci95, "p": p,
-                        "residual_df": int(additive.df_resid)})
+    effects = [{"factor": f, "level": v, "reference": levels[f][0], "residual_df": int(additive.df_resid),
+                **dict(zip(["effect", "ci95", "p"], coefs[f, v] or [None] * 3, strict=True))} for f, v in main]
     # interactions of factors whose main effects can be told apart, when seeds give the spread to test them on
     separable = [f for f in factors if all(e["effect"] is not None for e in effects if e["factor"] == f)]
     seeded = all(r["n_seeds"] >= 2 for r in rows)
@@ -326,18 +298,16 @@ def interaction_words(y: np.ndarray, main: dict, additive, levels: dict, f: str,
         if None in parts:
             words.append(f"{what} depends on {g} (interaction F test, {p_text(p)}); a cell of the grid has no runs")
             continue
-        at = [parts[0][0]] + [parts[0][0] + change[0] for change in parts[1:]]
-        words.append(f"{what} depends on {g}: " + ", ".join(f"{e:+.1f} with {v}" for e, v in zip(at, levels[g],
-                                                                                                  strict=True))
-                     + f" (interaction F test, {p_text(p)})")
+        base, changes = parts[0][0], [0.0] + [change[0] for change in parts[1:]]
+        at = ", ".join(f"{base + change:+.1f} with {v}" for change, v in zip(changes, levels[g], strict=True))
+        words.append(f"{what} depends on {g}: {at} (interaction F test, {p_text(p)})")
     return words
 
 
 # ---- conclusions in words ----
 
 def acc_text(row: dict, by: str) -> str:
-    mean, half = row[f"{by}_acc_mean"], row[f"{by}_acc_ci95"]
-    return f"{100 * mean:.2f}" + ("" if half is None else f" ± {100 * half:.2f}")
+    return f"{100 * row[f'{by}_acc_mean']:.2f} ± {100 * row[f'{by}_acc_ci95']:.2f}"
 
 
 def chosen_text(row: dict, by: str) -> str:
@@ -351,7 +321,6 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
         return []
     best, others = rows[0], rows[1:]
     tied = [r for r in others if r["vs_best"] == "tied"]
-    untested = [r["config"] for r in others if r["vs_best"] == "untested"]
     single = [r["config"] for r in rows if r["n_seeds"] == 1]
     all_single_and_tied = len(single) == len(rows) and len(tied) == len(others)
     lines = ["Ranked and chosen by val accuracy; test accuracy is reported for the chosen configs, never used "
@@ -364,8 +333,6 @@ def conclusion_lines(rows: list[dict], by: str) -> list[str]:
         names = ", ".join(chosen_text(r, by) if by == "val" else r["config"] for r in tied)
         lines.append(f"best: {chosen_text(best, by)}; "
                      + (f"statistically tied with: {names}" if tied else "every other config is separably worse"))
-    if untested:
-        lines.append(f"not tested against the best ({by} image count unknown): {', '.join(untested)}")
     if single and others and not all_single_and_tied:
         which = "every config" if len(single) == len(rows) else ", ".join(single)
         lines.append(f"n = 1 for {which}: intervals and tests there cover {by}-set sampling only, "
@@ -433,15 +400,14 @@ def style(ax, grid: str = "both", log: str = "", integer_x: bool = False, **prop
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-epoch mean of history[key] over runs. Epochs a running run has not reached and non-finite values
-    (diverged) are left out rather than cutting the curve short or turning it into NaN."""
+    """Per-epoch mean of history[key] over the runs that have a finite value there (not diverged, not running)."""
     by_epoch = defaultdict(list)
     for run in runs:
         for h in run["history"]:
             if finite(h.get(key)):  # val_* only with a val split
                 by_epoch[h["epoch"]].append(h[key])
     epochs = sorted(by_epoch)
-    return np.array(epochs), np.array([statistics.fmean(by_epoch[e]) for e in epochs])
+    return np.array(epochs), np.array([fmean(by_epoch[e]) for e in epochs])
 
 
 def plot_loss_curves(configs: dict[str, list[dict]]) -> Figure:
@@ -471,8 +437,7 @@ def plot_config_curves(label: str, runs: list[dict]) -> Figure:
 
 
 # each config in accuracy.png by how it compares with the best: (colour, legend label)
-VERDICTS = {"best": ("C2", "best"), "tied": ("C0", "tied with the best (5 %)"), "worse": ("0.55", "separably worse"),
-            "untested": ("C1", "not tested")}
+VERDICTS = {"best": ("C2", "best"), "tied": ("C0", "tied with the best (5 %)"), "worse": ("0.55", "separably worse")}
 
 
 def plot_accuracy(rows: list[dict], by: str) -> Figure:
@@ -484,7 +449,7 @@ def plot_accuracy(rows: list[dict], by: str) -> Figure:
                          "seeds; open: one seed, test-set sampling only")
     ends = []
     for y, r in enumerate(rows):
-        mean, half = 100 * r["test_acc_mean"], 100 * (r["test_acc_ci95"] or 0)
+        mean, half = 100 * r["test_acc_mean"], 100 * r["test_acc_ci95"]
         filled = r["test_acc_ci95_over"] == "seeds"
         color, label = VERDICTS[r["vs_best"]]
         ax.errorbar(mean, y, xerr=half, fmt="o" if filled else "s", capsize=4, color=color,
@@ -520,7 +485,7 @@ def heatmap(values: np.ndarray, text: list[list[str]], cmap: str, size: tuple[fl
 
 def plot_per_class(rows: list[dict], classes: list[str]) -> Figure:
     """Test accuracy per true class, mean over seeds: which classes each config finds hard."""
-    acc = np.array([[100 * statistics.fmean(run["final"]["per_class_acc"][c] for run in r["runs"]) for c in classes]
+    acc = np.array([[100 * fmean(run["final"]["per_class_acc"][c] for run in r["runs"]) for c in classes]
                     for r in rows])
     return heatmap(acc, [[f"{v:.1f}" for v in row] for row in acc], "viridis", (10, 1.8 + 0.4 * len(rows)),
                    "Per-class test accuracy (%) (mean over seeds)", classes, [r["config"] for r in rows],
@@ -528,8 +493,7 @@ def plot_per_class(rows: list[dict], classes: list[str]) -> Figure:
 
 
 def plot_confusion(rows: list[dict], classes: list[str]) -> Figure:
-    """Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the true
-    class)."""
+    """Confusion matrix of the shown run: which classes it mistakes for which (colour: fraction of the true class)."""
     run = shown_run(rows[0])[0]
     counts = np.array(run["final"]["confusion"])
     # colour by fraction of each true class, so rare and common classes read on one scale
@@ -540,8 +504,7 @@ def plot_confusion(rows: list[dict], classes: list[str]) -> Figure:
 
 
 def preview_images(run: dict, indices: list[int]) -> np.ndarray | str:
-    """The test images at `indices` from the preview file the record names (train.py keeps it in
-    RESULTS_DIR/previews/), or why they cannot be had. Figures need nothing but the results folder."""
+    """The test images at `indices` from the preview file the record names (RESULTS_DIR/previews/), or why not."""
     name = run["final"]["predictions"].get("images")  # absent when train.py could not keep them
     if not name:
         return "the record names no preview images (train.py could not keep them)"
@@ -590,8 +553,8 @@ def plot_datasize(rows: list[dict]) -> Figure | str:
         for r in group:
             by_frac[r["factors"]["fraction"]] += [100 * acc for acc in r["test_accs"]]
         x = sorted(by_frac)
-        ax.errorbar(x, [statistics.fmean(by_frac[f]) for f in x], marker="o", capsize=3,
-                    yerr=[statistics.stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x],
+        ax.errorbar(x, [fmean(by_frac[f]) for f in x], marker="o", capsize=3,
+                    yerr=[stdev(by_frac[f]) if len(by_frac[f]) >= 2 else 0 for f in x],
                     label=" ".join(f"{k}={group[0]['factors'].get(k)}" for k in names) or "every config")
     fractions = sorted({r["factors"]["fraction"] for g in lines for r in g})
     ax.set_xscale("log", base=2)
@@ -621,17 +584,17 @@ def plot_accuracy_vs(rows: list[dict], key: str) -> Figure | str:
     (what compute buys)."""
     if len(rows) < 2:
         return "fewer than 2 configs"
-    what, unit, scale = {"params": ("parameters", "millions, log scale", 1e6)}.get(key, ("total training time",
-                                                                                        "s", 1))
+    log = key == "params"
+    what, unit, scale = ("parameters", "millions, log scale", 1e6) if log else ("total training time", "s", 1)
     fig, ax = new_figure(8, 5.5, f"Test accuracy vs {what}")
     for i, r in enumerate(rows):
         x, y = r[key] / scale, 100 * r["test_acc_mean"]
-        ax.errorbar(x, y, yerr=100 * (r["test_acc_ci95"] or 0), marker="o", capsize=3, color=f"C{i % 10}")
+        ax.errorbar(x, y, yerr=100 * r["test_acc_ci95"], marker="o", capsize=3, color=f"C{i % 10}")
         # rows are sorted by accuracy, so neighbours in y alternate sides and their labels do not collide
         ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(7 if i % 2 else -7, 0), va="center",
                     ha="left" if i % 2 else "right", fontsize=7)
     ax.margins(x=0.25)  # room for the labels beside the outermost points
-    style(ax, log="x" * (key == "params"), xscale="log" if key == "params" else "linear", xlabel=f"{what} ({unit})",
+    style(ax, log="x" * log, xscale="log" if log else "linear", xlabel=f"{what} ({unit})",
           ylabel="test accuracy (%, mean ± 95 % CI)")
     return fig
 
@@ -642,21 +605,22 @@ def plot_bench(dirs: list[Path]) -> Figure | str:
     if not files:
         return "no RESULTS_DIR/bench/*.json"
     newest = max(files, key=lambda p: p.stat().st_mtime)
-    try:
-        bench = json.loads(newest.read_text())
-        steps, speedup = bench["train_step"], bench["speedup"]
-        top = max(v for a in steps for v in steps[a].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
-        return f"{newest} is not a bench record ({type(e).__name__}: {e})"
+    bench = json.loads(newest.read_text())  # bench.py's record, written atomically
+    steps, speedup = bench["train_step"], bench["speedup"]  # a failed mode has no rate, nor its arch a speedup
     archs, modes = list(steps), list(dict.fromkeys(m for a in steps for m in steps[a]))  # union, first-seen order
-    fig, ax = new_figure(9, 5, f"Train-step benchmark ({newest.name}): loader ratio {bench['loader_ratio']:.2f}, "
-                         f"loader overhead {bench['loader_overhead']:.2f}")
+    if not modes:
+        return f"{newest} has no train-step rates (every mode failed)"
+    top = max(v for a in steps for v in steps[a].values())
+    overhead = f", loader overhead {bench['loader_overhead']:.2f}" if "loader_overhead" in bench else ""
+    fig, ax = new_figure(9, 5, f"Train-step benchmark ({newest.name}): loader ratio {bench['loader_ratio']:.2f}"
+                         + overhead)
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
         ax.bar(np.arange(len(archs)) + (j - (len(modes) - 1) / 2) * width,
                [steps[a].get(mode, math.nan) for a in archs], width, label=mode)
     for i, a in enumerate(archs):
-        ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
+        if a in speedup:
+            ax.text(i, max(steps[a].values()) + top * 0.02, f"speedup {speedup[a]:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(range(len(archs)), archs)
     style(ax, "y", ylim=(0, top * 1.15), xlabel="architecture", ylabel="training throughput (images/s)")
     fig.legend(loc="outside right upper", title="mode")
@@ -665,8 +629,8 @@ def plot_bench(dirs: list[Path]) -> Figure | str:
 
 # ---- tables: summary.md and report.html render one list of blocks; summary.csv has the rows' numbers ----
 
-def cell(v: object, fmt: str = "", prefix: str = "", scale: float = 1) -> str:
-    return "" if v is None else prefix + format(v if scale == 1 else v * scale, fmt)
+def cell(v: object, fmt: str = "", scale: float = 1) -> str:
+    return "" if v is None else format(v if scale == 1 else v * scale, fmt)
 
 
 def p_text(p: float, name: str = "p") -> str:
@@ -674,8 +638,8 @@ def p_text(p: float, name: str = "p") -> str:
 
 
 def vs_best_text(r: dict) -> str:
-    if r["vs_best"] == "best" or r["vs_best_p"] is None:
-        return r["vs_best"] if r["vs_best"] == "best" else f"untested: {r['vs_best_test']}"
+    if r["vs_best"] == "best":
+        return "best"
     return f"{r['vs_best']} ({r['vs_best_test']}, {p_text(r['vs_best_p'])}, {p_text(r['vs_best_p_holm'], 'Holm')})"
 
 
@@ -683,7 +647,7 @@ CONFIG_COLUMNS = {  # after config and the factors that vary: header -> the cell
     "params": lambda r: f"{r['params'] / 1e6:.2f}M",
     "val acc (%)": lambda r: acc_text(r, "val") if r["val_accs"] else "",
     "test acc (%)": lambda r: f"{100 * r['test_acc_mean']:.2f}",
-    "± 95% CI": lambda r: cell(r["test_acc_ci95"], ".2f", "± ", 100) + " †" * (r["test_acc_ci95_over"] == "images"),
+    "± 95% CI": lambda r: f"± {100 * r['test_acc_ci95']:.2f}" + " †" * (r["test_acc_ci95_over"] == "images"),
     "sd": lambda r: cell(r["test_acc_std_ddof1"], ".2f", scale=100), "n": lambda r: str(r["n_seeds"]),
     "vs best": vs_best_text, "epoch time (s)": lambda r: f"{r['mean_epoch_time_s']:.1f}",
     "img/s": lambda r: f"{r['img_per_s']:.0f}", "device": lambda r: r["device"]}
@@ -721,7 +685,7 @@ FACTOR_HEADER = ["factor", "level vs reference", "effect (points)", "± 95% CI",
 
 def factor_table(effects: list[dict], words: list[str]) -> list[tuple]:
     cells = [[e["factor"], f"{e['level']} vs {e['reference']}", cell(e["effect"], "+.2f") or "not estimable",
-              cell(e["ci95"], ".2f", "± ") if finite(e["ci95"]) else "", str(e["residual_df"]),
+              f"± {e['ci95']:.2f}" if finite(e["ci95"]) else "", str(e["residual_df"]),
               p_text(e["p"]) if finite(e["p"]) else ""] for e in effects]
     missing = [f"{e['factor']} {e['level']} vs {e['reference']}" for e in effects if e["effect"] is None]
     notes = ["Factors: one least-squares model of test accuracy (points) over every finished run, each seed a row: "
@@ -813,12 +777,12 @@ def print_status(dirs: list[Path]) -> None:
         done, total = (r["history"][-1]["epoch"] if r["history"] else 0), r["config"]["epochs"]
         # once finished, final's mean (steady epochs only); else the mean of the epochs so far
         epoch_s = (r["final"]["mean_epoch_time_s"] if r["status"] == "finished"
-                   else mean_or_none([h["epoch_time_s"] for h in r["history"]]))
+                   else fmean(h["epoch_time_s"] for h in r["history"]) if r["history"] else None)
         acc = f"test {100 * r['final']['test_acc']:.2f} %" if r["status"] == "finished" else ""
         print((f"{r['name']:<32} {r['status']:<11} {done:>3}/{total} epochs  {acc:<13}"
                + ("" if epoch_s is None else f" {epoch_s:6.1f} s/epoch")).rstrip())
         done_epochs += done
-        if r["status"] in ("running", "interrupted"):  # what a run that can go on still has to train
+        if r["status"] == "running":  # what a run that can go on (--resume) still has to train
             left_s += (total - done) * (epoch_s or 0)
     counts = ", ".join(f"{n} {status}" for status, n in Counter(r["status"] for r in runs).most_common())
     print(f"total: {len(runs)} runs" + (f" ({counts})" if runs else "")

@@ -52,7 +52,6 @@ def test_interval_of_one_seed_is_the_test_sets_binomial_sampling_error():
     # 85 % on 10,000 images: SE = sqrt(0.85 × 0.15 / 10000) = 0.0035707 (0.36 points); 95 %: × 1.96 = 0.70 points
     half, over = plot.accuracy_interval([0.85], 10_000)
     assert (half, over) == (pytest.approx(0.0069985, abs=1e-7), "images")
-    assert plot.accuracy_interval([0.85], None) == (None, "")
 
 
 # ---- ties with the best ----
@@ -100,7 +99,7 @@ def test_a_single_run_against_a_seeded_config_uses_the_seeds_spread():
 
 # ---- val picks, test reports ----
 
-def test_with_val_in_every_config_ranking_and_ties_use_val_and_the_test_accuracy_is_reported():
+def test_val_in_every_config_ranks_and_tests_by_val_and_reports_test_else_test_ranks():
     rows, by = compare({"a": [make_run("a-s0", 0.84, val=0.90)], "b": [make_run("b-s0", 0.86, val=0.88)]})
     assert by == "val" and [r["config"] for r in rows] == ["a", "b"]
     # val set: 45,000 training images are 90 % of the train set, so 5,000 val images. 90 % vs 88 % on 5,000 each:
@@ -110,9 +109,7 @@ def test_with_val_in_every_config_ranking_and_ties_use_val_and_the_test_accuracy
     lines = plot.conclusion_lines(rows, by)
     assert lines[0].startswith("Ranked and chosen by val accuracy")
     assert lines[1].startswith("best: a (val 90.00 ± 0.83, test 84.00 ± ")
-
-
-def test_val_in_only_some_configs_ranks_by_test():
+    # val in only some configs: ranked by test
     rows, by = compare({"a": [make_run("a-s0", 0.84, val=0.90)], "b": [make_run("b-s0", 0.86)]})
     assert by == "test" and rows[0]["config"] == "b"
 
