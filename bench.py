@@ -312,9 +312,9 @@ def startup(record: dict, imports_s: float, checks_s: float, loader_s: float) ->
     default = record["archs"].get(EPOCH_ARCH, {}).get("modes", {}).get(EPOCH_MODE)
     if default is None:
         return None
-    switches = record["archs"][EPOCH_ARCH]["default_switches"] or {}
+    probes = record["archs"][EPOCH_ARCH]["default_switches"]["probe_time_s"]  # set wherever the default ran
     return {"arch": EPOCH_ARCH, "imports": imports_s, "data_checks": checks_s, "loaders": loader_s,
-            "jit": record["loader"]["jit_s"], "probes": switches.get("probe_time_s", 0.0),
+            "jit": record["loader"]["jit_s"], "probes": probes,
             "compile": max(0.0, default["first_step_s"] - default["step_s"]) if default["compile"] else 0.0}
 
 
