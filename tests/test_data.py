@@ -21,11 +21,6 @@ from conftest import (CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLAS
 import data
 
 
-def run_data_py(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], capture_output=True, text=True,
-                          env=run_env(), timeout=600)
-
-
 def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader], strict=True)
     return torch.cat(images), torch.cat(labels)
@@ -351,7 +346,8 @@ def test_conversion_keeps_a_class_balanced_preview_of_the_test_images(synthetic_
 
 @pytest.mark.skipif(not SHARED_JPEG.exists(), reason="../shared/data/cifar10-jpeg.tar.gz not present")
 def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
-    result = run_data_py("--source", str(SHARED_JPEG), "--data-dir", str(tmp_path))
+    result = subprocess.run([sys.executable, str(ROOT / "data.py"), "--source", str(SHARED_JPEG), "--data-dir",
+                             str(tmp_path)], capture_output=True, text=True, env=run_env(), timeout=600)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["counts"] == {"train": 50_000, "test": 10_000}
