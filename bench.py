@@ -52,8 +52,8 @@ OUT = Path("results/bench")
 QUICK = {"batch_size": 64, "reps": 3, "steps_per_rep": 2, "warmup_steps": 1,
          "archs": ("resnet20", "resnet18-imagenet"), "epoch_fraction": 0.1}
 # The usual way, each switch alone, and train.py's default (None: what its auto decides per arch here), in
-# the table's order; amp_fp16 only on a GPU without bf16.
-MODES = {name: dict(zip(("channels_last", "dtype", "compile"), switches, strict=True)) for name, *switches in (
+# the table's order, in speed.choose_switches's vocabulary; amp_fp16 only on a GPU without bf16.
+MODES = {name: dict(zip(("channels_last", "amp", "compile"), switches, strict=True)) for name, *switches in (
     ("eager_fp32", False, "fp32", False), ("channels_last", True, "fp32", False), ("amp_bf16", False, "bf16", False),
     ("amp_fp16", False, "fp16", False), ("compile", False, "fp32", True), ("default", None, None, None))}
 
@@ -121,9 +121,9 @@ def build(label: str, device: torch.device) -> torch.nn.Module:
 
 
 def ready(label: str, mode: dict, device: torch.device, recipe: argparse.Namespace, nominal_steps: int):
-    """A fresh model of `label` in `mode`, with train.py's optimiser, schedule and loss scaling, as
-    (epoch(batches) -> seconds of train.py's epoch over them, the mode, the default mode's switches:
-    what train.py's own functions choose here, fixed on CUDA, by its probes on CPU)."""
+    """A fresh model of `label` in `mode` with train.py's optimiser, schedule and loss scaling, as (epoch(batches)
+    -> seconds of train.py's epoch over them, the mode, and for the default mode the switches speed.py's auto
+    chooses for train.py here: fixed on CUDA, by its probes on CPU, timing steady steps only)."""
     torch._dynamo.reset()  # each model compiles from scratch, and no stale graph holds memory
     raw, switches = build(label, device), None
     if mode["compile"] is None:  # as train.py decides: its probes leave the model as it was
@@ -134,18 +134,18 @@ def ready(label: str, mode: dict, device: torch.device, recipe: argparse.Namespa
             speed.keep_compile_if_faster(switches, torch.compile(raw, dynamic=False), raw, raw, device,
                                          recipe.batch_size_per_rank)
         switches["probe_time_s"] = time.perf_counter() - probe_start
-        mode = {"channels_last": switches["channels_last"], "dtype": switches["amp"], "compile": switches["compile"]}
+        mode = {k: switches[k] for k in mode}
         torch._dynamo.reset()
     memory = speed.memory_format(mode["channels_last"])
     raw = raw.to(memory_format=memory)
     model = torch.compile(raw, dynamic=False) if mode["compile"] else raw
     optimizer = train.make_optimizer(raw, recipe)
     scheduler = train.make_scheduler(optimizer, recipe, nominal_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=mode["dtype"] == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=mode["amp"] == "fp16")
 
     def epoch(batches) -> float:
         seconds, (loss, *_) = timed(lambda: train.train_one_epoch(
-            model, batches, optimizer, scheduler, scaler, mode["dtype"], memory, device, recipe, 1, "bench"), device)
+            model, batches, optimizer, scheduler, scaler, mode["amp"], memory, device, recipe, 1, "bench"), device)
         if not math.isfinite(loss):  # train_one_epoch stops a diverged epoch early: its time would be short
             raise RuntimeError("the loss diverged while timing: the figure would be of a shortened epoch")
         return seconds
@@ -246,20 +246,18 @@ def torchvision_way(images: np.ndarray, labels: np.ndarray, mean: list[float], s
                                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
 
-def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int):
-    """The same augmentation as batched tensor ops on data already on the device: an upper bound."""
-    n = len(images)
+def in_memory_ceiling(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int, aug: str):
+    """Our loader's device-side work (data.device_transform) on random batches already on the device: what
+    ours would reach if decoding and copying cost nothing."""
+    n, generator = len(images), torch.Generator(device=images.device).manual_seed(0)
     for _ in range(n // batch_size):
-        x = F.pad(images[torch.randint(0, n, (batch_size,), device=images.device)], (data.TRANSLATE_PX,) * 4)
-        dy, dx = np.random.randint(0, 2 * data.TRANSLATE_PX + 1, 2)  # one shift per batch: a generous ceiling
-        x = x[:, :, dy:dy + 32, dx:dx + 32]
-        x = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-        yield data.device_transform(x, mean, std, (), None), None
+        batch = images[torch.randint(0, n, (batch_size,), device=images.device, generator=generator)]
+        yield data.device_transform(batch, mean, std, data.parse_aug(aug), generator), None
 
 
 def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int, workers: int | None, aug: str) -> dict:
     """Part 1, at the full run's batch even under --quick (a small batch times FFCV's per-batch overhead)."""
-    threads, meta = torch.get_num_threads(), data.ensure_valid(data_dir)
+    meta = data.ensure_valid(data_dir)
     workers, note = data.check_workers(workers)  # resolved here, so the record holds the count used
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -276,9 +274,8 @@ def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int, work
                                 for _ in range(LOADER_REPS))
     on_device = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
     mean, std = data.channel_tensor(meta["mean"], device), data.channel_tensor(meta["std"], device)
-    ceiling = statistics.median(images_per_s(in_memory_ceiling(on_device, mean, std, batch_size), device)
+    ceiling = statistics.median(images_per_s(in_memory_ceiling(on_device, mean, std, batch_size, aug), device)
                                 for _ in range(LOADER_REPS))
-    torch.set_num_threads(threads)  # FFCV resets torch's thread count
     return {"images": n, "batch_size": batch_size, "workers": workers, "ours_img_per_s": round(ours_rate),
             "torchvision_img_per_s": round(tv_rate), "ceiling_img_per_s": round(ceiling),
             "ratio": round(round(ours_rate) / round(tv_rate), 2),  # the ratio of the figures shown
@@ -294,7 +291,7 @@ def summarise(record: dict) -> None:
         return {label: {name: value(label, r) for name, r in a["modes"].items()} for label, a in archs.items()}
     steps = record["train_step"] = per_mode(lambda label, r: r["img_per_s"])
     record["achieved_flops"] = per_mode(lambda label, r: flops[label] * r["img_per_s"])
-    record["peak_fraction"] = per_mode(lambda label, r: flops[label] * r["img_per_s"] / peaks[r["dtype"]])
+    record["peak_fraction"] = per_mode(lambda label, r: flops[label] * r["img_per_s"] / peaks[r["amp"]])
     if record["device"].startswith("cuda"):
         record["peak_memory_mb"] = per_mode(lambda label, r: r["peak_memory_mb"])
     # A compiled mode's first step minus a steady one: the first such mode's, as the default's graphs may
@@ -313,11 +310,11 @@ def startup(record: dict, imports_s: float, checks_s: float, loader_s: float) ->
     """What train.py's run.startup_s splits, for the epoch part's arch in the default mode: the loader's JIT
     is its first epoch less a steady one, the compile time its first step less a steady one."""
     default = record["archs"].get(EPOCH_ARCH, {}).get("modes", {}).get(EPOCH_MODE)
-    if default is None or record["loader"].get("first_epoch_s") is None:
+    if default is None:
         return None
-    switches = record["archs"][EPOCH_ARCH]["default_switches"] or {}
+    probes = record["archs"][EPOCH_ARCH]["default_switches"]["probe_time_s"]  # set wherever the default ran
     return {"arch": EPOCH_ARCH, "imports": imports_s, "data_checks": checks_s, "loaders": loader_s,
-            "jit": record["loader"]["jit_s"], "probes": switches.get("probe_time_s", 0.0),
+            "jit": record["loader"]["jit_s"], "probes": probes,
             "compile": max(0.0, default["first_step_s"] - default["step_s"]) if default["compile"] else 0.0}
 
 
@@ -337,7 +334,7 @@ def print_table(record: dict) -> None:
         d = record["archs"][label]["modes"].get("default")
         rows.append([label, *(cell(rates.get(m), "{:,.0f}") for m in modes),
                      cell(record["speedup"].get(label), "{:.2f}x"),
-                     f"{d['dtype']} {'channels-last' if d['channels_last'] else 'NCHW'} "
+                     f"{d['amp']} {'channels-last' if d['channels_last'] else 'NCHW'} "
                      f"{'compiled' if d['compile'] else 'eager'}" if d else "-",
                      cell(record["compile_time_s"].get(label), "{:.1f}"),
                      cell(record["flops_per_image"][label], "{:.3f}", 1e9),
@@ -424,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as error:
             record["failed"]["epoch"] = first_line(error)
     release_memory(device)
-    used = {r["dtype"] for a in record["archs"].values() for r in a["modes"].values()} | {"fp32"}
+    used = {r["amp"] for a in record["archs"].values() for r in a["modes"].values()} | {"fp32"}
     record["peak_flops"] = {name: matmul_peak(device, speed.AMP_DTYPES[name] or torch.float32, args.reps)
                             for name in sorted(used)}
     record["startup_s"] = startup(record, IMPORTS_S, checks_s, loader_s)

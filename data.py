@@ -5,12 +5,9 @@
     python data.py --source ../shared/data/cifar10-jpeg.tar.gz   # or an image-folder tree / its .tar.gz
     python data.py --check                          # is the data dir what training will accept?
 
-Conversion writes DIR/{train,test}.beton, preview.npz and, last, meta.json (classes, counts, train mean/std,
-the source, what was skipped, the betons' sizes and sha256, and a seal: the sha256 of its own content), all
-under temporary names until all are complete, so a failed conversion leaves the old data valid. Training
-takes only data whose parts agree (read_meta). make_loader is the one way training gets data: FFCV only
-decodes; normalisation and every augmentation run on the training device as batched tensor ops, seeded,
-so that a config and seed train the same on the same device.
+Conversion writes DIR/{train,test}.beton, preview.npz and, last, the sealed meta.json, all under temporary
+names until all are complete (docs/data.md). make_loader is the one way training gets data: FFCV only decodes;
+normalisation and every augmentation are seeded, batched tensor ops on the training device.
 """
 from __future__ import annotations
 
@@ -80,8 +77,8 @@ def usable_cpus() -> int:
 
 
 def check_workers(requested: int | None, local_ranks: int = 1) -> tuple[int, str | None]:
-    """FFCV workers for a requested count and, when it had to be lowered, why (more threads than the
-    affinity allows make numba refuse). None: the usable CPUs shared among the node's ranks, at most 8."""
+    """FFCV workers for a requested count (None: the usable CPUs shared among the node's ranks, at most 8)
+    and, when it had to be lowered (numba refuses more threads than the affinity allows), why."""
     if requested is None:
         return max(1, min(MAX_WORKERS, usable_cpus() // max(1, local_ranks))), None
     cpus = usable_cpus()
@@ -153,10 +150,9 @@ def download_official(raw_dir: Path) -> Path:
 
 
 def read_source(source: str | None, data_dir: Path, skip_bad: bool = False) -> tuple[dict, list[str], dict, str]:
-    """The splits, the classes, what was skipped or converted (for meta.json) and a description of the
-    source; None downloads the official archive. A folder or an archive is read as one tree, {path in it:
-    content (bytes, or a Path in a folder), None for a folder}: an archive in memory, as extracting (and
-    deleting) the 60,000 files of an image folder takes longer than decoding them."""
+    """The splits, the classes, what was skipped or converted and a description of the source (None: the
+    official download). A folder or an archive is read as one tree {path: bytes, or a Path in a folder; None
+    for a folder}: an archive in memory, as extracting 60,000 files takes longer than decoding them."""
     path = Path(source) if source is not None else download_official(data_dir / "raw")
     try:
         if path.is_dir():  # its own files, and what lies in its train/, test/ and cifar-10-batches-py/
@@ -209,13 +205,8 @@ def read_official(files: dict[str, bytes | Path], source: Path) -> tuple[dict, l
 
 def image_folder_files(entries: list[tuple[tuple[str, ...], str, bytes | Path | None]]
                        ) -> tuple[list[tuple[str, str, str, bytes | Path]], list[str]]:
-    """The image-folder rules on each (parts from the split folder on, where, content; None for a
-    folder) of a tree: (split, class, where, content) per image, and the files skipped.
-
-    Skipped: hidden files and folders (.DS_Store, ._x.png) and files not named as images (README.txt;
-    the content decides the format: a PNG named .jpg is a PNG). Refused, naming the place (decode_image
-    refuses what cannot be decoded, is not 32×32, or has more than 8 bits): an image directly in train/
-    or test/, a folder inside a class folder, a class folder with no images or in only one split."""
+    """docs/data.md's image-folder rules on a tree's (parts from the split folder on, where, content; None
+    for a folder): (split, class, where, content) per image, and the files skipped."""
     images, skipped, folders = [], [], {split: {} for split in SPLITS}  # split -> class -> where
     for parts, where, content in entries:
         depth, is_file = len(parts), content is not None
@@ -360,10 +351,8 @@ def finite_or_null(value):
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """A beton of raw 32×32 RGB images and int labels, written in this process: FFCV's DatasetWriter forks
-    workers sharing a named shared-memory table, and on a failed write (a full disk) a worker prints a
-    traceback, the writer waits forever and the block leaks. Here CIFAR-10 takes a second or so, and a
-    failed write is an OSError of this process."""
+    """A beton of raw 32×32 RGB images and int labels, written in this process (a second or so): on a failed
+    write (a full disk), FFCV's forked workers print a traceback, the writer hangs and its shared memory leaks."""
     import_ffcv()
     import ffcv.writer as ffcv_writer
     from ffcv.fields import IntField, RGBImageField
@@ -446,9 +435,8 @@ def seal_of(meta: dict) -> str:
 
 
 def read_meta(data_dir: Path) -> tuple[dict | None, list[str]]:
-    """meta.json if it is what conversion wrote (this version, its seal matching; {} if not, None if there
-    is none), and what is wrong: meta.json, then the betons' sizes and sha256 against it. DataError naming
-    the fix when data_dir cannot be a data folder (a file, inside a file, unreadable)."""
+    """meta.json if it is what conversion wrote ({} if not, None if there is none) and what is wrong with it
+    or the betons; DataError naming the fix when data_dir cannot be a data folder."""
     fix = "pass --data-dir a folder (data.py writes the betons there; the default is data/)"
     blocking = next((p for p in (data_dir, *data_dir.parents) if p.exists()), Path("."))
     if not blocking.is_dir():
@@ -626,9 +614,8 @@ def channel_tensor(values: list[float], device: "torch.device") -> "torch.Tensor
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(images/255 - mean) / std as a new float batch in channels-last layout. In NHWC memory a per-channel
-    broadcast runs over an inner dimension of 3, ~5x slower on CPU than over a whole row: so each image
-    is one H*W*C row, and a row of means and scales is broadcast (0.8 ms against 4 ms per batch of 512)."""
+    """(images/255 - mean) / std as a new channels-last float batch, each image one H*W*C row: a per-channel
+    broadcast over NHWC memory (an inner dimension of 3) is ~5x slower on CPU."""
     import torch
     n, c, h, w = images.shape
     nhwc = images.permute(0, 2, 3, 1).contiguous()  # a view when the batch is channels-last already
@@ -663,10 +650,8 @@ def device_transform(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 # --- the loader ---
 
 def register_sharded_order() -> str:
-    """Register with FFCV, and return the key of, an order that is the same however many processes share
-    it: FFCV's RANDOM permutes with numpy, but with DistributedSampler under distributed=True. This is
-    DistributedSampler's for any world size (1 too): rank r takes every world-th image of one seeded
-    permutation, so the ranks' first batches together are the 1-process first batch."""
+    """Register with FFCV (and return the key of) DistributedSampler's order for any world size, 1 too (FFCV's
+    RANDOM uses numpy's alone): the ranks' first batches together are the 1-process first batch."""
     import torch
     from ffcv.loader import loader as ffcv_loader
     from ffcv.traversal_order.base import TraversalOrder
@@ -714,11 +699,9 @@ class DeviceLoader:
         try:
             batches = epoch
             if self.decode_first:
-                # On a CPU, FFCV's threads and the training step share the cores, and side by side they
-                # slow each other down (torch's OpenMP threads spin between ops): a resnet20 epoch took
-                # 1.37x as long as from memory on 2 cores. So decode the whole epoch in one burst first,
-                # on every core (~1 s for CIFAR-10's 50,000 images, 150 MB), then train. FFCV reuses its
-                # buffers, hence the copies. On a GPU the loader runs alongside, hidden behind the GPU.
+                # On a CPU, FFCV's threads and torch's spinning OpenMP threads slow each other down
+                # (an epoch 1.37x as long on 2 cores): decode the epoch in one burst (~1 s), then train.
+                # FFCV reuses its buffers, hence the copies.
                 batches = [(images.clone(), labels.clone()) for images, labels in epoch]
             seen = 0
             for images, labels in batches:

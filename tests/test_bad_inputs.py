@@ -119,25 +119,13 @@ def fewer_classes(meta: dict) -> None:
         meta["class_counts"][split] = counts[:7] + [sum(counts[7:])]
 
 
-def two_classes_swapped(meta: dict) -> None:
-    counts = meta["class_counts"]["train"]
-    counts[0], counts[1] = counts[0] - 1, counts[1] + 1
-
-
 def more_images(meta: dict) -> None:
     meta["counts"]["train"] += 10
     meta["class_counts"]["train"][0] += 10
 
 
-def seal_beton(data_dir: Path, split: str) -> None:
-    """Record a replaced beton's size and sha256 in meta.json, as if meta.json had been written for it."""
-    meta_path, beton = data_dir / "meta.json", data_dir / f"{split}.beton"
-    meta = json.loads(meta_path.read_text())
-    meta["betons"][split] = {"bytes": beton.stat().st_size, "sha256": data.sha256_of(beton)}
-    meta_path.write_text(json.dumps(meta))
-
-
 def beton_of_64px_images(i: Inputs) -> None:
+    """test.beton of 64×64 images, its size and sha256 recorded in meta.json as if written for it."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     d = i.data_dir()
@@ -147,13 +135,8 @@ def beton_of_64px_images(i: Inputs) -> None:
     (d / "test.beton").unlink()
     DatasetWriter(str(d / "test.beton"), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
                   num_workers=1).from_indexed_dataset(list(zip(images, labels.tolist(), strict=True)))
-    seal_beton(d, "test")
-
-
-def beton_not_ffcv(i: Inputs) -> None:
-    d = i.data_dir()
-    (d / "test.beton").write_bytes(bytes(4096))  # format version 0
-    seal_beton(d, "test")
+    meta["betons"]["test"] = {"bytes": (d / "test.beton").stat().st_size, "sha256": data.sha256_of(d / "test.beton")}
+    (d / "meta.json").write_text(json.dumps(meta))
 
 
 def swap_betons(i: Inputs) -> None:
@@ -224,26 +207,17 @@ ROWS = [
     row("workers_zero", lambda i: i.data_dir(), ["bench.py", "--loader-only", "--data-dir", DIR, "--workers", "0"],
         "--workers: must be at least 1", code=2),
     # 2. Converted data whose parts disagree: what training would read, checked as training does. Any edit
-    # of meta.json (by hand, or to seal a beton of other images) breaks its seal.
+    # of meta.json (by hand, or to seal a beton of other images) breaks its seal: one row per kind of edit.
     row("meta_not_json", lambda i: (i.data_dir() / "meta.json").write_text("{"), CHECK, "meta.json is not valid JSON"),
     row("meta_not_an_object", lambda i: (i.data_dir() / "meta.json").write_text("[{}]"), CHECK,
         "holds a JSON list, not an object"),
     row("meta_other_version", lambda i: edit_meta(i, lambda m: m.update(version=0)), CHECK,
         "meta.json is version 0, this data.py reads version 1"),
-    row("meta_lacks_keys", lambda i: edit_meta(i, lambda m: [m.pop("mean"), m.pop("std")]), CHECK,
-        "meta.json does not match its seal"),
-    row("meta_malformed_value", lambda i: edit_meta(i, lambda m: m.update(mean="0.5")), CHECK,
-        "meta.json does not match its seal"),
-    row("meta_class_counts_do_not_add_up", lambda i: edit_meta(i, lambda m: m["class_counts"]["test"].pop()), CHECK,
-        "meta.json does not match its seal"),
     row("labels_beyond_classes", lambda i: edit_meta(i, fewer_classes), CHECK,
         "meta.json does not match its seal"),
     row("counts_differ_from_beton", lambda i: edit_meta(i, more_images), CHECK,
         "meta.json does not match its seal"),
-    row("class_counts_differ_from_beton", lambda i: edit_meta(i, two_classes_swapped), CHECK,
-        "meta.json does not match its seal"),
     row("beton_images_64x64", beton_of_64px_images, CHECK, "meta.json does not match its seal"),
-    row("beton_not_ffcv", beton_not_ffcv, CHECK, "meta.json does not match its seal"),
     row("betons_swapped", swap_betons, CHECK, "train.beton has"),
     row("check_data_dir_is_a_file", lambda i: (i.tmp / "d").write_text(""), CHECK, "d is a file, not a folder"),
     row("data_dir_inside_a_file", lambda i: (i.tmp / "f").write_text(""),

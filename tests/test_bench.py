@@ -45,13 +45,10 @@ def tiny_run(tmp_path_factory, synthetic_data):
 
 def numbers_in(value, where="record"):
     """(where, number) for every number in a JSON value, booleans excepted."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from numbers_in(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from numbers_in(item, f"{where}[{i}]")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in children:
+        yield from numbers_in(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         yield where, value
 
 
@@ -105,10 +102,10 @@ def test_default_mode_is_what_train_py_auto_chose_for_the_arch_here(tiny_run):
     _, record, _ = tiny_run
     details = record["archs"]["resnet20"]
     switches, default = details["default_switches"], details["modes"]["default"]
+    keys = ("channels_last", "amp", "compile")  # one vocabulary: speed.choose_switches's
     assert len(switches["probe_img_per_s"]) == 4 and set(switches["compile_probe_img_per_s"]) == {"compiled", "eager"}
-    assert (default["channels_last"], default["compile"]) == (switches["channels_last"], switches["compile"])
-    assert default["dtype"] == switches["amp"]  # one vocabulary of dtypes
-    assert record["modes"]["default"] == {"channels_last": "auto", "dtype": "auto", "compile": "auto"}
+    assert {k: default[k] for k in keys} == {k: switches[k] for k in keys}
+    assert record["modes"]["default"] == dict.fromkeys(keys, "auto")
 
 
 @pytest.mark.parametrize("flags, problem", [(["--archs", "resnet20-imagenet"], "stem"),

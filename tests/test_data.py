@@ -21,17 +21,13 @@ from conftest import (CLASSES, ROOT, SHARED_JPEG, TEST_PER_CLASS, TRAIN_PER_CLAS
 import data
 
 
-def run_data_py(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], capture_output=True, text=True,
-                          env=run_env(), timeout=600)
-
-
 def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader], strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
-def test_image_folder_converts_to_betons_with_meta(synthetic_data, image_folder):
+def test_image_folder_converts_to_betons_with_meta_and_numpys_statistics(synthetic_data, image_folder):
+    from PIL import Image
     meta = json.loads((synthetic_data / "meta.json").read_text())
     assert meta["classes"] == list(CLASSES)
     assert meta["counts"] == {"train": 10 * TRAIN_PER_CLASS, "test": 10 * TEST_PER_CLASS}
@@ -40,12 +36,7 @@ def test_image_folder_converts_to_betons_with_meta(synthetic_data, image_folder)
         beton = synthetic_data / f"{split}.beton"
         assert meta["betons"][split]["bytes"] == beton.stat().st_size
         assert meta["betons"][split]["sha256"] == hashlib.sha256(beton.read_bytes()).hexdigest()
-
-
-def test_meta_statistics_equal_numpys_on_the_same_images(synthetic_data, image_folder):
-    from PIL import Image
     pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(image_folder.glob("train/*/*.png"))]) / 255.0
-    meta = json.loads((synthetic_data / "meta.json").read_text())
     np.testing.assert_allclose(meta["mean"], pixels.mean(axis=(0, 1, 2)), rtol=1e-9)
     np.testing.assert_allclose(meta["std"], pixels.std(axis=(0, 1, 2)), rtol=1e-9)
 
@@ -88,13 +79,21 @@ class RunsCode:
         return (open, (self.marker, "w"))
 
 
-def test_pickle_source_with_wrong_checksum_is_refused_unpickled(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+
+
+def pickle_folder(root: Path, content) -> Path:
+    """root/cifar-10-batches-py with the official file names, each holding pickle.dumps(content(name))."""
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
+    for name in (*BATCHES, "batches.meta"):
+        (folder / name).write_bytes(pickle.dumps(content(name)))
+    return folder
+
+
+def test_pickle_source_with_wrong_checksum_is_refused_unpickled(tmp_path):
     marker = tmp_path / "pwned"
-    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                 "test_batch", "batches.meta"]:
-        (folder / name).write_bytes(pickle.dumps(RunsCode(marker)))
+    folder = pickle_folder(tmp_path, lambda name: RunsCode(marker))
     with pytest.raises(data.DataError, match="does not match the official CIFAR-10 checksum"):
         data.prepare(str(folder), tmp_path / "d")
     assert not marker.exists()
@@ -103,16 +102,10 @@ def test_pickle_source_with_wrong_checksum_is_refused_unpickled(tmp_path):
 
 def test_official_pickle_format_is_read_once_checksums_match(tmp_path, monkeypatch):
     """The pickle reader on files in the official layout, with their checksums declared official."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.default_rng(0)
-    files = {}
-    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
-        labels = list(range(10))
-        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": labels}
-        (folder / name).write_bytes(pickle.dumps(batch))
-        files[name] = batch
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CLASSES)}))
+    files = {name: {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}
+             for name in BATCHES}
+    folder = pickle_folder(tmp_path, lambda name: files.get(name, {"label_names": list(CLASSES)}))
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
     from torchvision.datasets import CIFAR10
     monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
@@ -135,11 +128,9 @@ def test_loader_yields_normalised_channels_last_float_batches_on_the_device(synt
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64 and images.device.type == labels.device.type == "cpu"
-    every = data.make_loader("test", 1000, "cpu", data_dir=synthetic_data)
     images, _ = all_batches(data.make_loader("train", 240, "cpu", aug="none", data_dir=synthetic_data))
     np.testing.assert_allclose(images.mean((0, 2, 3)).numpy(), 0, atol=1e-4)
     np.testing.assert_allclose(images.std((0, 2, 3)).numpy(), 1, atol=1e-2)
-    assert len(all_batches(every)[1]) == 10 * TEST_PER_CLASS
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
@@ -355,7 +346,8 @@ def test_conversion_keeps_a_class_balanced_preview_of_the_test_images(synthetic_
 
 @pytest.mark.skipif(not SHARED_JPEG.exists(), reason="../shared/data/cifar10-jpeg.tar.gz not present")
 def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
-    result = run_data_py("--source", str(SHARED_JPEG), "--data-dir", str(tmp_path))
+    result = subprocess.run([sys.executable, str(ROOT / "data.py"), "--source", str(SHARED_JPEG), "--data-dir",
+                             str(tmp_path)], capture_output=True, text=True, env=run_env(), timeout=600)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["counts"] == {"train": 50_000, "test": 10_000}
@@ -364,13 +356,6 @@ def test_real_cifar10_jpeg_copy_converts_completely(tmp_path):
 
 
 # --- image-folder rules (issue 14): what is skipped, converted or refused; refusals are in test_bad_inputs.py ---
-
-def png_bytes(image) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
 
 def untidy_folder(root):
     """A valid one-image-per-class folder plus what real folders collect: notes, OS litter, hidden folders."""
@@ -409,10 +394,10 @@ def test_grayscale_rgba_and_palette_images_become_rgb_and_are_counted(tmp_path):
     from PIL import Image
     source = write_image_folder(tmp_path / "src", 1, 1)
     gray = np.full((32, 32), 77, np.uint8)
-    (source / "train" / "cat" / "0000.png").write_bytes(png_bytes(Image.fromarray(gray)))
+    Image.fromarray(gray).save(source / "train" / "cat" / "0000.png")
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    (source / "train" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("RGBA")))
-    (source / "test" / "dog" / "0000.png").write_bytes(png_bytes(Image.fromarray(rgb).convert("P")))
+    Image.fromarray(rgb).convert("RGBA").save(source / "train" / "dog" / "0000.png")
+    Image.fromarray(rgb).convert("P").save(source / "test" / "dog" / "0000.png")
     splits, _, report, _ = data.read_source(str(source), tmp_path / "d")
     assert report["converted_to_rgb"] == {"L": 1, "P": 1, "RGBA": 1}
     assert data.source_notes(report) == ["converted 3 images to RGB (1 L, 1 P, 1 RGBA)"]
