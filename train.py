@@ -1338,8 +1338,8 @@ def stop_if_interrupted() -> None:
 if __name__ == "__main__":
     stop_on_signals()
     code = main()
-    # Every file is written and closed by now. The interpreter's own teardown (freeing torch's, numba's
-    # and FFCV's native state) would take another second, in every process of a sweep: skip it.
+    # Every file is written and closed by now. The interpreter's teardown would take another second (in
+    # native code: no Python runs in it), in every process of a sweep: skip it.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
