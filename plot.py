@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     save(out / "summary.csv", summary_csv(rows))
     save(out / "factors.csv", csv_text(effects, ["factor", "level", "reference", "effect", "ci95", "residual_df", "p"]))
     page = [*blocks, ("heading", "Environment"), ("table", ["field", "value"], environment(runs), None),
-            ("heading", "Figures"), *[("note", "Not drawn: " + not_drawn)] * bool(skipped),
-            *(("figure", out / name, name, caption) for name, caption in figures.items())]
+            ("heading", "Figures")]
+    if skipped:
+        page.append(("note", "Not drawn: " + not_drawn))
+    page += [("figure", out / name, name, caption) for name, caption in figures.items()]
     save(out / "report.html", to_html(f"ResNets on CIFAR-10: {', '.join(map(str, dirs))}", page))
     print(f"wrote figures, summary.md, summary.csv, factors.csv and report.html to {out}/\n")
     print(markdown)

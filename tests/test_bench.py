@@ -45,10 +45,13 @@ def tiny_run(tmp_path_factory, synthetic_data):
 
 def numbers_in(value, where="record"):
     """(where, number) for every number in a JSON value, booleans excepted."""
-    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in children:
-        yield from numbers_in(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers_in(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from numbers_in(item, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         yield where, value
 
 
