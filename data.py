@@ -105,6 +105,26 @@ def import_ffcv() -> None:
         numba.typed.Dict = typed_dict
     torch.set_num_threads(TORCH_THREADS)
     run_loader_thread_on_its_device()
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    reader = page_cache_reader()
+    OSCacheManager.compile_reader = lambda manager: reader
+
+
+def read_page_cache(address, mem_state):
+    """FFCV 1.0.2's OSCacheManager reader: the bytes of the sample written at `address` in the mmapped beton."""
+    size = mem_state[2][np.searchsorted(mem_state[1], address)]
+    return mem_state[0][address:address + size]
+
+
+def page_cache_reader():
+    """read_page_cache compiled as FFCV compiles it, but once per machine into numba's cache (__pycache__
+    here, or the user's cache folder): FFCV compiles it anew in every process (0.5 s of each run's start)."""
+    import numba
+    jit = functools.partial(numba.njit, fastmath=True, nogil=True, error_model="numpy")
+    try:
+        return jit(cache=True)(read_page_cache)
+    except RuntimeError:  # numba found no writable cache folder: compile in this process, as FFCV does
+        return jit(read_page_cache)
 
 
 def run_loader_thread_on_its_device() -> None:

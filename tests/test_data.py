@@ -323,6 +323,21 @@ def test_ffcv_is_imported_without_compiling_numbas_typed_dict():
     assert numba.typed.Dict is not dict  # numba's own is put back for everyone else
 
 
+def test_page_cache_reader_reads_each_sample_with_or_without_a_cache_folder(monkeypatch):
+    """The reader numba keeps on disk returns the bytes of the sample at an address; where numba finds no
+    writable cache folder (a read-only checkout, no home), it is compiled in the process instead of failing."""
+    from numba.core import caching
+    beton = np.arange(20, dtype=np.uint8)
+    state = (beton, np.array([0, 5, 12], np.uint64), np.array([5, 7, 8], np.uint64))  # FFCV's (mmap, ptrs, sizes)
+    cached = data.page_cache_reader()
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    uncached = data.page_cache_reader()
+    assert type(cached._cache).__name__ == "FunctionCache" and type(uncached._cache).__name__ == "NullCache"
+    for reader in cached, uncached:
+        assert reader(np.uint64(5), state).tolist() == list(range(5, 12))
+        assert reader(np.uint64(12), state).tolist() == list(range(12, 20))
+
+
 def test_read_images_returns_the_raw_pixels_in_the_order_asked(synthetic_data, image_folder):
     from PIL import Image
     images = data.read_images(synthetic_data, "test", [12, 0, 5])
