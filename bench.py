@@ -154,7 +154,7 @@ def ready(label: str, mode: dict, device: torch.device, recipe: argparse.Namespa
 
 def time_epochs(epoch, loader: data.DeviceLoader, args: argparse.Namespace) -> dict:
     """Epoch time fed by our loader and fed the same batches from the device's memory, interleaved."""
-    # The loader's first epoch pays numba's JIT compilation; its batches, kept, feed the in-memory epochs.
+    # The loader's first epoch loads (or compiles) its numba decoders; its batches, kept, feed the in-memory epochs.
     in_memory = [(images.clone(), labels.clone()) for images, labels in loader]
     epoch(in_memory[:1])  # compiles, if this model has not run yet
     loader_s, memory_s = map(list, zip(*((epoch(loader), epoch(in_memory)) for _ in range(args.reps)), strict=True))
@@ -264,7 +264,7 @@ def benchmark_loader(data_dir: Path, device: torch.device, batch_size: int, work
     if note:
         print(f"note: {note}", file=sys.stderr)
     ours = data.make_loader("train", batch_size, device, aug, workers=workers, data_dir=data_dir)
-    first_s, _ = timed(lambda: images_per_s(ours, device), device)  # the first epoch pays numba's JIT compilation
+    first_s, _ = timed(lambda: images_per_s(ours, device), device)  # the first epoch loads or compiles the decoders
     ours_rate = statistics.median(images_per_s(ours, device) for _ in range(LOADER_REPS))
     n = meta["counts"]["train"]
     images, labels = data.read_images(data_dir, "train", list(range(n))), data.beton_labels(data_dir / "train.beton")

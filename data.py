@@ -31,6 +31,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 # torch, torchvision and FFCV take ~9 s to import together, and the "already converted" check must
@@ -106,25 +107,53 @@ def import_ffcv() -> None:
     torch.set_num_threads(TORCH_THREADS)
     run_loader_thread_on_its_device()
     from ffcv.memory_managers.os_cache import OSCacheManager
-    reader = page_cache_reader()
-    OSCacheManager.compile_reader = lambda manager: reader
+    from ffcv.pipeline.compiler import Compiler
+    from numba.core.registry import CPUDispatcher
+    # FFCV compiles its page-cache reader and every decoder anew in each process (1.7 s of a run's first
+    # epoch and evaluation); our decoders (decoders()) read the page cache themselves, compiled once per
+    # machine, and FFCV's compiler passes a function numba has compiled already through as it is.
+    OSCacheManager.compile_reader = lambda manager: None
+    ffcv_compile = Compiler.compile.__func__
+    Compiler.compile = classmethod(lambda cls, code, signature=None: code if isinstance(code, CPUDispatcher)
+                                   else ffcv_compile(cls, code, signature))
 
 
-def read_page_cache(address, mem_state):
-    """FFCV 1.0.2's OSCacheManager reader: the bytes of the sample written at `address` in the mmapped beton."""
-    size = mem_state[2][np.searchsorted(mem_state[1], address)]
-    return mem_state[0][address:address + size]
+def decode_raw_images(batch_indices, destination, metadata, storage_state):
+    """FFCV 1.0.2's SimpleRGBImageDecoder for the raw images convert writes, read from FFCV's page cache
+    (storage_state: the mmapped beton, the samples' addresses in order, their sizes)."""
+    beton, addresses, sizes = storage_state
+    for i in numba.prange(len(batch_indices)):  # on FFCV's workers
+        address = metadata[batch_indices[i]]["data_ptr"]
+        size = sizes[np.searchsorted(addresses, address)]
+        destination[i].reshape(-1)[:] = beton[address:address + size]
+    return destination[:len(batch_indices)]
 
 
-def page_cache_reader():
-    """read_page_cache compiled as FFCV compiles it, but once per machine into numba's cache (__pycache__
-    here, or the user's cache folder): FFCV compiles it anew in every process (0.5 s of each run's start)."""
-    import numba
-    jit = functools.partial(numba.njit, fastmath=True, nogil=True, error_model="numpy")
+def decode_labels(batch_indices, destination, metadata, storage_state):
+    """FFCV 1.0.2's IntDecoder: a label is its sample's metadata."""
+    for i in range(len(batch_indices)):
+        destination[i] = metadata[batch_indices[i]]
+    return destination[:len(batch_indices)]
+
+
+def jit_cached(function, parallel: bool = False):
+    """`function` compiled as FFCV compiles its code, but once per machine into numba's cache (__pycache__
+    here, or the user's cache folder); where numba finds no writable cache folder, in this process."""
+    jit = functools.partial(numba.njit, fastmath=True, nogil=True, error_model="numpy", parallel=parallel)
     try:
-        return jit(cache=True)(read_page_cache)
-    except RuntimeError:  # numba found no writable cache folder: compile in this process, as FFCV does
-        return jit(read_page_cache)
+        return jit(cache=True)(function)
+    except RuntimeError:
+        return jit(function)
+
+
+@functools.cache
+def decoders() -> tuple[type, type]:
+    """FFCV's image and label decoders, running our cached decode_raw_images and decode_labels."""
+    import_ffcv()
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    images, labels = jit_cached(decode_raw_images, parallel=True), jit_cached(decode_labels)
+    return (type("RawImageDecoder", (SimpleRGBImageDecoder,), {"generate_code": lambda self: images}),
+            type("LabelDecoder", (IntDecoder,), {"generate_code": lambda self: labels}))
 
 
 def run_loader_thread_on_its_device() -> None:
@@ -749,8 +778,7 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     "test" (sequential, every image once); with `distributed`, this rank's share (batch_size is per rank).
     workers: FFCV's threads (check_workers: None for the default, lowered with a note if too many)."""
     import torch
-    import_ffcv()
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    image_decoder, label_decoder = decoders()
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
     device = torch.device(device)
@@ -774,9 +802,9 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
     # batches, and a non-blocking copy is only queued on the GPU (behind the training steps it waits for);
     # nothing would then stop the thread from writing a later batch into the buffer before the GPU read
     # it (FFCV issues 37, 198). Blocking, the thread waits for the copy; the training loop does not.
-    image_ops = [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=False),
+    image_ops = [image_decoder(), ToTensor(), ToDevice(device, non_blocking=False),
                  ToTorchImage(channels_last=True)]
-    label_ops = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=False), Squeeze(1)]
+    label_ops = [label_decoder(), ToTensor(), ToDevice(device, non_blocking=False), Squeeze(1)]
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers,
                     order=register_sharded_order() if split == "train" else OrderOption.SEQUENTIAL,
                     distributed=distributed, seed=seed, indices=indices, drop_last=split == "train",
@@ -793,13 +821,12 @@ def make_loader(split: str, batch_size: int, device: torch.device | str, aug: st
 def read_images(data_dir: str | Path, split: str, indices: list[int]) -> np.ndarray:
     """The raw uint8 images (N×32×32×3) at `indices` of a split's beton."""
     import torch
-    import_ffcv()
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    image_decoder, label_decoder = decoders()
     from ffcv.loader import Loader, OrderOption
     order = np.argsort(indices)
     loader = Loader(str(Path(data_dir) / f"{split}.beton"), batch_size=len(indices), num_workers=1,
                     order=OrderOption.SEQUENTIAL, indices=np.asarray(indices)[order], drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+                    os_cache=True, pipelines={"image": [image_decoder()], "label": [label_decoder()]})
     images = np.concatenate([np.array(batch[0]) for batch in loader])
     torch.set_num_threads(TORCH_THREADS)  # FFCV's Loader and its epoch set it to its worker count
     return images[np.argsort(order)]

@@ -898,7 +898,7 @@ def train_epochs(run: Run) -> tuple[str, int]:
         for epoch in range(first_epoch_here, args.epochs + 1):
             stop_if_interrupted()
             row, results = train_and_evaluate_epoch(run, epoch)
-            row["pays_jit"] = epoch == first_epoch_here  # FFCV compiles its pipeline in every process's first epoch
+            row["pays_jit"] = epoch == first_epoch_here  # each process's first warms up (decoders, kernels)
             record["history"].append(row)
             if row["train_loss"] is None:
                 return "diverged", epoch

@@ -75,7 +75,7 @@ def test_resume_ignores_tta_and_the_spelling_of_the_data_dir_but_not_the_data(mo
     respelled = f"{synthetic_data}/./"
     assert run(tmp_path, respelled, "--epochs", "2", "--name", "r", "--resume", "--tta") == 0
     rows = record(tmp_path, "r")["history"]
-    assert [r["pays_jit"] for r in rows] == [True, True]  # each process's first epoch pays FFCV's JIT
+    assert [r["pays_jit"] for r in rows] == [True, True]  # each process's first epoch pays its warm-up
     run_killed_after_first_checkpoint(monkeypatch, tmp_path, synthetic_data, "--epochs", "2", "--name", "other")
     meta = json.loads((fresh_data / "meta.json").read_text())
     meta["betons"]["train"]["sha256"] = "0" * 64  # other data behind the same flags
